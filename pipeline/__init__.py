@@ -1,0 +1,15 @@
+"""rst-mart's engine. Public API: `load_model(path)` and `build_model(arch, num_classes, in_channels)`.
+
+They are re-exported lazily from `stages.models`, so importing the engine (for the CLI or `status`)
+does not pay for torch.
+"""
+
+__all__ = ["load_model", "build_model"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        from stages import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

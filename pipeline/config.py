@@ -1,0 +1,222 @@
+"""Configuration: one dataclass per TOML section, every default commented with its unit.
+
+A config file only needs the keys it changes; `--set section.key=value` overrides any key with a
+value parsed and checked against the field's type. Unknown sections and keys are refused, except in
+`[pool]`, whose extra keys belong to the pool provider (which refuses the ones it does not take).
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "demo.toml"
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0  # seeds every random stream: data split, init, sampling, augmentation, attack starts
+    device: str = "auto"  # auto | cpu | cuda ("auto" takes CUDA when present)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: training autocast only; evaluation is always fp32
+    channels_last: bool = False  # NHWC memory format for convolutions (faster on GPUs with tensor cores)
+    compile: bool = False  # torch.compile the model (not the attack loop)
+    num_workers: int = 1  # background threads preparing batches (0 = prepare in the training thread)
+    checkpoint_every_s: float = 60.0  # seconds between mid-epoch checkpoints (plus one at every epoch end)
+    sync_bn: bool = False  # SyncBatchNorm across ranks under torchrun (GPU)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | package.module:function
+    root: str = ""  # where local files live ("" = the dataset's usual places, e.g. Debian's package)
+    download: bool = False  # fetch with torchvision when the files are missing (needs internet)
+    num_labeled: int = 4000  # class-balanced labeled subset of the training split; 0 = all of it
+
+
+@dataclass
+class PoolConfig:
+    provider: str = "labeled-remainder"  # built-in name, entry point in rst_mart.pools, or module:factory
+    path: str = ""  # the pool's file or folder, for the file-based providers
+    limit: int = 0  # use the first N pool images; 0 = all
+    convert: list = field(default_factory=list)  # explicit conversions, e.g. ["gray-to-rgb", "resize"]
+    options: dict = field(default_factory=dict)  # any other [pool] key, passed to the provider
+
+
+@dataclass
+class TeacherConfig:
+    arch: str = "small-cnn"  # see stages.models.ARCHS
+    epochs: int = 10  # passes over the labeled set
+    batch_size: int = 128  # images per optimizer step
+    lr: float = 0.05  # SGD learning rate at the start of the schedule
+    momentum: float = 0.9  # SGD momentum (Nesterov off, as in the reference recipes)
+    weight_decay: float = 5e-4  # L2 penalty on all parameters
+    schedule: str = "cosine"  # cosine | piecewise | constant
+    milestones: list = field(default_factory=list)  # piecewise: epochs at which lr is multiplied by 0.1
+    augment: bool = True  # random crop (padding 2 at 28px, 4 at 32px) and horizontal flip
+
+
+@dataclass
+class PseudolabelConfig:
+    batch_size: int = 512  # pool images per teacher forward
+    dedup_test: bool = False  # drop pool images that nearly duplicate a test image (test leakage)
+    dedup_threshold: float = 7.843  # L2 distance on [0,1] pixels below which an image is a duplicate (RST: 2000/255)
+    save_logits: bool = False  # also store float16 teacher logits (N, K)
+
+
+@dataclass
+class MartConfig:
+    loss: str = "mart"  # mart | trades | pgd-at
+    arch: str = "small-cnn"  # see stages.models.ARCHS
+    epochs: int = 10  # training epochs of epoch_size examples each
+    epoch_size: int = 0  # examples per epoch; 0 = one pass over the labeled images (labeled / (1 - unsup_fraction))
+    batch_size: int = 128  # images per optimizer step (labeled and pool together)
+    lr: float = 0.01  # SGD learning rate at the start of the schedule
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 3.5e-3  # L2 penalty (MART's ResNet-18 recipe)
+    schedule: str = "piecewise"  # cosine | piecewise | constant
+    milestones: list = field(default_factory=list)  # piecewise: epochs at which lr is multiplied by 0.1
+    beta: float = 6.0  # weight of the misclassification-aware KL term (TRADES: of the KL term)
+    epsilon: float = 0.031  # L-inf radius of the training attack, on [0,1] pixels
+    step_size: float = 0.007  # PGD step of the training attack
+    steps: int = 10  # PGD steps of the training attack
+    unsup_fraction: float = 0.5  # share of each batch drawn (with replacement) from the pseudo-labeled pool
+    augment: bool = True  # random crop and horizontal flip on labeled and pool images alike
+    ema_decay: float = 0.0  # weight EMA decay per step (e.g. 0.995); 0 = no EMA
+    val_size: int = 0  # labeled images held out to pick the best epoch by PGD accuracy; 0 = keep the last
+    eval_n: int = 0  # test images for the stage's final clean / PGD-20 evaluation; 0 = the whole test set
+    eval_batch_size: int = 256  # images per evaluation batch
+
+
+@dataclass
+class EvalConfig:
+    attacks: list = field(default_factory=lambda: ["clean", "fgsm", "pgd20", "cw30", "autoattack"])  # which attacks
+    n: int = 1000  # first n test images (dataset order)
+    eps: list = field(default_factory=list)  # extra eps values for the accuracy-vs-eps sweep ([] = around mart.epsilon)
+    batch_size: int = 256  # images per evaluation batch
+    models: list = field(default_factory=lambda: ["mart"])  # which checkpoints: mart, mart-last, teacher
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    pseudolabel: PseudolabelConfig = field(default_factory=PseudolabelConfig)
+    mart: MartConfig = field(default_factory=MartConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """A section as a plain dict (pool options merged in), e.g. for fingerprints and stage.json."""
+        values = dataclasses.asdict(getattr(self, name))
+        if name == "pool":
+            values.update(values.pop("options"))
+        return values
+
+
+_SECTION_TYPES = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a TOML config (defaults for what it omits) and apply `section.key=value` overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist; pass an existing file with --config "
+                        f"(the shipped ones are in {CONFIG_DIR}).") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML ({e}); fix the syntax at that line.") from None
+    config = Config()
+    for section, values in raw.items():
+        if section not in _SECTION_TYPES:
+            raise UserError(f"config file {path} has an unknown section [{section}]; the sections are "
+                            f"{', '.join(f'[{s}]' for s in _SECTION_TYPES)}.")
+        if not isinstance(values, dict):
+            raise UserError(f"config file {path}: `{section}` must be a [section] table, not a value.")
+        for key, value in values.items():
+            _assign(config, section, key, value, where=f"config file {path}")
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        _assign(config, section, key, value, where=f"--set {item}")
+    _check_choices(config)
+    return config
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    name, sep, text = item.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not key:
+        raise UserError(f"--set {item!r} is not of the form section.key=value (for example --set mart.beta=3).")
+    try:  # TOML syntax gives numbers, booleans and lists; anything else is taken as a bare string
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return section, key.strip(), value
+
+
+def _assign(config: Config, section: str, key: str, value: Any, where: str) -> None:
+    if section not in _SECTION_TYPES:
+        raise UserError(f"{where}: unknown section `{section}`; the sections are {', '.join(_SECTION_TYPES)}.")
+    target = getattr(config, section)
+    hints = typing.get_type_hints(type(target))
+    if section == "pool" and key not in hints:
+        target.options[key] = value  # the provider validates its own keys when the pool is opened
+        return
+    if key not in hints or key == "options":
+        known = ", ".join(k for k in hints if k != "options")
+        raise UserError(f"{where}: unknown key `{section}.{key}`; the keys of [{section}] are {known}.")
+    setattr(target, key, _coerce(value, hints[key], f"{section}.{key}", where))
+
+
+def _coerce(value: Any, kind: Any, name: str, where: str) -> Any:
+    origin = typing.get_origin(kind) or kind
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif origin is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif origin is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif origin is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):  # --set eval.attacks=clean,pgd20
+            return [v.strip() for v in value.split(",") if v.strip()]
+    raise UserError(f"{where}: `{name}` must be {getattr(origin, '__name__', origin)}, got {value!r} "
+                    f"({type(value).__name__}).")
+
+
+_CHOICES = {
+    ("run", "device"): ("auto", "cpu", "cuda"),
+    ("run", "precision"): ("fp32", "bf16", "fp16"),
+    ("teacher", "schedule"): ("cosine", "piecewise", "constant"),
+    ("mart", "schedule"): ("cosine", "piecewise", "constant"),
+    ("mart", "loss"): ("mart", "trades", "pgd-at"),
+}
+
+
+def _check_choices(config: Config) -> None:
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(config, section), key)
+        if value not in choices and not (key == "device" and str(value).startswith("cuda:")):
+            raise UserError(f"`{section}.{key}` is {value!r}; it must be one of {', '.join(choices)}.")
+    if not 0.0 <= config.mart.unsup_fraction <= 1.0:
+        raise UserError(f"`mart.unsup_fraction` is {config.mart.unsup_fraction}; it must lie in [0, 1].")
+    for section in ("teacher", "mart"):
+        c = getattr(config, section)
+        if c.epochs < 1 or c.batch_size < 1:
+            raise UserError(f"`{section}.epochs` and `{section}.batch_size` must be at least 1.")

@@ -26,7 +26,7 @@ class RunConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16: training autocast only; evaluation is always fp32
     channels_last: bool = False  # NHWC memory format for convolutions (faster on GPUs with tensor cores)
     compile: bool = False  # torch.compile the model (not the attack loop)
-    num_workers: int = 1  # background threads preparing batches (0 = prepare in the training thread)
+    num_workers: int = 2  # batches prepared ahead by the loader's background thread (at least 1)
     checkpoint_every_s: float = 60.0  # seconds between mid-epoch checkpoints (plus one at every epoch end)
     sync_bn: bool = False  # SyncBatchNorm across ranks under torchrun (GPU)
 

@@ -136,19 +136,20 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def save_training_state(path: Path, *, model, optimizer, scheduler, sampler, ema, progress: dict) -> None:
+def save_training_state(path: Path, *, model, optimizer, scheduler, loader, ema, progress: dict) -> None:
+    """`loader.state_dict()` is the position after the last batch consumed (its worker runs ahead)."""
     atomic_torch_save({
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "sampler": sampler.state_dict(),
+        "loader": loader.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
         "rng": _rng_state(),
         "progress": progress,
     }, path)
 
 
-def load_training_state(path: Path, *, model, optimizer, scheduler, sampler, ema, map_location) -> dict | None:
+def load_training_state(path: Path, *, model, optimizer, scheduler, loader, ema, map_location) -> dict | None:
     """Restore everything saved by save_training_state; None when there is nothing to resume."""
     if not Path(path).exists():
         return None
@@ -156,7 +157,7 @@ def load_training_state(path: Path, *, model, optimizer, scheduler, sampler, ema
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    sampler.load_state_dict(state["sampler"])
+    loader.load_state_dict(state["loader"])
     if ema is not None and state["ema"] is not None:
         ema.load_state_dict(state["ema"])
     _set_rng_state(state["rng"])
@@ -188,8 +189,8 @@ def train_one_epoch(model: nn.Module, batches, optimizer, scheduler, *, loss_fn:
         return {"loss": float(loss_sum), "correct": float(correct), "adv_correct": float(adv_correct),
                 "seen": seen, "seconds": seconds_before + time.perf_counter() - started, "batch": next_batch}
 
-    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress_bar, initial=start_batch,
-               total=start_batch + len(batches) if hasattr(batches, "__len__") else None)
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=not progress_bar, initial=start_batch,
+               total=len(batches) if hasattr(batches, "__len__") else None)
     batch_index = start_batch
     for batch_index, (x, y, _is_pool) in enumerate(bar, start=start_batch):
         # The attack: eval mode, on the unwrapped module so DDP hooks fire once per optimizer step.
@@ -293,7 +294,7 @@ def fit(*, model, sampler, loader, optimizer, scheduler, epochs: int, loss_fn: C
     (validation accuracy) to the epoch's metrics row.
     """
     progress = load_training_state(state_path, model=model, optimizer=optimizer, scheduler=scheduler,
-                                   sampler=sampler, ema=ema, map_location=device)
+                                   loader=loader, ema=ema, map_location=device)
     rows: list[dict] = list(progress["rows"]) if progress else []
     epoch = progress["epoch"] if progress else 0
     start_batch = progress["batch"] if progress else 0
@@ -304,7 +305,7 @@ def fit(*, model, sampler, loader, optimizer, scheduler, epochs: int, loss_fn: C
     def checkpoint(ep: int, snap: dict | None) -> None:
         if is_main:
             save_training_state(state_path, model=model, optimizer=optimizer, scheduler=scheduler,
-                                sampler=sampler, ema=ema,
+                                loader=loader, ema=ema,
                                 progress={"epoch": ep, "batch": snap["batch"] if snap else 0, "totals": snap,
                                           "rows": rows})
 

@@ -83,7 +83,7 @@ def run(ctx) -> None:
                                 seed=run_cfg.seed, rank=ctx.dist.rank, world_size=ctx.dist.world_size)
     loader = MixedBatchLoader(sampler, images, labels, pool_images, pool_targets, device=device,
                               augment=augmenter(cfg.augment, height), seed=run_cfg.seed,
-                              prefetch=2 if run_cfg.num_workers else 0)
+                              prefetch=max(1, run_cfg.num_workers))
     optimizer = loops.make_optimizer(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = loops.make_scheduler(optimizer, schedule=cfg.schedule, epochs=cfg.epochs,
                                      steps_per_epoch=len(sampler), milestones=cfg.milestones)

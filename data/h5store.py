@@ -1,0 +1,389 @@
+"""The `pseudolabels.h5` format (schema_version 1): a resumable writer, a lazily opened reader, a validator.
+
+Layout (see DESIGN.md): `images` uint8 (N, H, W, C) chunked by rows, `labels` int64 (N,), `confidence`
+float32 (N,), `pool_index` int64 (N,), optional `logits` float16 (N, K). Attributes: `schema_version`,
+`num_classes`, `class_names`, `pool_name`, `pool_fingerprint`, `teacher_fingerprint`, plus the writer's
+bookkeeping `rows_written`, `pool_rows_done` and `complete` (0 while being written, 1 once finished).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import h5py
+import numpy as np
+
+from pipeline.errors import UserError
+
+SCHEMA_VERSION = 1
+
+# Attributes the caller must supply: validation refuses a file without them, so refuse to write one.
+REQUIRED_ATTRS = ("class_names", "pool_name", "pool_fingerprint", "teacher_fingerprint")
+# Attributes the writer owns: a caller passing them would silently fight the bookkeeping.
+_BOOKKEEPING_ATTRS = ("rows_written", "pool_rows_done", "complete")
+
+# Target bytes per images chunk: big enough that a sequential read is a few large I/Os, small enough
+# that a random gather touching one row of a chunk does not drag in much (3 MiB = 1024 CIFAR rows).
+_CHUNK_BYTES = 3 << 20
+# 1-D columns are read whole, so their chunks only need to be large enough to keep metadata small.
+_COLUMN_CHUNK_ROWS = 1 << 16
+# Chunk cache per open file: holds a few image chunks, so appends smaller than a chunk do not
+# read-modify-write a compressed chunk on every call.
+_CACHE_BYTES = 32 << 20
+
+_DTYPES = {"images": np.uint8, "labels": np.int64, "confidence": np.float32, "pool_index": np.int64,
+           "logits": np.float16}
+
+
+def default_rows_per_chunk(image_shape: tuple[int, int, int]) -> int:
+    """Rows per images chunk so that a chunk is about 3 MiB (1024 rows for 32x32x3)."""
+    row_bytes = int(np.prod(image_shape))
+    return max(1, _CHUNK_BYTES // max(1, row_bytes))
+
+
+def _to_python(value: Any) -> Any:
+    """h5py attribute values -> plain Python (numpy scalars, arrays of str, bytes), for dicts and compares."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return [_to_python(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple)):
+        return [_to_python(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _attrs_dict(f: h5py.File) -> dict:
+    return {k: _to_python(v) for k, v in f.attrs.items()}
+
+
+class PseudoLabelWriter:
+    """Preallocated, chunked, resumable writer. Rows are appended in pool order (only the kept rows).
+
+    If `path` holds an incomplete file of ours written for the same pool and teacher (same
+    `pool_fingerprint`, `teacher_fingerprint`, image shape, capacity, `num_classes`, `save_logits`),
+    it is reopened and writing resumes at its `rows_written`/`pool_rows_done` (`resumed` is True);
+    anything else at `path` (finished, foreign, unreadable, different teacher) is replaced.
+    """
+
+    def __init__(self, path, *, capacity: int, image_shape: tuple[int, int, int], num_classes: int,
+                 attrs: dict, save_logits: bool = False, rows_per_chunk: int | None = None,
+                 compression: str | None = None):
+        missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+        if missing:
+            raise ValueError(f"PseudoLabelWriter: attrs lacks {missing}")
+        for key in _BOOKKEEPING_ATTRS:
+            if key in attrs:
+                raise ValueError(f"PseudoLabelWriter: attrs[{key!r}] is maintained by the writer")
+        for key, ours in (("schema_version", SCHEMA_VERSION), ("num_classes", num_classes)):
+            if key in attrs and _to_python(attrs[key]) != ours:
+                raise ValueError(f"PseudoLabelWriter: attrs[{key!r}]={attrs[key]!r} contradicts {ours!r}")
+        self.path = os.fspath(path)
+        self.capacity = int(capacity)
+        self.image_shape = tuple(int(d) for d in image_shape)
+        self.num_classes = int(num_classes)
+        self.save_logits = bool(save_logits)
+        self.rows_per_chunk = int(rows_per_chunk or default_rows_per_chunk(self.image_shape))
+        self._file: h5py.File | None = None
+
+        self._file = self._reopen_matching(attrs)
+        self.resumed = self._file is not None
+        if self.resumed:
+            self.rows_written = int(self._file.attrs["rows_written"])
+            self.pool_rows_done = int(self._file.attrs["pool_rows_done"])
+        else:
+            self._file = self._create(attrs, compression)
+            self.rows_written = 0
+            self.pool_rows_done = 0
+
+    def _open(self, mode: str) -> h5py.File:
+        return h5py.File(self.path, mode, rdcc_nbytes=_CACHE_BYTES, rdcc_nslots=10007)
+
+    def _reopen_matching(self, attrs: dict) -> h5py.File | None:
+        """The existing file opened r+ if it is an unfinished write of this same job, else None."""
+        if not os.path.isfile(self.path):
+            return None
+        try:
+            f = self._open("r+")
+        except OSError:  # garbage, or torn by a kill in the middle of an append: start afresh
+            return None
+        try:
+            a = f.attrs
+            images = f.get("images")
+            same = (
+                _to_python(a.get("schema_version")) == SCHEMA_VERSION
+                and _to_python(a.get("complete")) == 0
+                and images is not None
+                and images.shape == (self.capacity, *self.image_shape)
+                and _to_python(a.get("num_classes")) == self.num_classes
+                and ("logits" in f) == self.save_logits
+                and _to_python(a.get("pool_fingerprint")) == _to_python(attrs["pool_fingerprint"])
+                and _to_python(a.get("teacher_fingerprint")) == _to_python(attrs["teacher_fingerprint"])
+                and 0 <= int(a.get("rows_written", -1)) <= self.capacity
+                and int(a.get("rows_written", -1)) <= int(a.get("pool_rows_done", -1))
+            )
+        except (OSError, KeyError, TypeError, ValueError):
+            same = False
+        if not same:
+            f.close()
+            return None
+        return f
+
+    def _create(self, attrs: dict, compression: str | None) -> h5py.File:
+        f = self._open("w")  # truncates whatever was there
+        n = self.capacity
+        image_chunk = (self.rows_per_chunk, *self.image_shape)
+        column_chunk = (min(_COLUMN_CHUNK_ROWS, max(1, n)),)
+        # maxshape None on the row axis: finish() shrinks to the rows kept.
+        f.create_dataset("images", shape=(n, *self.image_shape), maxshape=(None, *self.image_shape),
+                         dtype=np.uint8, chunks=image_chunk, compression=compression)
+        for name in ("labels", "confidence", "pool_index"):
+            f.create_dataset(name, shape=(n,), maxshape=(None,), dtype=_DTYPES[name], chunks=column_chunk)
+        if self.save_logits:
+            k = self.num_classes
+            f.create_dataset("logits", shape=(n, k), maxshape=(None, k), dtype=np.float16,
+                             chunks=(column_chunk[0], k))
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["num_classes"] = self.num_classes
+        f.attrs["rows_written"] = 0
+        f.attrs["pool_rows_done"] = 0
+        f.attrs["complete"] = 0
+        f.flush()
+        return f
+
+    def append(self, *, images, labels, confidence, pool_index, logits=None, pool_rows_done: int) -> None:
+        """Write the kept rows of a pool batch; `pool_rows_done` = pool rows examined so far (kept or not)."""
+        if self._file is None:
+            raise ValueError("PseudoLabelWriter: append after close/finish")
+        images = np.asarray(images)
+        n = len(images)
+        if images.dtype != np.uint8 or images.shape[1:] != self.image_shape:
+            raise ValueError(f"images must be uint8 (n, {self.image_shape}), got {images.dtype} {images.shape}")
+        columns = {"labels": labels, "confidence": confidence, "pool_index": pool_index}
+        if self.save_logits:
+            if logits is None:
+                raise ValueError("save_logits=True: append needs logits")
+            columns["logits"] = logits
+        elif logits is not None:
+            raise ValueError("save_logits=False: append got logits")
+        columns = {k: np.asarray(v).astype(_DTYPES[k], copy=False) for k, v in columns.items()}
+        for name, col in columns.items():
+            if len(col) != n:
+                raise ValueError(f"{name} has {len(col)} rows, images has {n}")
+        start, stop = self.rows_written, self.rows_written + n
+        if stop > self.capacity:
+            raise ValueError(f"capacity {self.capacity} exceeded: {stop} rows")
+        if pool_rows_done < self.pool_rows_done or pool_rows_done < stop:
+            raise ValueError(f"pool_rows_done={pool_rows_done} went backwards or below the rows written")
+
+        # Data first, bookkeeping after, then flush: a kill before the flush leaves the old attrs
+        # (resume rewrites these rows), a kill after it leaves a file that resumes here.
+        f = self._file
+        if n:
+            f["images"][start:stop] = images
+            for name, col in columns.items():
+                f[name][start:stop] = col
+        f.attrs["rows_written"] = stop
+        f.attrs["pool_rows_done"] = int(pool_rows_done)
+        f.flush()
+        self.rows_written, self.pool_rows_done = stop, int(pool_rows_done)
+
+    def finish(self) -> None:
+        """Shrink every dataset to the rows written, mark the file complete, close it."""
+        f = self._file
+        if f is None:
+            raise ValueError("PseudoLabelWriter: finish after close")
+        for name in ("images", "labels", "confidence", "pool_index", "logits"):
+            if name in f:
+                f[name].resize(self.rows_written, axis=0)
+        f.attrs["complete"] = 1
+        f.flush()
+        self.close()
+
+    def close(self) -> None:
+        """Close without finishing: the file stays incomplete and resumable."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "PseudoLabelWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PseudoLabelReader:
+    """Lazily opened: constructing it opens nothing; the h5py.File is opened on first access in the
+    current process and reopened after a fork (an HDF5 handle must not cross a fork), so it is safe to
+    build before DataLoader workers fork. Pickling drops the handle.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+        self._columns: dict[str, np.ndarray] = {}
+
+    def _h5(self) -> h5py.File:
+        if self._file is None or self._pid != os.getpid():
+            # After a fork the inherited handle belongs to the parent: drop it, never use or close it.
+            self._file = h5py.File(self.path, "r", rdcc_nbytes=_CACHE_BYTES, rdcc_nslots=10007)
+            self._pid = os.getpid()
+        return self._file
+
+    @property
+    def _images(self) -> h5py.Dataset:
+        return self._h5()["images"]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_file"] = None
+        state["_pid"] = None
+        return state
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = None
+        self._pid = None
+
+    def __len__(self) -> int:
+        return int(self._images.shape[0])
+
+    def _column(self, name: str) -> np.ndarray:
+        # Small (8 bytes a row): read whole once, then served from memory.
+        if name not in self._columns:
+            self._columns[name] = self._h5()[name][()]
+        return self._columns[name]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._column("labels")
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self._column("confidence")
+
+    @property
+    def pool_index(self) -> np.ndarray:
+        return self._column("pool_index")
+
+    @property
+    def attrs(self) -> dict:
+        return _attrs_dict(self._h5())
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(d) for d in self._images.shape[1:])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) in one contiguous read."""
+        return self._images[start:stop]
+
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        """Rows at arbitrary `indices` (any order, duplicates allowed), one read per touched chunk.
+
+        h5py fancy indexing wants increasing unique indices (and mishandles duplicates), and one
+        h5py call per sample is slow, so: dedupe and sort, read each touched chunk's needed rows in
+        one call, then put rows back in the caller's order with the inverse index.
+        """
+        ds = self._images
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = ds.shape[0]
+        if indices.size and (indices.min() < 0 or indices.max() >= n):
+            raise IndexError(f"{self.path}: gather indices out of range [0, {n})")
+        if not indices.size:
+            return np.empty((0, *ds.shape[1:]), dtype=ds.dtype)
+        unique, inverse = np.unique(indices, return_inverse=True)
+        out = np.empty((len(unique), *ds.shape[1:]), dtype=ds.dtype)
+        rows_per_chunk = ds.chunks[0] if ds.chunks else default_rows_per_chunk(ds.shape[1:])
+        chunk_of = unique // rows_per_chunk
+        # Boundaries of the runs of unique indices that fall in the same chunk.
+        bounds = np.flatnonzero(np.diff(chunk_of)) + 1
+        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(unique)]):
+            rows = unique[lo:hi]
+            first, last = int(rows[0]), int(rows[-1])
+            span = last - first + 1
+            if span <= 2 * len(rows) + 8:
+                # Dense: one contiguous block read, then pick the rows out in memory.
+                out[lo:hi] = ds[first:last + 1][rows - first]
+            else:
+                # Sparse within the chunk: one selection read of just these rows (sorted, unique).
+                out[lo:hi] = ds[rows]
+        return out[inverse.reshape(-1)]
+
+    def load_images(self) -> np.ndarray:
+        """The whole images dataset in memory (for pools that fit)."""
+        return self._images[()]
+
+
+def _fail(path: str, problem: str, fix: str | None = None) -> UserError:
+    fix = fix or ("Rerun the pseudolabel stage with --force to regenerate it, or point pool.path at a "
+                  "valid pseudolabels.h5.")
+    return UserError(f"{path}: {problem}. {fix}")
+
+
+def validate_pseudolabels(path) -> dict:
+    """Check that `path` is a complete, well-formed schema-1 `pseudolabels.h5`; return its attrs.
+
+    Every failure is a UserError naming the file and the fix.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise _fail(path, "pseudo-label file does not exist")
+    if not h5py.is_hdf5(path):
+        raise _fail(path, "not an HDF5 file or corrupt")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise _fail(path, f"not an HDF5 file or corrupt ({e})") from None
+    try:
+        with f:
+            return _check_open_file(path, f)
+    except OSError as e:  # a truncated file can open and then fail on reading data
+        raise _fail(path, f"not an HDF5 file or corrupt ({e})") from None
+
+
+def _check_open_file(path: str, f: h5py.File) -> dict:
+    attrs = _attrs_dict(f)
+    version = attrs.get("schema_version")
+    if version is None:
+        raise _fail(path, "has no schema_version attribute, so it is not a pseudolabels.h5 written by rst-mart")
+    if version != SCHEMA_VERSION:
+        raise _fail(path, f"has schema_version {version} but this rst-mart reads schema_version "
+                          f"{SCHEMA_VERSION}")
+    for key in ("num_classes", *REQUIRED_ATTRS):
+        if key not in attrs:
+            raise _fail(path, f"lacks the {key!r} attribute")
+
+    required = ("images", "labels", "confidence", "pool_index")
+    for name in (*required, "logits"):
+        if name not in f:
+            if name == "logits":
+                continue
+            raise _fail(path, f"lacks the {name!r} dataset")
+        ds = f[name]
+        if not isinstance(ds, h5py.Dataset) or ds.dtype != _DTYPES[name]:
+            dtype = getattr(ds, "dtype", "a group")
+            raise _fail(path, f"dataset {name!r} is {dtype}, expected {np.dtype(_DTYPES[name])}")
+    n = f["images"].shape[0]
+    if f["images"].ndim != 4:
+        raise _fail(path, f"dataset 'images' has shape {f['images'].shape}, expected (N, H, W, C)")
+    num_classes = int(attrs["num_classes"])
+    for name in ("labels", "confidence", "pool_index"):
+        if f[name].shape != (n,):
+            raise _fail(path, f"dataset {name!r} has shape {f[name].shape}, expected ({n},) like 'images'")
+    if "logits" in f and f["logits"].shape != (n, num_classes):
+        raise _fail(path, f"dataset 'logits' has shape {f['logits'].shape}, expected ({n}, {num_classes})")
+
+    if attrs.get("complete") != 1:
+        raise _fail(path, "is incomplete (the pseudolabel stage was interrupted before finishing)",
+                    "Rerun the pseudolabel stage: it resumes where it stopped (or use --force to start over).")
+    labels = f["labels"][()]
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise _fail(path, f"has labels outside [0, {num_classes}) (min {labels.min()}, max {labels.max()})")
+    return attrs

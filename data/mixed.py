@@ -1,0 +1,278 @@
+"""RST's mixed batches: a sampler of (labeled, pool) indices and a prefetching loader that builds tensors."""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class MixedBatchSampler:
+    """Yields batches mixing labeled and pseudo-labeled examples. RST (Carmon et al. 2019): a fraction
+    `unsup_fraction` of each batch comes from the pool, sampled with replacement; the labeled part walks a
+    fresh permutation of the labeled set without replacement (starting a new permutation when exhausted);
+    an epoch is `epoch_size` examples whatever the pool size.
+
+    `batch_size` is the global batch. Every rank generates the same global batch from
+    (seed, epoch) and keeps its slice of the labeled part and of the pool part, so ranks see
+    disjoint labeled rows and the same labeled fraction up to rounding.
+    """
+
+    def __init__(self, num_labeled: int, num_pool: int, *, batch_size: int, unsup_fraction: float,
+                 epoch_size: int, seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = True):
+        if batch_size <= 0 or epoch_size <= 0:
+            raise ValueError(f"batch_size and epoch_size must be positive, got {batch_size}, {epoch_size}")
+        if not 0.0 <= unsup_fraction <= 1.0:
+            raise ValueError(f"unsup_fraction must be in [0, 1], got {unsup_fraction}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if batch_size % world_size:
+            raise ValueError(f"global batch_size {batch_size} is not divisible by world_size {world_size}")
+        if unsup_fraction > 0 and num_pool == 0:
+            raise ValueError("unsup_fraction > 0 but the pseudo-labeled pool is empty")
+        if drop_last and epoch_size < batch_size:
+            raise ValueError(f"epoch_size {epoch_size} < batch_size {batch_size}: an epoch would have no batch")
+        self.num_labeled, self.num_pool = int(num_labeled), int(num_pool)
+        self.batch_size, self.unsup_fraction = int(batch_size), float(unsup_fraction)
+        self.epoch_size, self.seed = int(epoch_size), int(seed)
+        self.rank, self.world_size, self.drop_last = int(rank), int(world_size), bool(drop_last)
+        self.batch_sizes = self._batch_sizes()
+        if self.num_labeled == 0 and any(lab for lab, _ in self.batch_sizes):
+            raise ValueError("the labeled set is empty but unsup_fraction < 1 asks for labeled rows")
+        self.epoch = 0
+        self._position = 0     # batches of `epoch` handed out so far (what state_dict reports)
+        self._resume_at = 0    # batches the next iteration skips (set by load_state_dict)
+
+    def _split(self, size: int) -> tuple[int, int]:
+        n_pool = round(size * self.unsup_fraction)
+        return size - n_pool, n_pool
+
+    def _batch_sizes(self) -> list[tuple[int, int]]:
+        """(n_labeled, n_pool) of each global batch of an epoch."""
+        full, rest = divmod(self.epoch_size, self.batch_size)
+        sizes = [self._split(self.batch_size)] * full
+        if rest and not self.drop_last:
+            sizes.append(self._split(rest))
+        return sizes
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch's randomness is f(seed, epoch), as with DistributedSampler. A position loaded by
+        load_state_dict survives set_epoch of that same epoch, so the usual loop order works."""
+        if epoch != self.epoch:
+            self._resume_at = 0
+        self.epoch = int(epoch)
+        self._position = self._resume_at
+
+    def __len__(self) -> int:
+        return len(self.batch_sizes)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self._position}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.epoch = int(d["epoch"])
+        self._resume_at = self._position = int(d["batch"])
+
+    def _epoch_indices(self) -> tuple[np.ndarray, np.ndarray]:
+        """All labeled and pool indices of the epoch's global batches, concatenated in batch order.
+
+        Drawn whole up front so that resuming mid-epoch reproduces the remaining batches exactly.
+        """
+        rng = np.random.default_rng([self.seed, self.epoch])
+        total_lab = sum(lab for lab, _ in self.batch_sizes)
+        total_pool = sum(pool for _, pool in self.batch_sizes)
+        passes = math.ceil(total_lab / self.num_labeled) if total_lab else 0
+        labeled = np.concatenate([rng.permutation(self.num_labeled) for _ in range(passes)]
+                                 or [np.empty(0, np.int64)])[:total_lab].astype(np.int64)
+        pool = rng.integers(0, max(self.num_pool, 1), size=total_pool, dtype=np.int64)
+        return labeled, pool
+
+    def iter_batches(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(batch number within the epoch, labeled_idx, pool_idx) of this rank, from the resume point.
+
+        The resume point is taken now, not at the first next(), so a caller handing the iterator to
+        another thread can read state_dict() right after this call.
+        """
+        start = self._resume_at
+        self._resume_at = 0  # one-shot: iterating the same epoch again replays it from the start
+        self._position = start
+        return self._batches_from(start, *self._epoch_indices())
+
+    def _batches_from(self, start: int, labeled: np.ndarray, pool: np.ndarray):
+        lab_ends = np.cumsum([0] + [lab for lab, _ in self.batch_sizes])
+        pool_ends = np.cumsum([0] + [p for _, p in self.batch_sizes])
+        for b in range(start, len(self.batch_sizes)):
+            lab = labeled[lab_ends[b]:lab_ends[b + 1]]
+            poo = pool[pool_ends[b]:pool_ends[b + 1]]
+            if self.world_size > 1:
+                lab = np.array_split(lab, self.world_size)[self.rank]
+                poo = np.array_split(poo, self.world_size)[self.rank]
+            self._position = b + 1
+            yield b, lab, poo
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for _, lab, pool in self.iter_batches():
+            yield lab, pool
+
+
+def _seed_for(*words: int) -> int:
+    """A 64-bit seed for torch.Generator from several ints (torch seeds take one int)."""
+    return int(np.random.SeedSequence(list(words)).generate_state(1, np.uint64)[0])
+
+
+class _BatchBuilder:
+    """Everything the worker thread needs, and nothing that references the loader (so an abandoned
+    loader can be garbage collected and its __del__ stop the thread)."""
+
+    def __init__(self, labeled_images, labeled_targets, pool_images, pool_targets, device, augment,
+                 seed, rank, pin_memory):
+        self.labeled_images, self.labeled_targets = labeled_images, labeled_targets
+        self.pool_images, self.pool_targets = pool_images, pool_targets
+        self.device, self.augment, self.seed, self.rank = device, augment, seed, rank
+        self.pin_memory = pin_memory
+
+    def __call__(self, epoch: int, batch: int, lab: np.ndarray, pool: np.ndarray):
+        images = [self.labeled_images[lab]]
+        targets = [self.labeled_targets[lab]]
+        if len(pool):
+            pool_images = self.pool_images
+            images.append(pool_images[pool] if isinstance(pool_images, np.ndarray) else pool_images.gather(pool))
+            targets.append(self.pool_targets[pool])
+        is_pool = np.r_[np.zeros(len(lab), bool), np.ones(len(pool), bool)]
+
+        # Shuffle within the batch so labeled and pool rows are not in blocks (BatchNorm statistics,
+        # anything order-dependent); seeded by (seed, epoch, batch, rank) so a resumed run matches.
+        order = np.random.default_rng([self.seed, epoch, batch, self.rank, 0]).permutation(len(is_pool))
+        x = np.concatenate(images)[order]
+        y = np.concatenate(targets).astype(np.int64, copy=False)[order]
+        is_pool = is_pool[order]
+
+        # Move uint8 first (4x less traffic than float), then convert to NCHW float32 on the device.
+        x = torch.from_numpy(x)
+        if self.pin_memory:
+            x = x.pin_memory()
+        x = x.to(self.device, non_blocking=self.pin_memory)
+        x = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255)
+        if self.augment is not None:
+            generator = torch.Generator().manual_seed(_seed_for(self.seed, epoch, batch, self.rank, 1))
+            x = self.augment(x, generator)
+        y = torch.from_numpy(y).to(self.device)
+        is_pool = torch.from_numpy(is_pool).to(self.device)
+        return x, y, is_pool
+
+
+_DONE = object()
+
+
+def _produce(batches, build, epoch, out: queue.Queue, stop: threading.Event) -> None:
+    """Worker thread body: build items and put them into the bounded queue until done or stopped."""
+    def put(item) -> bool:
+        # Bounded wait so a consumer that went away (stop set) never leaves us blocked forever.
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for b, lab, pool in batches:
+            if stop.is_set() or not put((b, build(epoch, b, lab, pool))):
+                return
+        put(_DONE)
+    except BaseException as e:  # handed to the consumer, which re-raises it
+        put(e)
+
+
+class MixedBatchLoader:
+    """Turns sampler batches into training tensors in a background thread (prefetch), so reading,
+    gathering and converting overlap compute.
+
+    Yields (x float32 NCHW in [0, 1] on `device`, y int64, is_pool bool). `pool_images` is an
+    in-memory uint8 NHWC array or a PseudoLabelReader (read with .gather). `augment(x, generator)`
+    runs on `device` on the whole batch. The sampler runs ahead of the consumer by up to `prefetch`
+    batches, so checkpoint the loader's state_dict (batches consumed), not the sampler's.
+    """
+
+    def __init__(self, sampler: MixedBatchSampler, labeled_images: np.ndarray, labeled_targets: np.ndarray,
+                 pool_images, pool_targets: np.ndarray | None, *, device="cpu",
+                 augment: Callable[[Tensor, torch.Generator], Tensor] | None = None, prefetch: int = 2,
+                 seed: int = 0, pin_memory: bool = False):
+        if labeled_images.ndim != 4 or labeled_images.dtype != np.uint8:
+            raise ValueError(f"labeled_images must be uint8 NHWC, got {labeled_images.dtype} {labeled_images.shape}")
+        if sampler.num_pool and (pool_images is None or pool_targets is None):
+            raise ValueError("the sampler draws from a pool but no pool_images/pool_targets were given")
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        self.sampler = sampler
+        device = torch.device(device)
+        self.prefetch = int(prefetch)
+        self._build = _BatchBuilder(labeled_images, np.asarray(labeled_targets), pool_images,
+                                    None if pool_targets is None else np.asarray(pool_targets), device,
+                                    augment, int(seed), sampler.rank,
+                                    pin_memory and device.type == "cuda")
+        self._thread: threading.Thread | None = None
+        self._stop: threading.Event | None = None
+        self._consumed = sampler.state_dict()
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def state_dict(self) -> dict:
+        """{"epoch", "batch"}: the position after the last batch this loader handed to its consumer."""
+        return dict(self._consumed)
+
+    def load_state_dict(self, d: dict) -> None:
+        self.sampler.load_state_dict(d)
+        self._consumed = self.sampler.state_dict()
+
+    def __iter__(self):
+        self.close()  # a previous, abandoned iteration must not keep its thread
+        epoch = self.sampler.epoch
+        batches = self.sampler.iter_batches()
+        self._consumed = self.sampler.state_dict()  # the resume point, before the worker runs ahead
+        items: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        thread = threading.Thread(target=_produce, name="MixedBatchLoader-worker", daemon=True,
+                                  args=(batches, self._build, epoch, items, stop))
+        self._thread, self._stop = thread, stop
+        thread.start()
+        return self._consume(items, stop, thread, epoch)
+
+    def _consume(self, items: queue.Queue, stop: threading.Event, thread: threading.Thread, epoch: int):
+        try:
+            while True:
+                try:
+                    item = items.get(timeout=0.1)
+                except queue.Empty:
+                    if thread.is_alive() or not items.empty():
+                        continue
+                    return  # the worker was stopped by close() from elsewhere
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                b, tensors = item
+                self._consumed = {"epoch": epoch, "batch": b + 1}
+                yield tensors
+        finally:
+            # Runs on exhaustion, on an exception, and when the consumer breaks out (generator close).
+            stop.set()
+            thread.join(timeout=5)
+
+    def close(self) -> None:
+        """Stop and join the worker thread of the current iteration, if any."""
+        stop, thread = getattr(self, "_stop", None), getattr(self, "_thread", None)  # __init__ may have failed
+        if stop is not None:
+            stop.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        self._thread, self._stop = None, None
+
+    def __del__(self) -> None:
+        self.close()

@@ -1,0 +1,101 @@
+"""L-inf attacks in pixel space: PGD (CE / TRADES-KL / CW-margin objectives), FGSM, and the
+input-gradient norms the evaluation uses to spot gradient masking.
+
+Pure and model-agnostic: the caller chooses train/eval mode and the device, inputs are images in
+[0, 1], and every function returns a detached tensor in [0, 1] within eps of `x` (L-inf).
+Gradients are taken w.r.t. the input only with torch.autograd.grad, so parameter .grad is never
+touched and an attack can run between a training step's zero_grad and backward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ATTACK_LOSSES = ("ce", "kl", "cw")
+RANDOM_STARTS = ("uniform", "normal", None)
+
+
+def _attack_objective(logits: torch.Tensor, y: torch.Tensor, loss: str,
+                      natural_probs: torch.Tensor | None) -> torch.Tensor:
+    """The scalar each step ascends; summed over the batch so its per-example gradient does not
+    shrink with batch size (sign() ignores the scale, but the masking checks read magnitudes)."""
+    # fp32 even under autocast: a bf16 softmax loses the small differences the sign() follows.
+    logits = logits.float()
+    if loss == "ce":
+        return F.cross_entropy(logits, y, reduction="sum")
+    if loss == "kl":
+        # TRADES: KL(p_natural || p_adv), the KLDivLoss(sum) of the official code.
+        return F.kl_div(F.log_softmax(logits, dim=1), natural_probs, reduction="sum")
+    # CW margin: best wrong logit minus the true one, ascended until the example is misclassified.
+    true_logit = logits.gather(1, y[:, None]).squeeze(1)
+    wrong = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return (wrong.amax(dim=1) - true_logit).sum()
+
+
+def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+
+
+def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,
+             steps: int, loss: str = "ce", random_start: str | None = "uniform",
+             init_std: float = 0.001, logits_natural: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Projected sign-gradient ascent on `loss` ("ce", "kl" or "cw") inside the eps L-inf ball.
+
+    random_start: "uniform" adds U(-eps, eps) (Madry et al., evaluation); "normal" adds
+    init_std * N(0, 1) (the MART/TRADES training attack); None starts at x. `generator` (on x's
+    device) makes the start reproducible. For "kl", `logits_natural` are the clean logits the
+    divergence is measured from; they are computed here without gradient when not given.
+    """
+    if loss not in ATTACK_LOSSES:
+        raise ValueError(f"unknown attack loss {loss!r}; expected one of {ATTACK_LOSSES}")
+    if random_start not in RANDOM_STARTS:
+        raise ValueError(f"unknown random_start {random_start!r}; expected one of {RANDOM_STARTS}")
+    x = x.detach()
+    natural_probs = None
+    if loss == "kl":
+        if logits_natural is None:
+            with torch.no_grad():
+                logits_natural = model(x)
+        # The target distribution is a constant of the attack.
+        natural_probs = F.softmax(logits_natural.detach().float(), dim=1)
+
+    if random_start == "uniform":
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_adv = x + (2.0 * noise - 1.0) * eps
+    elif random_start == "normal":
+        x_adv = x + init_std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    else:
+        x_adv = x.clone()
+    x_adv = _project(x_adv, x, eps)
+
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        # enable_grad: the evaluation loop may call this inside torch.no_grad().
+        with torch.enable_grad():
+            objective = _attack_objective(model(x_adv), y, loss, natural_probs)
+            (grad,) = torch.autograd.grad(objective, x_adv)
+        x_adv = _project(x_adv.detach() + step_size * grad.sign(), x, eps)
+    return x_adv.detach()
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float) -> torch.Tensor:
+    """One full-eps signed-gradient step on cross-entropy from x (Goodfellow et al.)."""
+    return pgd_linf(model, x, y, eps=eps, step_size=eps, steps=1, loss="ce", random_start=None)
+
+
+def cw_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,
+            steps: int = 30, generator: torch.Generator | None = None) -> torch.Tensor:
+    """PGD on the CW margin from a uniform random start (the "CW-inf" row of the MART paper)."""
+    return pgd_linf(model, x, y, eps=eps, step_size=step_size, steps=steps, loss="cw",
+                    random_start="uniform", generator=generator)
+
+
+def input_gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example L1 norm of d CE / d x, shape [B]; near-zero values flag gradient masking."""
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        objective = _attack_objective(model(x), y, "ce", None)
+        (grad,) = torch.autograd.grad(objective, x)
+    return grad.flatten(1).abs().sum(dim=1).detach()

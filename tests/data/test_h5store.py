@@ -1,0 +1,244 @@
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+
+from data.h5store import SCHEMA_VERSION, PseudoLabelReader, PseudoLabelWriter, validate_pseudolabels
+from pipeline.errors import UserError
+
+N, SHAPE, K = 50, (8, 8, 3), 10
+ATTRS = {"class_names": [f"c{i}" for i in range(K)], "pool_name": "toy", "pool_fingerprint": "pool-abc",
+         "teacher_fingerprint": "teacher-123"}
+
+
+def make_pool(n=N, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "images": rng.integers(0, 256, size=(n, *SHAPE), dtype=np.uint8),
+        "labels": rng.integers(0, K, size=n).astype(np.int64),
+        "confidence": rng.random(n).astype(np.float32),
+        "pool_index": np.arange(n, dtype=np.int64) * 2,  # as if every other pool row was kept
+        "logits": rng.standard_normal((n, K)).astype(np.float16),
+    }
+
+
+def new_writer(path, attrs=ATTRS, **kw):
+    return PseudoLabelWriter(path, capacity=N, image_shape=SHAPE, num_classes=K, attrs=attrs,
+                             save_logits=True, rows_per_chunk=16, **kw)
+
+
+def append_rows(writer, src, start, stop):
+    writer.append(images=src["images"][start:stop], labels=src["labels"][start:stop],
+                  confidence=src["confidence"][start:stop], pool_index=src["pool_index"][start:stop],
+                  logits=src["logits"][start:stop], pool_rows_done=2 * stop)
+
+
+def write_file(path, src, bounds=(0, 20, 35, N)):
+    w = new_writer(path)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        append_rows(w, src, a, b)
+    w.finish()
+
+
+def test_write_in_three_appends_and_read_back(tmp_path):
+    src, path = make_pool(), tmp_path / "pseudolabels.h5"
+    write_file(path, src)
+    r = PseudoLabelReader(path)
+    assert len(r) == N and r.image_shape == SHAPE
+    np.testing.assert_array_equal(r.read(0, N), src["images"])
+    np.testing.assert_array_equal(r.read(5, 9), src["images"][5:9])
+    np.testing.assert_array_equal(r.load_images(), src["images"])
+    np.testing.assert_array_equal(r.labels, src["labels"])
+    np.testing.assert_array_equal(r.confidence, src["confidence"])
+    np.testing.assert_array_equal(r.pool_index, src["pool_index"])
+    a = r.attrs
+    assert a["schema_version"] == SCHEMA_VERSION and a["num_classes"] == K
+    assert a["class_names"] == ATTRS["class_names"] and a["pool_name"] == "toy"
+    assert a["pool_fingerprint"] == "pool-abc" and a["teacher_fingerprint"] == "teacher-123"
+    assert a["rows_written"] == N and a["pool_rows_done"] == 2 * N and a["complete"] == 1
+    r.close()
+    with h5py.File(path, "r") as f:
+        assert f["images"].chunks == (16, *SHAPE)
+        assert f["images"].dtype == np.uint8 and f["labels"].dtype == np.int64
+        assert f["confidence"].dtype == np.float32 and f["logits"].dtype == np.float16
+        np.testing.assert_array_equal(f["logits"][()], src["logits"])
+
+
+def test_shrinks_to_rows_kept(tmp_path):
+    src, path = make_pool(), tmp_path / "p.h5"
+    w = new_writer(path)
+    append_rows(w, src, 0, 30)
+    w.finish()
+    with h5py.File(path, "r") as f:
+        assert {f[k].shape[0] for k in ("images", "labels", "confidence", "pool_index", "logits")} == {30}
+    validate_pseudolabels(path)
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path):
+    src = make_pool()
+    write_file(tmp_path / "straight.h5", src)
+
+    path = tmp_path / "resumed.h5"
+    w = new_writer(path)
+    assert not w.resumed
+    append_rows(w, src, 0, 20)
+    append_rows(w, src, 20, 35)
+    w.close()  # no finish: what a kill -9 after append returned leaves
+
+    w = new_writer(path)
+    assert w.resumed and w.rows_written == 35 and w.pool_rows_done == 70
+    append_rows(w, src, 35, N)
+    w.finish()
+
+    with h5py.File(tmp_path / "straight.h5", "r") as a, h5py.File(path, "r") as b:
+        assert dict(a.attrs.items()).keys() == dict(b.attrs.items()).keys()
+        for name in ("images", "labels", "confidence", "pool_index", "logits"):
+            np.testing.assert_array_equal(a[name][()], b[name][()])
+        assert b.attrs["complete"] == 1 and b.attrs["rows_written"] == N
+
+
+def test_different_teacher_starts_afresh(tmp_path):
+    src, path = make_pool(), tmp_path / "p.h5"
+    w = new_writer(path)
+    append_rows(w, src, 0, 20)
+    w.close()
+    w = new_writer(path, attrs={**ATTRS, "teacher_fingerprint": "another-teacher"})
+    assert not w.resumed and w.rows_written == 0 and w.pool_rows_done == 0
+    w.close()
+    with h5py.File(path, "r") as f:
+        assert f.attrs["teacher_fingerprint"] == "another-teacher" and f.attrs["rows_written"] == 0
+
+
+def test_finished_or_garbage_file_is_replaced(tmp_path):
+    src, path = make_pool(), tmp_path / "p.h5"
+    write_file(path, src)
+    w = new_writer(path)
+    assert not w.resumed  # a finished file is never appended to
+    w.close()
+    path.write_bytes(b"\0garbage" * 100)
+    w = new_writer(path)
+    assert not w.resumed
+    w.close()
+
+
+def test_gather_duplicates_any_order_one_read_per_chunk(tmp_path, monkeypatch):
+    src, path = make_pool(), tmp_path / "p.h5"
+    write_file(path, src)
+    r = PseudoLabelReader(path)
+    idx = np.array([49, 3, 3, 17, 0, 49, 48, 20, 5, 17, 31, 3])
+    chunks_touched = len(np.unique(idx // 16))
+
+    calls = []
+    real_getitem = h5py.Dataset.__getitem__
+
+    def spy(self, key, *a, **kw):
+        if self.name == "/images":
+            calls.append(key)
+        return real_getitem(self, key, *a, **kw)
+
+    r.image_shape  # opens the file before counting
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", spy)
+    got = r.gather(idx)
+    assert len(calls) <= chunks_touched
+    np.testing.assert_array_equal(got, src["images"][idx])
+    # sparse rows inside one chunk take the selection path, still one read
+    calls.clear()
+    np.testing.assert_array_equal(r.gather(np.array([47, 32])), src["images"][[47, 32]])
+    assert len(calls) == 1
+    assert r.gather(np.array([], dtype=np.int64)).shape == (0, *SHAPE)
+    with pytest.raises(IndexError):
+        r.gather(np.array([N]))
+
+
+def test_reader_lazy_and_pickles_without_handle(tmp_path):
+    src, path = make_pool(), tmp_path / "p.h5"
+    write_file(path, src)
+    r = PseudoLabelReader(path)
+    assert r._file is None  # constructing opens nothing
+    assert len(r) == N and r._file is not None
+    clone = pickle.loads(pickle.dumps(r))
+    assert clone._file is None
+    np.testing.assert_array_equal(clone.gather(np.array([7, 1, 7])), src["images"][[7, 1, 7]])
+    np.testing.assert_array_equal(clone.labels, src["labels"])
+
+
+def test_validate_accepts_good_file(tmp_path):
+    path = tmp_path / "p.h5"
+    write_file(path, make_pool())
+    attrs = validate_pseudolabels(path)
+    assert attrs["num_classes"] == K and attrs["pool_name"] == "toy"
+
+
+def _edit(path, fn):
+    with h5py.File(path, "r+") as f:
+        fn(f)
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda p: h5py.File(p, "w").close() or _edit(p, lambda f: f.create_dataset("x", data=[1])),
+     "schema_version"),
+    (lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)), "not an HDF5 file or corrupt"),
+    (lambda p: p.write_bytes(p.read_bytes()[:3000]), "corrupt"),
+    (lambda p: _edit(p, lambda f: f.attrs.__setitem__("schema_version", 2)), "schema_version 2"),
+    (lambda p: _edit(p, lambda f: f.attrs.__setitem__("complete", 0)), "incomplete"),
+    (lambda p: _edit(p, lambda f: f["labels"].__setitem__(3, K)), "outside"),
+    (lambda p: _edit(p, lambda f: f.__delitem__("images")), "'images'"),
+    (lambda p: _edit(p, lambda f: f.__delitem__("confidence") or f.create_dataset("confidence", data=np.zeros(N))),
+     "float32"),
+])
+def test_validate_rejects(tmp_path, breakage, message):
+    path = tmp_path / "p.h5"
+    write_file(path, make_pool())
+    breakage(path)
+    with pytest.raises(UserError) as e:
+        validate_pseudolabels(path)
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_validate_missing_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        validate_pseudolabels(tmp_path / "nope.h5")
+
+
+def test_writer_refuses_bad_appends(tmp_path):
+    src, path = make_pool(), tmp_path / "p.h5"
+    w = new_writer(path)
+    with pytest.raises(ValueError):
+        w.append(images=src["images"][:3], labels=src["labels"][:2], confidence=src["confidence"][:3],
+                 pool_index=src["pool_index"][:3], logits=src["logits"][:3], pool_rows_done=3)
+    with pytest.raises(ValueError):  # save_logits=True needs logits
+        w.append(images=src["images"][:3], labels=src["labels"][:3], confidence=src["confidence"][:3],
+                 pool_index=src["pool_index"][:3], pool_rows_done=3)
+    w.close()
+    with pytest.raises(ValueError):
+        new_writer(tmp_path / "q.h5", attrs={"pool_name": "toy"})
+
+
+def test_resume_after_real_sigkill(tmp_path):
+    # A real kill -9 right after append returns: no close, no atexit, h5py never gets to clean up.
+    path = tmp_path / "killed.h5"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from tests.data.test_h5store import make_pool, new_writer, append_rows
+        w = new_writer({str(path)!r})
+        src = make_pool()
+        append_rows(w, src, 0, 20)
+        append_rows(w, src, 20, 35)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()
+    src = make_pool()
+    w = new_writer(path)
+    assert w.resumed and w.rows_written == 35 and w.pool_rows_done == 70
+    append_rows(w, src, 35, N)
+    w.finish()
+    r = PseudoLabelReader(path)
+    np.testing.assert_array_equal(r.load_images(), src["images"])
+    np.testing.assert_array_equal(r.labels, src["labels"])

@@ -95,11 +95,13 @@ class MartConfig:
 
 @dataclass
 class EvalConfig:
-    attacks: list = field(default_factory=lambda: ["clean", "fgsm", "pgd20", "cw30", "autoattack"])  # which attacks
-    n: int = 1000  # first n test images (dataset order)
-    eps: list = field(default_factory=list)  # extra eps values for the accuracy-vs-eps sweep ([] = around mart.epsilon)
+    models: list = field(default_factory=lambda: ["mart"])  # checkpoints: mart (selected), mart-last, teacher
+    attacks: list = field(default_factory=lambda: ["clean", "fgsm", "pgd20", "cw30", "autoattack"])  # pgdN, cwN too
+    n: int = 1000  # the first n test images, in dataset order
+    eps: float = 0.0  # L-inf radius on [0, 1] pixels; 0 = the training radius mart.epsilon
+    sweep: list = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0])  # multiples of eps for the PGD-20 curve
     batch_size: int = 256  # images per evaluation batch
-    models: list = field(default_factory=lambda: ["mart"])  # which checkpoints: mart, mart-last, teacher
+    checks: bool = True  # run the gradient-masking sanity checks into checks.csv
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The stages and their declarations; the runner reads STAGES and never the stage internals."""
 from pipeline.runner import Stage
-from stages import mart, pseudolabel, teacher
+from stages import evaluate, mart, pseudolabel, teacher
 
 _TRAINING_RESULTS = ("data.num_labeled", "run.seed", "run.precision")
 
@@ -15,4 +15,7 @@ STAGES = {
     "mart": Stage(
         name="mart", version=1, section="mart", outputs=mart.OUTPUTS, run=mart.run, requires=mart.requires,
         insignificant=("eval_batch_size",), extra_params=_TRAINING_RESULTS),
+    "eval": Stage(
+        name="eval", version=1, section="eval", outputs=evaluate.OUTPUTS, run=evaluate.run,
+        requires=evaluate.requires, insignificant=("batch_size",), extra_params=("mart.epsilon",)),
 }

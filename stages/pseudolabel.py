@@ -66,33 +66,37 @@ def run(ctx) -> None:
     dedup = TestSetDeduplicator(labeled.test_images, cfg.dedup_threshold, device) if cfg.dedup_test else None
     dropped = 0
 
-    starts = list(range(writer.pool_rows_done, total, cfg.batch_size))
-    with ThreadPoolExecutor(1, thread_name_prefix="pool-read") as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="h5-write") as write_queue:
-        # Read block i+1 while the teacher runs on block i; write block i while block i+1 computes.
-        next_block = reader.submit(pool.read, starts[0], min(starts[0] + cfg.batch_size, total)) if starts else None
-        pending_write = None
-        for start in tqdm(starts, desc="pseudolabel", unit="block"):
-            stop = min(start + cfg.batch_size, total)
-            images = next_block.result()
-            if stop < total:
-                next_block = reader.submit(pool.read, stop, min(stop + cfg.batch_size, total))
-            with torch.inference_mode(), loops.autocast(device, run_cfg.precision):
-                logits = teacher(loops.to_tensor_images(images, device)).float()
-            confidence, labels = torch.softmax(logits, dim=1).max(dim=1)
-            keep = np.ones(len(images), dtype=bool)
-            if dedup is not None:
-                keep = ~dedup.duplicates(images)
-                dropped += int((~keep).sum())
+    try:
+        starts = list(range(writer.pool_rows_done, total, cfg.batch_size))
+        with ThreadPoolExecutor(1, thread_name_prefix="pool-read") as reader, \
+                ThreadPoolExecutor(1, thread_name_prefix="h5-write") as write_queue:
+            # Read block i+1 while the teacher runs on block i; write block i while block i+1 computes.
+            next_block = reader.submit(pool.read, starts[0], min(starts[0] + cfg.batch_size, total)) if starts else None
+            pending_write = None
+            for start in tqdm(starts, desc="pseudolabel", unit="block"):
+                stop = min(start + cfg.batch_size, total)
+                images = next_block.result()
+                if stop < total:
+                    next_block = reader.submit(pool.read, stop, min(stop + cfg.batch_size, total))
+                with torch.inference_mode(), loops.autocast(device, run_cfg.precision):
+                    logits = teacher(loops.to_tensor_images(images, device)).float()
+                confidence, labels = torch.softmax(logits, dim=1).max(dim=1)
+                keep = np.ones(len(images), dtype=bool)
+                if dedup is not None:
+                    keep = ~dedup.duplicates(images)
+                    dropped += int((~keep).sum())
+                if pending_write is not None:
+                    pending_write.result()  # rows must land in pool order
+                pending_write = write_queue.submit(
+                    writer.append, images=images[keep], labels=labels.cpu().numpy()[keep],
+                    confidence=confidence.cpu().numpy()[keep], pool_index=np.arange(start, stop)[keep],
+                    logits=logits.cpu().numpy()[keep].astype(np.float16) if cfg.save_logits else None,
+                    pool_rows_done=stop)
             if pending_write is not None:
-                pending_write.result()  # rows must land in pool order
-            pending_write = write_queue.submit(
-                writer.append, images=images[keep], labels=labels.cpu().numpy()[keep],
-                confidence=confidence.cpu().numpy()[keep], pool_index=np.arange(start, stop)[keep],
-                logits=logits.cpu().numpy()[keep].astype(np.float16) if cfg.save_logits else None,
-                pool_rows_done=stop)
-        if pending_write is not None:
-            pending_write.result()
+                pending_write.result()
+    except BaseException:
+        writer.close()  # keep what reached the disk: the next run resumes from it
+        raise
     writer.finish()
     if dedup is not None:
         ctx.log(f"  dedup_test dropped {dropped} pool images within {cfg.dedup_threshold} of a test image")

@@ -1,0 +1,26 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "configs" / "smoke.toml"
+
+
+def run_cli(*args, check=True, timeout=300, env=None):
+    """`python -m pipeline ...` in a subprocess, as a user runs it; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory):
+    """One uninterrupted smoke run shared by the end-to-end tests (treat it as read-only)."""
+    workdir = tmp_path_factory.mktemp("smoke")
+    run_cli("run", "--config", SMOKE, "--workdir", workdir)
+    return workdir

@@ -1,0 +1,91 @@
+"""kill -9 in the middle of a stage, rerun: it resumes, says so, and ends bit-identical (CPU) to the
+uninterrupted smoke run."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT, SMOKE, run_cli
+
+
+def kill_when_checkpointed(workdir, stage, timeout=120):
+    """Start the smoke run, SIGKILL it as soon as `stage` has written its first training checkpoint."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--config", str(SMOKE), "--workdir",
+                             str(workdir), "--set", "run.checkpoint_every_s=0"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = workdir / f"{stage}.partial" / "train_state.pt"
+    deadline = time.monotonic() + timeout
+    try:
+        while not state.exists():  # wait for the condition, not for a guessed duration
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (workdir / stage).exists(), "the kill came too late to interrupt the stage"
+
+
+def assert_same_weights(a, b):
+    sa = torch.load(a, weights_only=True)["state_dict"]
+    sb = torch.load(b, weights_only=True)["state_dict"]
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.mark.parametrize("stage", ["teacher", "mart"])
+def test_kill_9_then_resume_equals_uninterrupted(smoke_workdir, tmp_path, stage):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    if stage == "mart":  # start from the same upstream artifacts
+        for upstream in ("teacher", "pseudolabel"):
+            shutil.copytree(smoke_workdir / upstream, workdir / upstream)
+    kill_when_checkpointed(workdir, stage)
+    proc = run_cli("run", "--config", SMOKE, "--workdir", workdir)
+    assert "resumed from checkpoint" in proc.stdout
+    assert_same_weights(workdir / stage / "model.pt", smoke_workdir / stage / "model.pt")
+    if stage == "teacher":
+        with h5py.File(workdir / "pseudolabel" / "pseudolabels.h5") as f, \
+                h5py.File(smoke_workdir / "pseudolabel" / "pseudolabels.h5") as g:
+            assert np.array_equal(f["labels"][:], g["labels"][:])
+    assert not list(workdir.glob("*.partial"))
+
+
+def test_pseudolabel_resumes_at_block_granularity(smoke_workdir, tmp_path, monkeypatch):
+    """An interrupted pseudolabel stage continues after the last block written, same file in the end."""
+    from data import h5store
+    from pipeline.config import load_config
+    from pipeline.runner import Runner
+
+    workdir = tmp_path / "w"
+    shutil.copytree(smoke_workdir / "teacher", workdir / "teacher")
+    config = load_config(SMOKE, ["pseudolabel.batch_size=256"])
+    original_append = h5store.PseudoLabelWriter.append
+    calls = {"n": 0}
+
+    def append_then_die(self, **kwargs):
+        original_append(self, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as if killed right after the third block reached the disk
+
+    monkeypatch.setattr(h5store.PseudoLabelWriter, "append", append_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(config, workdir, log=lambda m: None).run(["pseudolabel"])
+    monkeypatch.setattr(h5store.PseudoLabelWriter, "append", original_append)
+    lines = []
+    Runner(config, workdir, log=lines.append).run(["pseudolabel"])
+    assert any("resumed at pool row 768 of 2000" in line for line in lines)
+    with h5py.File(workdir / "pseudolabel" / "pseudolabels.h5") as f, \
+            h5py.File(smoke_workdir / "pseudolabel" / "pseudolabels.h5") as g:
+        for key in ("images", "labels", "pool_index"):
+            assert np.array_equal(f[key][:], g[key][:]), key
+        assert np.allclose(f["confidence"][:], g["confidence"][:], atol=1e-6)

@@ -57,7 +57,7 @@ class TeacherConfig:
     momentum: float = 0.9  # SGD momentum (Nesterov off, as in the reference recipes)
     weight_decay: float = 5e-4  # L2 penalty on all parameters
     schedule: str = "cosine"  # cosine | piecewise | constant
-    milestones: list = field(default_factory=list)  # piecewise: epochs at which lr is multiplied by 0.1
+    milestones: list = field(default_factory=list)  # piecewise: lr x0.1 once this many epochs are complete
     augment: bool = True  # random crop (padding 2 at 28px, 4 at 32px) and horizontal flip
 
 
@@ -80,7 +80,7 @@ class MartConfig:
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 3.5e-3  # L2 penalty (MART's ResNet-18 recipe)
     schedule: str = "piecewise"  # cosine | piecewise | constant
-    milestones: list = field(default_factory=list)  # piecewise: epochs at which lr is multiplied by 0.1
+    milestones: list = field(default_factory=list)  # piecewise: lr x0.1 once this many epochs are complete
     beta: float = 6.0  # weight of the misclassification-aware KL term (TRADES: of the KL term)
     epsilon: float = 0.031  # L-inf radius of the training attack, on [0,1] pixels
     step_size: float = 0.007  # PGD step of the training attack

@@ -143,6 +143,11 @@ def test_gather_duplicates_any_order_one_read_per_chunk(tmp_path, monkeypatch):
 
     r.image_shape  # opens the file before counting
     monkeypatch.setattr(h5py.Dataset, "__getitem__", spy)
+    # Uncompressed chunks: rows come straight from the file with os.pread, no HDF5 read at all.
+    np.testing.assert_array_equal(r.gather(idx), src["images"][idx])
+    assert calls == []
+    # The HDF5 path (compressed files): at most one read per touched chunk.
+    monkeypatch.setattr(r, "_raw_rows", lambda: None)
     got = r.gather(idx)
     assert len(calls) <= chunks_touched
     np.testing.assert_array_equal(got, src["images"][idx])

@@ -1,0 +1,241 @@
+"""MART training throughput: the stage's loop against a bare loop of the same algorithm.
+
+Measured: `stages.loops.train_one_epoch` exactly as the mart stage drives it: the real
+`MixedBatchSampler` + `MixedBatchLoader` (labeled and pool images in memory, unsup_fraction 0.5,
+random crop + flip, background prefetch), the stage's `_training_attack` (PGD-10 from x + 0.001 N(0, 1),
+eval mode) and `LOSSES["mart"]`, SGD with momentum and weight decay, a per-step LambdaLR, the
+running sums; model from `loops.prepare_for_training`. Reference: the same algorithm written
+straight-line over tensors already in memory (no sampler, no augmentation, no threads): eval-mode
+PGD-10, train-mode natural and adversarial forwards, the official MART loss, SGD step. Same
+architecture, same initial weights, batch 128 on 32x32x3 by default.
+Targets: stage fp32 >= 1.0x reference fp32 (the pipeline adds no overhead); stage bf16
+(`precision="bf16"`, CPU autocast) >= 1.5x reference fp32. The "+channels_last" lines are the same
+stage with `run.channels_last = true` (NHWC convolutions, which oneDNN runs faster on CPU too).
+
+Every configuration gets one warm-up batch (oneDNN primitive creation), then `rounds` interleaved
+timed passes of `train_steps` batches; images/s = batch / the median step time over all its passes
+(a stage step is timed from one batch request to the next, so waiting for the loader counts).
+
+Runtime: default (small-cnn, batch 128, 3 batches per pass, 2 rounds, the reference and 4 stage
+settings) about 2-3 minutes on 2 idle cores; --quick (batch 32, 2 batches per pass, 3 stage settings)
+about 30 s.
+
+Last seen (2-core AMD EPYC CPU (avx512_bf16), shared with a training job (load average ~4), torch
+2.14.1, --threads 1, --quick, batch 32): reference fp32 19.4 img/s; stage fp32 21.1 (1.08x), bf16
+34.3 (1.77x), bf16+channels_last 43.8 (2.25x). With 2 threads on the same loaded cores the ratios
+swung between 0.44x and 1.34x from run to run (oversubscribed OpenMP), hence --threads 1 there.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import itertools
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from benchmarks.common import Comparison, median_step_rates, print_header, synthetic_images, timed_iter
+
+EPSILON = 8 / 255  # the CIFAR-10 training radius of MART
+STEP_SIZE = 0.007  # MART's PGD step for CIFAR-10
+BETA = 6.0
+
+
+# -- the reference: the algorithm, straight-line ---------------------------------------------------------
+def reference_mart_loss(logits_natural, logits_adv, y, beta=BETA):
+    """The official MART loss (YisenWang/MART train_wrn.py), written out again here on purpose."""
+    adv_probs = F.softmax(logits_adv, dim=1)
+    tmp1 = torch.argsort(adv_probs, dim=1)[:, -2:]
+    new_y = torch.where(tmp1[:, -1] == y, tmp1[:, -2], tmp1[:, -1])
+    loss_adv = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), new_y)
+    nat_probs = F.softmax(logits_natural, dim=1)
+    true_probs = torch.gather(nat_probs, 1, y.unsqueeze(1).long()).squeeze(1)
+    loss_robust = (1.0 / len(y)) * torch.sum(
+        torch.sum(F.kl_div(torch.log(adv_probs + 1e-12), nat_probs, reduction="none"), dim=1)
+        * (1.0000001 - true_probs))
+    return loss_adv + float(beta) * loss_robust
+
+
+def reference_step(model: nn.Module, optimizer, x, y, *, steps: int, eps: float = EPSILON,
+                   step_size: float = STEP_SIZE) -> torch.Tensor:
+    # PGD in eval mode from x + 0.001 N(0, 1).
+    model.eval()
+    x_adv = x.detach() + 0.001 * torch.randn_like(x)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + step_size * grad.sign(), x - eps), x + eps).clamp(0.0, 1.0)
+    # Natural and adversarial forwards in train mode, MART loss, SGD step.
+    model.train()
+    loss = reference_mart_loss(model(x), model(x_adv), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+# -- the stage's loop ------------------------------------------------------------------------------------
+class StageLoop:
+    """The mart stage's objects (sampler, loader, model, optimizer, scheduler, attack, loss) for one
+    precision; `epoch(n)` trains one epoch of n batches through loops.train_one_epoch."""
+
+    def __init__(self, model: nn.Module, *, images, labels, pool_images, pool_labels, batch_size: int,
+                 batches_per_epoch: int, steps: int, precision: str, seed: int = 0, unsup_fraction: float = 0.5,
+                 channels_last: bool = False, compile: bool = False, device: str = "cpu", attack_model=None):
+        from data.mixed import MixedBatchLoader, MixedBatchSampler
+        from pipeline.config import RunConfig
+        from stages import loops
+        from stages.losses import ATTACK_LOSS, LOSSES
+        from stages.mart import _training_attack
+        from stages.teacher import augmenter
+
+        self.loops = loops
+        self.device = torch.device(device)
+        self.precision, self.seed, self.batch_size = precision, seed, batch_size
+        run_cfg = RunConfig(device=device, precision=precision, channels_last=channels_last, compile=compile)
+        self.model, self.scaler = loops.prepare_for_training(model, run_cfg=run_cfg, device=self.device,
+                                                             distributed=False)
+        self.sampler = MixedBatchSampler(len(images), len(pool_labels), batch_size=batch_size,
+                                         unsup_fraction=unsup_fraction, epoch_size=batch_size * batches_per_epoch,
+                                         seed=seed)
+        self.loader = MixedBatchLoader(self.sampler, images, labels, pool_images, pool_labels, device=self.device,
+                                       augment=augmenter(True, images.shape[1]), seed=seed, prefetch=2,
+                                       pin_memory=False)  # as the mart stage builds it
+        self.optimizer = loops.make_optimizer(model, lr=0.01, momentum=0.9, weight_decay=3.5e-3)
+        self.scheduler = loops.make_scheduler(self.optimizer, schedule="constant", epochs=1,
+                                              steps_per_epoch=len(self.sampler))
+        attack = functools.partial(_training_attack, eps=EPSILON, step_size=STEP_SIZE, steps=steps,
+                                   loss=ATTACK_LOSS["mart"])
+        if attack_model is not None:  # e.g. a compiled module for the attack too (bench_gpu)
+            attack = functools.partial(lambda model, x, y, generator, _attack: _attack(attack_model, x, y, generator),
+                                       _attack=attack)
+        self.attack = attack
+        self.loss_fn = functools.partial(LOSSES["mart"], beta=BETA)
+        self._epoch = 0
+
+    def _train(self, batches) -> dict:
+        return self.loops.train_one_epoch(
+            self.model, batches, self.optimizer, self.scheduler, loss_fn=self.loss_fn, attack=self.attack,
+            device=self.device, precision=self.precision, epoch=self._epoch, start_batch=0, seed=self.seed,
+            scaler=self.scaler, progress_bar=False)
+
+    def warm_up(self, batches: int = 1) -> None:
+        self.sampler.set_epoch(self._epoch)
+        self._train(itertools.islice(iter(self.loader), batches))
+        self.loader.close()
+        self._epoch += 1
+
+    def epoch(self, step_seconds: list | None = None) -> int:
+        """One epoch through the real loader; returns the images trained on. With `step_seconds`, each
+        step's seconds (its batch's wait + its compute; CPU only: CUDA steps are asynchronous) go there."""
+        self.sampler.set_epoch(self._epoch)
+        stats = self._train(self.loader if step_seconds is None else timed_iter(self.loader, step_seconds))
+        self._epoch += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        if not np.isfinite(stats["loss"]):
+            raise FloatingPointError(f"MART loss is {stats['loss']}")
+        return len(self.sampler) * self.batch_size
+
+
+def synthetic_training_data(shape, num_labeled: int, num_pool: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return dict(images=synthetic_images(num_labeled, shape, seed),
+                labels=rng.integers(0, 10, num_labeled).astype(np.int64),
+                pool_images=synthetic_images(num_pool, shape, seed + 1),
+                pool_labels=rng.integers(0, 10, num_pool).astype(np.int64))
+
+
+def parse_setting(setting: str) -> dict:
+    """"bf16+channels_last" -> {"precision": "bf16", "channels_last": True}."""
+    precision, *flags = setting.split("+")
+    unknown = set(flags) - {"channels_last"}
+    if precision not in ("fp32", "bf16") or unknown:
+        raise ValueError(f"unknown stage setting {setting!r}")
+    return {"precision": precision, "channels_last": "channels_last" in flags}
+
+
+def bench_mart(arch: str = "small-cnn", shape=(32, 32, 3), batch_size: int = 128, steps: int = 10,
+               train_steps: int = 3, rounds: int = 2, num_labeled: int = 2048, num_pool: int = 4096,
+               stage_settings=("fp32", "bf16")) -> dict:
+    """images/s of the stage's MART loop for each of `stage_settings` ("fp32", "bf16", optionally
+    "+channels_last", i.e. run.channels_last) and of the bare fp32 reference loop, side by side."""
+    from stages.models import build_model
+
+    torch.manual_seed(0)
+    initial = build_model(arch, num_classes=10, in_channels=shape[2])
+    data = synthetic_training_data(shape, num_labeled, num_pool)
+
+    # The reference's batches: the same kind of images, already float NCHW in memory.
+    n = batch_size * train_steps
+    x_all = torch.from_numpy(data["images"][:n] if n <= num_labeled else synthetic_images(n, shape, 2))
+    x_all = x_all.permute(0, 3, 1, 2).float().div(255).contiguous()
+    y_all = torch.from_numpy(np.random.default_rng(3).integers(0, 10, n).astype(np.int64))
+    reference_model = copy.deepcopy(initial)
+    reference_optimizer = torch.optim.SGD(reference_model.parameters(), lr=0.01, momentum=0.9, weight_decay=3.5e-3)
+
+    def reference_pass(step_seconds: list) -> None:
+        for start in range(0, n, batch_size):
+            began = time.perf_counter()
+            loss = reference_step(reference_model, reference_optimizer, x_all[start:start + batch_size],
+                                  y_all[start:start + batch_size], steps=steps)
+            step_seconds.append(time.perf_counter() - began)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"reference MART loss is {loss}")
+
+    stage_loops = {s: StageLoop(copy.deepcopy(initial), **data, batch_size=batch_size, batches_per_epoch=train_steps,
+                                steps=steps, **parse_setting(s))
+                   for s in stage_settings}
+    reference_step(reference_model, reference_optimizer, x_all[:batch_size], y_all[:batch_size], steps=steps)
+    for loop in stage_loops.values():
+        loop.warm_up()
+
+    passes = {"reference_fp32": reference_pass}
+    passes.update({f"stage_{s}": loop.epoch for s, loop in stage_loops.items()})
+    started = time.perf_counter()
+    rates = median_step_rates(passes, rounds, items_per_step=batch_size)
+    result = {f"{name}_images_per_s": rate for name, rate in rates.items()}
+    for s in stage_settings:
+        result[f"ratio_stage_{s}_vs_reference_fp32"] = rates[f"stage_{s}"] / rates["reference_fp32"]
+    result.update(arch=arch, shape=list(shape), batch_size=batch_size, pgd_steps=steps, train_steps=train_steps,
+                  rounds=rounds, stage_settings=list(stage_settings), seconds=time.perf_counter() - started)
+    return result
+
+
+def fastest_stage_images_per_s(result: dict) -> float:
+    """What training consumes at best: the fastest stage setting measured."""
+    return max(result[f"stage_{s}_images_per_s"] for s in result["stage_settings"])
+
+
+def comparisons(result: dict) -> list[Comparison]:
+    size = f"{result['arch']} {'x'.join(map(str, result['shape']))} batch {result['batch_size']}, PGD-{result['pgd_steps']}"
+    targets = {"fp32": 1.0, "bf16": 1.5}  # stage fp32 adds no overhead; bf16 autocast pays off on CPU
+    return [Comparison("mart", f"stage {s} vs reference fp32", f"stage {s}", result[f"stage_{s}_images_per_s"],
+                       "reference fp32", result["reference_fp32_images_per_s"], "img/s", ">=",
+                       targets[parse_setting(s)["precision"]], note=size)
+            for s in result["stage_settings"]]
+
+
+def run(quick: bool = False) -> tuple[list[Comparison], dict]:
+    print_header("mart: the stage's training loop vs a bare reference loop")
+    if quick:
+        result = bench_mart(batch_size=32, train_steps=2, rounds=2,
+                            stage_settings=("fp32", "bf16", "bf16+channels_last"))
+    else:
+        result = bench_mart(batch_size=128, train_steps=3, rounds=2,
+                            stage_settings=("fp32", "bf16", "fp32+channels_last", "bf16+channels_last"))
+    rows = comparisons(result)
+    for c in rows:
+        print(c.line(), flush=True)
+    return rows, result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    run(quick=parser.parse_args().quick)

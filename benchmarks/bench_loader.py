@@ -3,23 +3,21 @@
 Measured: images/s delivered by `data.mixed.MixedBatchLoader` over a `MixedBatchSampler` (batch 128,
 unsup_fraction 0.5, random crop + flip on, prefetch 2, CPU tensors) with nothing consuming but a loop
 that drops the batches, for two pools of 32x32x3 images: in memory (uint8 array) and as a
-`data.h5store.PseudoLabelReader` over a pseudolabels.h5 written with `PseudoLabelWriter` (random
-gathers through HDF5 chunks; the file is in the page cache). Reference: the images/s MART training
-consumes (the stage's loop, its fastest setting, from bench_mart in the same run, or bf16+channels_last
-measured here at the quick size when run alone). Target: the loader delivers >= 5x what training consumes,
-so its background thread takes at most a fifth of the time it overlaps.
+`data.h5store.PseudoLabelReader` over a pseudolabels.h5 written with `PseudoLabelWriter` (uncompressed,
+so random gathers take the reader's one-`os.pread`-per-row path; the file is in the page cache).
+Reference: the images/s MART training consumes (the stage's loop, its fastest setting, from bench_mart
+in the same run, or bf16+channels_last measured here at the quick size when run alone). Target: the
+loader delivers >= 5x what training consumes, so its background thread takes at most a fifth of the
+time it overlaps.
 
-`prototype`: the HDF5 pool again through a reader whose gather() reads each row with one positional
-read at its byte offset (chunk addresses looked up once; uncompressed chunks only), instead of one
-h5py selection per touched chunk, which makes HDF5 copy a whole 3 MiB chunk for a row or two: the
-fix proposed in benchmarks/README.md.
+Adopted fix: `data/h5store.py` `PseudoLabelReader.gather` preads uncompressed whole-row chunks (README, problem 2).
 
 Runtime: default (50 batches per pass, 50,000-image pool, 2 rounds) about 30 s; --quick about 10 s
 (plus the MART measurement when run alone).
 
-Last seen (2-core AMD EPYC CPU (avx512_bf16), shared with a training job (load average ~4), torch
-2.14.1, --threads 1, --quick, pool 10,000): in memory 26,354 img/s, HDF5 reader 2,636, HDF5 pread
-prototype 24,451, against MART's 43.8 img/s (bf16+channels_last, batch 32): 602x, 60x, 558x.
+Last seen (2-core AMD EPYC CPU (avx512_bf16), shared (load average ~8), torch 2.14.1, --threads 1,
+--quick, pool 10,000): in memory 16,601 img/s, HDF5 reader 20,090, against MART's 43.0 img/s
+(bf16+channels_last, batch 32): 386x, 467x. Before the fix the HDF5 reader gave 2,636 img/s (60x).
 """
 from __future__ import annotations
 
@@ -52,7 +50,7 @@ def write_pseudolabels(path: Path, pool_images: np.ndarray, labels: np.ndarray, 
 
 def bench_loader(num_labeled: int = 4096, num_pool: int = 50_000, batch_size: int = 128, batches: int = 50,
                  rounds: int = 2, unsup_fraction: float = 0.5, consumer_images_per_s: float | None = None,
-                 prototype: bool = True, tmp_dir: str | None = None) -> dict:
+                 tmp_dir: str | None = None) -> dict:
     """images/s delivered by MixedBatchLoader with the pool in memory and as a PseudoLabelReader."""
     from data.h5store import PseudoLabelReader
     from data.mixed import MixedBatchLoader, MixedBatchSampler
@@ -82,18 +80,11 @@ def bench_loader(num_labeled: int = 4096, num_pool: int = 50_000, batch_size: in
                 return delivered
             return one_pass
 
+        check = np.random.default_rng(1).integers(0, num_pool, 256)
+        if not np.array_equal(reader.gather(check), pool_images[check]):
+            raise AssertionError("PseudoLabelReader.gather returned wrong rows")
         passes = {"in_memory": make_pass(pool_images, pool_labels), "hdf5": make_pass(reader, reader.labels)}
-        if prototype:
-            from benchmarks.prototypes import PreadGatherReader
-
-            fast_reader = PreadGatherReader(reader)
-            check = np.random.default_rng(1).integers(0, num_pool, 256)
-            if not np.array_equal(fast_reader.gather(check), pool_images[check]):
-                raise AssertionError("PreadGatherReader.gather returned wrong rows")
-            passes["prototype_hdf5"] = make_pass(fast_reader, reader.labels)
         rates = best_rates(passes, rounds)
-        if prototype:
-            fast_reader.close()
         reader.close()
 
     result = {f"{name}_images_per_s": rate for name, rate in rates.items()}
@@ -114,9 +105,7 @@ def comparisons(result: dict) -> list[Comparison]:
     return [Comparison("loader", f"loader, {pool} vs MART", f"loader, {pool}",
                        result[f"{key}_images_per_s"], "MART stage", result["mart_images_per_s"], "img/s", ">=", 5.0,
                        note=note)
-            for key, pool in (("in_memory", "pool in memory"), ("hdf5", "pool HDF5 reader"),
-                              ("prototype_hdf5", "pool HDF5 pread (prototype)"))
-            if f"{key}_images_per_s" in result]
+            for key, pool in (("in_memory", "pool in memory"), ("hdf5", "pool HDF5 reader"))]
 
 
 def run(quick: bool = False, consumer_images_per_s: float | None = None) -> list[Comparison]:

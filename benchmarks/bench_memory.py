@@ -1,7 +1,7 @@
 """Peak memory of pseudo-labeling: a small pool against a ten times larger one.
 
 Measured: `stages.pseudolabel.run` in a fresh subprocess per pool (so each peak is its own), on a
-synthetic 32x32x3 uint8 .npy pool opened with `data.pools.open_pool("npy", ...)` (memory-mapped),
+synthetic 32x32x3 uint8 .npy pool opened with `data.pools.open_pool("npy", ...)` (header memory-mapped),
 50,000 vs 500,000 images by default (the larger file is 1.5 GB), 5,000 vs 50,000 with --quick. The
 teacher is a benchmark-only probe (4x4 average pool + linear layer, registered in the child's
 `stages.models.ARCHS`) so the run is I/O-bound and fast; the stage's code path is unchanged. Peak
@@ -11,15 +11,13 @@ the large pool's peak VmHWM <= 1.2x the small pool's, and the peak's growth <= 0
 on disk (the scale-free form of "does not grow with the pool": at the --quick sizes the fixed ~600 MiB
 of torch hides a growth that is the whole pool; see comparisons() for why not 0).
 
-`prototype`: the same runs with NpyPool.read replaced (in the child only) by a positional file read
-into a fresh array (no memory map kept), `benchmarks.prototypes.npy_read_without_mmap`, the fix proposed in benchmarks/README.md.
+Adopted fix: `data/pools.py` `NpyPool.read` reads rows with `np.fromfile`, no page stays mapped (README, problem 1).
 
-Runtime: default about 3 minutes (writing 1.65 GB of pool, two stage runs, twice); --quick about 20 s.
+Runtime: default under 3 minutes (writing 1.65 GB of pool, two stage runs); --quick about 20 s.
 
-Last seen (2-core AMD EPYC CPU, shared, torch 2.14.1): default sizes, peak RSS 2112 MiB for
-500K images vs 789 MiB for 50K (2.68x; RssFile 1720 vs 402 MiB, RssAnon 405 vs 405), growth 1.00x the
-pool's; prototype 666 vs 678 MiB (0.98x). --quick: 818 vs 629 MiB (1.30x, growth 1.43x the pool's),
-prototype 642 vs 654 MiB (0.98x).
+Last seen (2-core AMD EPYC CPU, shared (load average ~8), torch 2.14.1, --threads 1): --quick, 680.7 vs
+656.5 MiB (1.04x; RssFile 255 vs 255 MiB, RssAnon 426 vs 402), growth 0.18x the pool's. Default sizes
+not rerun since the fix; before it 2112 vs 789 MiB (2.68x, growth 1.00x), with it prototyped 666 vs 678.
 """
 from __future__ import annotations
 
@@ -81,16 +79,13 @@ def _register_probe_arch() -> None:
     models.ARCHS[PROBE_ARCH] = lambda k, c: nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * c, k))
 
 
-def child_main(pool_path: str, workdir: str, prototype: bool) -> None:
+def child_main(pool_path: str, workdir: str) -> None:
     from benchmarks.bench_pseudolabel import pseudolabel_config, stage_context
-    from benchmarks import prototypes
     from benchmarks.common import save_teacher, synthetic_labeled_set
     from data import pools
     from stages import pseudolabel
 
     _register_probe_arch()
-    if prototype:
-        pools.NpyPool.read = prototypes.npy_read_without_mmap
     workdir = Path(workdir)
     labeled = synthetic_labeled_set(SHAPE)
     teacher_dir = save_teacher(workdir / "teacher", PROBE_ARCH, SHAPE)
@@ -111,14 +106,12 @@ def child_main(pool_path: str, workdir: str, prototype: bool) -> None:
 
 
 # -- the parent ----------------------------------------------------------------------------------------
-def _start_child(pool_path: Path, tmp: Path, prototype: bool):
+def _start_child(pool_path: Path, tmp: Path):
     """Start one stage run in a fresh interpreter; returns (process, its work dir)."""
     import torch
 
     workdir = Path(tempfile.mkdtemp(prefix="run-", dir=tmp))
     command = [sys.executable, "-m", "benchmarks.bench_memory", "--child", str(pool_path), str(workdir)]
-    if prototype:
-        command.append("--prototype")
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": str(torch.get_num_threads())}  # as many threads as this process (run_all --threads)
@@ -134,24 +127,22 @@ def _finish_child(process, workdir: Path) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def bench_memory(small: int = 50_000, large: int = 500_000, prototype: bool = True, parallel: bool = False,
+def bench_memory(small: int = 50_000, large: int = 500_000, parallel: bool = False,
                  tmp_dir: str | None = None) -> dict:
     """Peak memory (MiB) of pseudo-labeling a `small` and a `large` npy pool, each in its own process.
 
     `parallel` runs the children at the same time (each peak is still its own process's); for the tests,
     where the time is the children's start-up. Measurements run them one at a time."""
     result = {"small_images": small, "large_images": large}
-    variants = [("", False)] + ([("prototype_", True)] if prototype else [])
     with tempfile.TemporaryDirectory(prefix="bench-memory-", dir=tmp_dir) as tmp:
         tmp = Path(tmp)
         running = []
         for size_name, n in (("small", small), ("large", large)):
             pool_path = write_npy_pool(tmp / f"pool-{n}.npy", n, SHAPE)
             result[f"{size_name}_pool_mib"] = pool_path.stat().st_size / MIB
-            for prefix, patched in variants:
-                running.append((f"{prefix}{size_name}", pool_path, *_start_child(pool_path, tmp, patched)))
-                if not parallel:
-                    running[-1] = (*running[-1][:2], _finish_child(*running[-1][2:]))
+            running.append((size_name, pool_path, *_start_child(pool_path, tmp)))
+            if not parallel:
+                running[-1] = (*running[-1][:2], _finish_child(*running[-1][2:]))
             if not parallel:
                 pool_path.unlink()  # before the next pool is written: one big file at a time
         for key, pool_path, *child in running:
@@ -160,34 +151,26 @@ def bench_memory(small: int = 50_000, large: int = 500_000, prototype: bool = Tr
             result[f"{key}_peak_rss_anon_mib"] = measured["peak_rss_anon_kib"] / 1024
             result[f"{key}_peak_rss_file_mib"] = measured["peak_rss_file_kib"] / 1024
             result[f"{key}_images_per_s"] = measured["images"] / measured["seconds"]
-    for prefix, _ in variants:
-        result[f"{prefix}ratio"] = result[f"{prefix}large_peak_rss_mib"] / result[f"{prefix}small_peak_rss_mib"]
+    result["ratio"] = result["large_peak_rss_mib"] / result["small_peak_rss_mib"]
     return result
 
 
 def comparisons(result: dict) -> list[Comparison]:
-    """Per variant: the large pool's peak against the small pool's (target <= 1.2x), and the peak's growth
+    """The large pool's peak against the small pool's (target <= 1.2x), and the peak's growth
     against the pool's growth on disk (target <= 0.25: a streaming stage's peak does not follow the pool,
     a mapped pool's follows it at 1.0; this form does not depend on how large the fixed part of the peak,
     torch itself, happens to be; 0.25 rather than 0 because the heap peak varies by some 30 MiB from one
     process to the next, which is 0.2 of the --quick sizes' pool growth)."""
-    rows = []
     pool_growth = result["large_pool_mib"] - result["small_pool_mib"]
-    for prefix, label in (("", ""), ("prototype_", " (prototype)")):
-        if f"{prefix}ratio" not in result:
-            continue
-        large, small = result[f"{prefix}large_peak_rss_mib"], result[f"{prefix}small_peak_rss_mib"]
-        note = (f"RssAnon {result[f'{prefix}large_peak_rss_anon_mib']:.0f} / "
-                f"{result[f'{prefix}small_peak_rss_anon_mib']:.0f}, RssFile {result[f'{prefix}large_peak_rss_file_mib']:.0f}"
-                f" / {result[f'{prefix}small_peak_rss_file_mib']:.0f} MiB")
-        extra = {k: v for k, v in result.items() if k.startswith(prefix) or (prefix == "" and "prototype" not in k)}
-        rows.append(Comparison("memory", f"peak RSS {result['large_images']} vs {result['small_images']} images{label}",
-                               "large pool", large, "small pool", small, "MiB", "<=", 1.2, note=note, extra=extra))
-        rows.append(Comparison("memory", f"RSS growth vs pool growth{label}", "RSS growth", large - small,
-                               "pool growth", pool_growth, "MiB", "<=", 0.25,
-                               note=f"pools {result['small_pool_mib']:.0f} and {result['large_pool_mib']:.0f} MiB on disk",
-                               extra=extra))
-    return rows
+    large, small = result["large_peak_rss_mib"], result["small_peak_rss_mib"]
+    note = (f"RssAnon {result['large_peak_rss_anon_mib']:.0f} / {result['small_peak_rss_anon_mib']:.0f}, "
+            f"RssFile {result['large_peak_rss_file_mib']:.0f} / {result['small_peak_rss_file_mib']:.0f} MiB")
+    return [Comparison("memory", f"peak RSS {result['large_images']} vs {result['small_images']} images",
+                       "large pool", large, "small pool", small, "MiB", "<=", 1.2, note=note, extra=result),
+            Comparison("memory", "RSS growth vs pool growth", "RSS growth", large - small,
+                       "pool growth", pool_growth, "MiB", "<=", 0.25,
+                       note=f"pools {result['small_pool_mib']:.0f} and {result['large_pool_mib']:.0f} MiB on disk",
+                       extra=result)]
 
 
 def run(quick: bool = False) -> list[Comparison]:
@@ -203,9 +186,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--child", nargs=2, metavar=("POOL", "WORKDIR"), help=argparse.SUPPRESS)
-    parser.add_argument("--prototype", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child_main(*args.child, prototype=args.prototype)
+        child_main(*args.child)
     else:
         run(quick=args.quick)

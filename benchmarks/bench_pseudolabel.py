@@ -1,8 +1,8 @@
 """Pseudo-labeling throughput: the stage's streaming path against a bare teacher forward.
 
 Measured: `stages.pseudolabel.run` on a synthetic 32x32x3 uint8 pool written to a temporary .npy and
-opened with `data.pools.open_pool("npy", ...)` (memory-mapped), with the context the runner would
-build (a real `Config`, the teacher's model.pt + stage.json in an upstream directory): block reads in a
+opened with `data.pools.open_pool("npy", ...)`, with the context the runner would build (a real
+`Config`, the teacher's model.pt + stage.json in an upstream directory): block reads in a
 read-ahead thread, uint8 -> float conversion, the teacher forward under inference_mode, softmax,
 HDF5 appends in a write-behind thread, results.csv. Reference: the same teacher (loaded the same way)
 over the same images already in memory as a float tensor, same block size, under inference_mode,
@@ -10,16 +10,16 @@ nothing else; once contiguous NCHW, once in channels_last layout (what the stage
 `loops.to_tensor_images` hands the teacher: a permuted NHWC tensor, which oneDNN runs faster), so
 the I/O overhead is judged against the faster bare forward too. All in images/s, best of `rounds`
 interleaved rounds. Target: the stage keeps >= 0.9 of a bare forward's throughput (the streaming
-hides its I/O). `prototype`: the stage with NpyPool.read replaced by
-`benchmarks.prototypes.npy_read_without_mmap` (the fix for the memory benchmark), to show that it
-costs no throughput.
+hides its I/O).
+
+Adopted fix: `data/pools.py` `NpyPool.read` reads rows with `np.fromfile`, no memory-map view (README, problem 1).
 
 Runtime: default (10,000 images, small-cnn) about 1 minute; --quick (2,000) about 15 s; --full
 (resnet18, 10,000) several minutes.
 
 Last seen (2-core AMD EPYC CPU (avx512_bf16), shared with a training job (load average ~4), torch
-2.14.1, --threads 1, --quick): stage 512 img/s, bare NCHW 280 (1.83x), bare channels_last 465
-(1.10x), prototype 445 (0.96x).
+2.14.1, --threads 1, --quick), before the fix: stage 512 img/s, bare NCHW 280 (1.83x), bare
+channels_last 465 (1.10x); with it prototyped, 445 (0.96x). Not rerun since.
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ import torch
 
 from benchmarks.common import (Comparison, best_rates, print_header, quiet_stderr, save_teacher,
                                synthetic_labeled_set, write_npy_pool)
-from benchmarks.prototypes import npy_pools_read_without_mmap
 
 SHAPE = (32, 32, 3)
 
@@ -60,7 +59,7 @@ def pseudolabel_config(batch_size: int, precision: str = "fp32"):
 
 
 def bench_pseudolabel(num_images: int = 10_000, arch: str = "small-cnn", batch_size: int = 512,
-                      rounds: int = 2, prototype: bool = True, tmp_dir: str | None = None) -> dict:
+                      rounds: int = 2, tmp_dir: str | None = None) -> dict:
     """images/s of the pseudolabel stage and of a bare teacher forward over the same pool."""
     from data.pools import open_pool
     from stages import pseudolabel
@@ -96,17 +95,11 @@ def bench_pseudolabel(num_images: int = 10_000, arch: str = "small-cnn", batch_s
                 return num_images
             return one_pass
 
-        def prototype_pass() -> int:
-            with npy_pools_read_without_mmap():
-                return stage_pass()
-
         # Warm-up: oneDNN primitive creation for both layouts, page cache, allocator.
         with torch.inference_mode():
             teacher(in_memory[:batch_size])
             teacher(in_memory_cl[:batch_size])
         passes = {"bare": bare_pass(in_memory), "bare_channels_last": bare_pass(in_memory_cl), "stage": stage_pass}
-        if prototype:
-            passes["prototype_stage"] = prototype_pass
         rates = best_rates(passes, rounds)
         kept = _rows_written(out_dir / "pseudolabels.h5")
     result = {f"{name}_images_per_s": rate for name, rate in rates.items()}
@@ -124,16 +117,11 @@ def _rows_written(path: Path) -> int:
 
 def comparisons(result: dict) -> list[Comparison]:
     note = f"{result['arch']}, {result['num_images']} images, block {result['batch_size']}"
-    rows = [Comparison("pseudolabel", "stage vs bare forward (NCHW input)", "stage", result["stage_images_per_s"],
+    return [Comparison("pseudolabel", "stage vs bare forward (NCHW input)", "stage", result["stage_images_per_s"],
                        "bare NCHW", result["bare_images_per_s"], "img/s", ">=", 0.9, note=note),
             Comparison("pseudolabel", "stage vs bare forward (channels_last input)", "stage",
                        result["stage_images_per_s"], "bare channels_last", result["bare_channels_last_images_per_s"],
                        "img/s", ">=", 0.9, note=note)]
-    if "prototype_stage_images_per_s" in result:
-        rows.append(Comparison("pseudolabel", "stage (prototype) vs bare forward (c_last)", "prototype",
-                               result["prototype_stage_images_per_s"], "bare channels_last",
-                               result["bare_channels_last_images_per_s"], "img/s", ">=", 0.9, note=note))
-    return rows
 
 
 def run(quick: bool = False, full: bool = False) -> list[Comparison]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -72,8 +71,6 @@ def main(argv=None) -> int:
         parser.error(f"unknown benchmark {', '.join(sorted(unknown))}; choose from {', '.join(BENCHMARKS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    # Pool reads hand torch a read-only memmap view (noted in README.md); once is enough to know.
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
     where = machine()
     print(f"machine: {where}")

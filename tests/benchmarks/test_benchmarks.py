@@ -4,13 +4,12 @@ No speed thresholds here: the targets live in the benchmarks' own output (python
 """
 import math
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from benchmarks import bench_gpu, bench_loader, bench_mart, bench_memory, bench_pseudolabel, prototypes, run_all
-from benchmarks.common import Comparison, write_npy_pool
+from benchmarks import bench_gpu, bench_loader, bench_mart, bench_memory, bench_pseudolabel, run_all
+from benchmarks.common import Comparison
 
 
 def positive(result: dict, keys) -> None:
@@ -24,9 +23,9 @@ def test_pseudolabel(tmp_path):
     result = bench_pseudolabel.bench_pseudolabel(num_images=300, arch="tiny-cnn", batch_size=128, rounds=1,
                                                  tmp_dir=str(tmp_path))
     positive(result, ["stage_images_per_s", "bare_images_per_s", "bare_channels_last_images_per_s",
-                      "prototype_stage_images_per_s", "ratio", "ratio_channels_last"])
+                      "ratio", "ratio_channels_last"])
     assert result["rows_written"] == 300
-    assert len(bench_pseudolabel.comparisons(result)) == 3
+    assert len(bench_pseudolabel.comparisons(result)) == 2
 
 
 def test_mart():
@@ -53,28 +52,17 @@ def test_mart_reference_loss_is_the_stage_loss():
 def test_loader(tmp_path):
     result = bench_loader.bench_loader(num_labeled=64, num_pool=256, batch_size=16, batches=3, rounds=1,
                                        consumer_images_per_s=100.0, tmp_dir=str(tmp_path))
-    positive(result, ["in_memory_images_per_s", "hdf5_images_per_s", "prototype_hdf5_images_per_s",
-                      "mart_images_per_s", "ratio_in_memory", "ratio_hdf5"])
-    assert len(bench_loader.comparisons(result)) == 3
+    positive(result, ["in_memory_images_per_s", "hdf5_images_per_s", "mart_images_per_s", "ratio_in_memory",
+                      "ratio_hdf5"])
+    assert len(bench_loader.comparisons(result)) == 2
 
 
 def test_memory(tmp_path):
-    result = bench_memory.bench_memory(small=200, large=2000, prototype=False, parallel=True, tmp_dir=str(tmp_path))
+    result = bench_memory.bench_memory(small=200, large=2000, parallel=True, tmp_dir=str(tmp_path))
     positive(result, ["small_peak_rss_mib", "large_peak_rss_mib", "ratio", "small_peak_rss_anon_mib",
                       "large_peak_rss_file_mib", "large_images_per_s"])
     assert len(bench_memory.comparisons(result)) == 2
     assert not list(tmp_path.rglob("*.npy"))  # the pools are deleted
-
-
-def test_npy_read_without_mmap_matches_the_pool(tmp_path):
-    from data.pools import NpyPool
-
-    pool = NpyPool(str(write_npy_pool(tmp_path / "pool.npy", 100, (4, 4, 3), block=32)))
-    for start, stop in [(0, 10), (30, 70), (95, 200), (100, 100)]:
-        expected = pool.read(start, stop)
-        got = prototypes.npy_read_without_mmap(pool, start, stop)
-        assert got.dtype == np.uint8 and got.flags.c_contiguous and got.flags.writeable
-        assert np.array_equal(got, expected)
 
 
 def test_gpu_skips_without_cuda_and_runs_its_loop_on_cpu():

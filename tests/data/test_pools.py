@@ -1,5 +1,6 @@
 """Pool providers round-trip their files; open_pool converts only when asked and explains every refusal."""
 import importlib.metadata
+import mmap
 import os
 import pickle
 
@@ -270,3 +271,21 @@ def test_labeled_remainder(labeled):
     assert other.fingerprint() != pool.fingerprint()
     with pytest.raises(UserError, match="data.num_labeled"):
         open_pool("labeled-remainder", {}, labeled=labeled, remainder_index=np.empty(0, np.int64))
+
+
+def test_npy_reads_are_fresh_arrays_not_views_of_the_memory_map(tmp_path):
+    """A view would keep the file's pages mapped into the process: resident memory growing with the pool."""
+    images = np.random.default_rng(1).integers(0, 256, size=(40, 32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "pool.npy", images)
+    labeled = LabeledSet("toy", images[:4], np.zeros(4, np.int64), images[:4], np.zeros(4, np.int64),
+                         tuple(str(k) for k in range(10)))
+    pool = open_pool("npy", {"path": str(tmp_path / "pool.npy")}, labeled=labeled,
+                     remainder_index=np.zeros(0, np.int64))
+    rows = pool.read(7, 19)
+    assert np.array_equal(rows, images[7:19])
+    assert rows.flags.writeable
+    base = rows
+    while base is not None:  # nothing in the chain of bases is the memory map
+        assert not isinstance(base, (np.memmap, mmap.mmap))
+        base = getattr(base, "base", None)
+    assert np.array_equal(pool.read(38, 45), images[38:40])  # clipped at the end

@@ -62,9 +62,9 @@ def _dispatch(args) -> int:
     if args.command == "status":
         for plan in runner.plan(names):
             state = "fresh" if plan.fresh else ("missing" if plan.reason == "missing" else plan.reason)
-            print(f"{plan.stage.name}: {state}  fingerprint {plan.fingerprint[:16]}")
+            log(f"{plan.stage.name}: {state}  fingerprint {plan.fingerprint[:16]}")
         return EXIT_OK
-    try:
+    try:  # under torchrun, runner.run joins the process group (device type from run.device)
         plans = runner.run(names, force=args.force)
     finally:
         distributed.destroy_process_group()
@@ -78,4 +78,5 @@ def _dispatch(args) -> int:
 
 
 def _paragraph(text: str) -> str:
-    return textwrap.fill(" ".join(text.split()), width=100)
+    # Paths stay whole: a line break inside one would make it impossible to copy.
+    return textwrap.fill(" ".join(text.split()), width=100, break_on_hyphens=False, break_long_words=False)

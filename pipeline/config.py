@@ -24,7 +24,7 @@ class RunConfig:
     seed: int = 0  # seeds every random stream: data split, init, sampling, augmentation, attack starts
     device: str = "auto"  # auto | cpu | cuda ("auto" takes CUDA when present)
     precision: str = "fp32"  # fp32 | bf16 | fp16: training autocast only; evaluation is always fp32
-    channels_last: bool = False  # NHWC memory format for convolutions (faster on GPUs with tensor cores)
+    channels_last: bool = False  # NHWC memory format for convolutions (faster on GPUs, and with oneDNN on CPUs)
     compile: bool = False  # torch.compile the model (not the attack loop)
     num_workers: int = 2  # batches prepared ahead by the loader's background thread (at least 1)
     checkpoint_every_s: float = 60.0  # seconds between mid-epoch checkpoints (plus one at every epoch end)

@@ -97,7 +97,14 @@ class Runner:
         if self._data is None:
             from data.sources import open_sources
 
+            # Under torchrun rank 0 opens first, so a download or a pool conversion happens once, not
+            # once per rank into the same files; the others then find them done.
+            main = distributed.dist_info().is_main
+            if not main:
+                distributed.barrier()
             self._data = open_sources(self.config, need_pool=need_pool)
+            if main:
+                distributed.barrier()
         elif need_pool:
             self._data.ensure_pool()
         return self._data
@@ -155,8 +162,10 @@ class Runner:
         return True, "fresh"
 
     def run(self, names: list[str], *, force: bool = False) -> list[StagePlan]:
-        plans = self.plan(names)
         dist = distributed.dist_info()
+        if dist.enabled:  # under torchrun: join the process group before the first barrier
+            distributed.init_process_group(distributed.device_type(self.config.run.device))
+        plans = self._agree(self.plan(names))
         for plan in plans:
             name = plan.stage.name
             if plan.fresh and not (force and name in names):
@@ -167,6 +176,20 @@ class Runner:
             self.log(f"{name}: {why}, running{needed_by}")
             seconds = self._run_stage(plan, force=force and name in names, dist=dist)
             self.log(f"{name}: ran in {seconds:.1f}s")
+        return plans
+
+    @staticmethod
+    def _agree(plans: list[StagePlan]) -> list[StagePlan]:
+        """Rank 0's staleness decisions on every rank. Each rank reads the work dir itself, and a rank
+        that looks while rank 0 is already removing or renaming a directory would decide otherwise and
+        skip a stage the others run: every collective after that would hang."""
+        decided = distributed.broadcast_object([(p.stage.name, p.fingerprint, p.fresh, p.reason) for p in plans])
+        for plan, (name, fp, fresh, reason) in zip(plans, decided):
+            if (name, fp) != (plan.stage.name, plan.fingerprint):
+                raise UserError(f"rank {distributed.dist_info().rank} computed fingerprint {plan.fingerprint[:16]} "
+                                f"for stage {plan.stage.name} but rank 0 computed {fp[:16]} for {name}: the "
+                                f"ranks see different configs, code or data; give every node the same ones.")
+            plan.fresh, plan.reason = fresh, reason
         return plans
 
     def _run_stage(self, plan: StagePlan, *, force: bool, dist) -> float:

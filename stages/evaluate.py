@@ -124,9 +124,11 @@ class Scorer:
     check that repeats a measurement gets the same number (same images, same seeded starts) for free."""
 
     def __init__(self, model, images: np.ndarray, labels: np.ndarray, *, device: torch.device,
-                 batch_size: int = 256, seed: int = 0, log: Callable[[str], None] = print, desc: str = ""):
+                 batch_size: int = 256, seed: int = 0, log: Callable[[str], None] = print, desc: str = "",
+                 rank: int = 0, world_size: int = 1):
         self.model, self.images, self.labels = model, images, labels
         self.device, self.batch_size, self.seed, self.log, self.desc = device, batch_size, seed, log, desc
+        self.rank, self.world_size = rank, world_size  # under torchrun each rank attacks a shard of batches
         self.scores: dict[tuple[str, float, int], float] = {}
 
     def __call__(self, attack: str, eps: float, count: int | None = None) -> float:
@@ -137,7 +139,8 @@ class Scorer:
             self.scores[key] = loops.evaluate(
                 self.model, self.images[:count], self.labels[:count], device=self.device,
                 batch_size=self.batch_size, attack=build_attack(attack, eps, seed=self.seed, log=self.log),
-                seed=self.seed, desc=f"{self.desc} {attack} eps={eps:.4g}".strip())
+                seed=self.seed, desc=f"{self.desc} {attack} eps={eps:.4g}".strip(), rank=self.rank,
+                world_size=self.world_size)
         return self.scores[key]
 
 
@@ -234,8 +237,9 @@ def plot_robustness(path: Path, rows: list[dict], *, eps: float) -> None:
 
 # -- the stage -----------------------------------------------------------------------------------------
 def run(ctx) -> None:
-    if not ctx.dist.is_main:
-        return
+    """Under torchrun every rank runs this: each attacks its shard of the test batches (the accuracies
+    are summed across ranks, so every rank sees the same numbers and takes the same path through the
+    checks), and rank 0 writes the files."""
     cfg, run_cfg = ctx.config.eval, ctx.config.run
     # Always fp32 and eval mode, whatever run.precision: low-precision gradients underflow to zero and
     # make the attacks look weaker, overstating robustness (load_model gives fp32 in eval mode; no autocast).
@@ -253,7 +257,7 @@ def run(ctx) -> None:
     for name, path in paths.items():
         model = load_model(path, device=device)
         score = Scorer(model, images, labels, device=device, batch_size=cfg.batch_size, seed=run_cfg.seed,
-                       log=ctx.log, desc=name)
+                       log=ctx.log, desc=name, rank=ctx.dist.rank, world_size=ctx.dist.world_size)
         rows = evaluate_model(score, name, attacks=cfg.attacks, eps=eps, sweep=cfg.sweep)
         results += rows
         for row in rows:
@@ -262,6 +266,8 @@ def run(ctx) -> None:
         if cfg.checks:
             checks += run_checks(score, name, rows, eps=eps)
 
+    if not ctx.dist.is_main:
+        return
     loops.write_results(ctx.out_dir / "results.csv", results)
     atomic_write_csv(ctx.out_dir / "checks.csv", pd.DataFrame(checks, columns=CHECK_COLUMNS))
     plot_robustness(ctx.out_dir / "robustness.png", results, eps=eps)

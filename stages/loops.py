@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline import distributed
 from pipeline.atomic import atomic_torch_save, atomic_write_csv
 
 _logger = logging.getLogger(__name__)
@@ -112,7 +113,9 @@ def _rng_state() -> dict:
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # This process's GPU only: the _all variants switch to every visible GPU, and under torchrun
+        # each rank would open a context (hundreds of MB) on every GPU of its node.
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
         # numpy's state as tensors and ints so the checkpoint loads with weights_only=True
         "numpy": {"kind": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
                   "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
@@ -123,7 +126,7 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"][0])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     version, internal, gauss = state["python"]
@@ -150,7 +153,11 @@ def save_training_state(path: Path, *, model, optimizer, scheduler, loader, ema,
 
 
 def load_training_state(path: Path, *, model, optimizer, scheduler, loader, ema, map_location) -> dict | None:
-    """Restore everything saved by save_training_state; None when there is nothing to resume."""
+    """Restore everything saved by save_training_state; None when there is nothing to resume.
+
+    Under torchrun rank 0 saves and every rank loads the same file (the work dir is on a filesystem all
+    ranks share), so every rank resumes with the same weights, optimizer state and loader position.
+    """
     if not Path(path).exists():
         return None
     state = torch.load(path, map_location=map_location, weights_only=True)
@@ -168,13 +175,15 @@ def load_training_state(path: Path, *, model, optimizer, scheduler, loader, ema,
 def train_one_epoch(model: nn.Module, batches, optimizer, scheduler, *, loss_fn: Callable, attack: Callable | None,
                     device: torch.device, precision: str, epoch: int, start_batch: int, seed: int,
                     ema: WeightEMA | None = None, scaler=None, checkpoint: Callable[[int, dict], None] | None = None,
-                    checkpoint_every_s: float = 60.0, totals: dict | None = None, progress_bar: bool = True) -> dict:
+                    checkpoint_every_s: float = 60.0, totals: dict | None = None, progress_bar: bool = True,
+                    rank: int = 0, world_size: int = 1) -> dict:
     """Train on `batches` (an iterable of (x, y, is_pool) from batch index `start_batch` on).
 
     `attack(model, x, y, generator) -> x_adv` runs with the model in eval mode (BatchNorm uses running
     statistics and the attack does not update them, as in the official MART code); `loss_fn(logits_natural,
     logits_adv, y)` runs in train mode with separate natural and adversarial forwards. With attack=None
-    the loss gets logits_adv=None (natural training).
+    the loss gets logits_adv=None (natural training). Under torchrun (`world_size` > 1) `model` is the
+    DDP wrapper, `batches` this rank's slice of each global batch, and the returned metrics are global.
     """
     # Running sums stay on the device: a .item() per step would sync the GPU every batch.
     totals = totals or {"loss": 0.0, "correct": 0.0, "adv_correct": 0.0, "seen": 0, "seconds": 0.0}
@@ -193,15 +202,26 @@ def train_one_epoch(model: nn.Module, batches, optimizer, scheduler, *, loss_fn:
                total=len(batches) if hasattr(batches, "__len__") else None)
     batch_index = start_batch
     for batch_index, (x, y, _is_pool) in enumerate(bar, start=start_batch):
+        # DDP keeps the weights equal; the BatchNorm statistics each rank updated on its own slice are
+        # replaced by rank 0's (the ones checkpointed), as DDP's broadcast_buffers would at the forward.
+        if world_size > 1:
+            distributed.broadcast_buffers(raw_model)
+
         # The attack: eval mode, on the unwrapped module so DDP hooks fire once per optimizer step.
         x_adv = None
         if attack is not None:
             raw_model.eval()
+            # The rank is part of the seed (as in data.mixed's augmentation): ranks hold different images
+            # and must not draw the same start noise. Rank 0's stream is the single-process one
+            # (SeedSequence pads its 4-word pool with zeros, so (s, e, b, 0) seeds as (s, e, b)).
             with autocast(device, precision):
-                x_adv = attack(raw_model, x, y, seeded_generator(device, seed, epoch, batch_index))
+                x_adv = attack(raw_model, x, y, seeded_generator(device, seed, epoch, batch_index, rank))
             model.train()
 
         # The loss: train mode, natural and adversarial forwards kept separate (BatchNorm sees each).
+        # Under DDP two forwards before one backward are correct: each parameter's gradient accumulator
+        # runs once per backward (summing both uses), so DDP's hook all-reduces it once; see
+        # prepare_for_training for why no no_sync/static_graph/concatenation/buffer broadcast.
         model.train()
         with autocast(device, precision):
             logits_natural = model(x)
@@ -233,6 +253,15 @@ def train_one_epoch(model: nn.Module, batches, optimizer, scheduler, *, loss_fn:
             last_checkpoint = time.perf_counter()
     bar.close()
     final = snapshot(batch_index + 1)
+    if world_size > 1:
+        # Metrics over the global batch, one all-reduce per epoch; seconds stay rank 0's (ranks run in
+        # lockstep), so images_per_s is the whole job's throughput. After a mid-epoch resume every rank
+        # starts from rank 0's saved partial sums (the only ones saved): that epoch's figures estimate
+        # the other ranks' share by rank 0's.
+        sums = torch.tensor([final["loss"], final["correct"], final["adv_correct"], final["seen"]],
+                            dtype=torch.float64, device=device)
+        distributed.all_reduce_sum(sums)
+        final.update(loss=float(sums[0]), correct=float(sums[1]), adv_correct=float(sums[2]), seen=int(sums[3]))
     seen_total = max(1, final["seen"])
     return {
         "loss": final["loss"] / seen_total,
@@ -250,22 +279,29 @@ def to_tensor_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, device: torch.device,
-             batch_size: int = 256, attack: Callable | None = None, seed: int = 0, desc: str = "eval") -> float:
+             batch_size: int = 256, attack: Callable | None = None, seed: int = 0, desc: str = "eval",
+             rank: int = 0, world_size: int = 1) -> float:
     """Accuracy on (images, labels), optionally under `attack(model, x, y, generator)`.
 
     Always fp32 and eval mode, whatever the training precision: low-precision gradients can vanish and
-    overstate robustness.
+    overstate robustness. With `world_size` > 1 every rank calls this with the same arguments: each
+    scores a contiguous run of whole batches and the correct counts are summed, so every image counts
+    exactly once (no DistributedSampler padding) and each batch keeps its single-process seed
+    (seed, batch index): the accuracy is the single-process one, on every rank.
     """
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    starts = range(0, len(images), batch_size)
-    for i, start in enumerate(tqdm(starts, desc=desc, leave=False)):
+    first, stop = distributed.shard_range(len(images), rank, world_size, block=batch_size)
+    starts = range(first, stop, batch_size)
+    for i, start in enumerate(tqdm(starts, desc=desc, leave=False, disable=rank != 0), start=first // batch_size):
         x = to_tensor_images(images[start:start + batch_size], device)
         y = torch.from_numpy(np.asarray(labels[start:start + batch_size], dtype=np.int64)).to(device)
         if attack is not None:
             x = attack(model, x, y, seeded_generator(device, seed, i))
         with torch.no_grad():
             correct += (model(x).argmax(1) == y).sum()
+    if world_size > 1:
+        distributed.all_reduce_sum(correct)
     return correct.item() / max(1, len(images))
 
 
@@ -287,7 +323,8 @@ def write_results(path: Path, rows: list[dict]) -> None:
 def fit(*, model, sampler, loader, optimizer, scheduler, epochs: int, loss_fn: Callable, attack: Callable | None,
         device: torch.device, precision: str, seed: int, state_path: Path, metrics_path: Path,
         checkpoint_every_s: float, is_main: bool = True, ema: WeightEMA | None = None, scaler=None,
-        on_epoch_end: Callable[[int], dict] | None = None, log: Callable[[str], None] = print) -> list[dict]:
+        on_epoch_end: Callable[[int], dict] | None = None, log: Callable[[str], None] = print,
+        rank: int = 0, world_size: int = 1) -> list[dict]:
     """Train for `epochs`, resuming from `state_path` when it exists; returns the metrics rows.
 
     `loader` iterates the batches of `sampler`'s current position; `on_epoch_end(epoch)` may add columns
@@ -315,7 +352,7 @@ def fit(*, model, sampler, loader, optimizer, scheduler, epochs: int, loss_fn: C
         stats = train_one_epoch(model, loader, optimizer, scheduler, loss_fn=loss_fn, attack=attack, device=device,
                                 precision=precision, epoch=epoch, start_batch=start_batch, seed=seed, ema=ema,
                                 scaler=scaler, checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s,
-                                totals=totals, progress_bar=is_main)
+                                totals=totals, progress_bar=is_main, rank=rank, world_size=world_size)
         row = {"epoch": epoch + 1, "step": scheduler.last_epoch, "lr": optimizer.param_groups[0]["lr"], **stats}
         if on_epoch_end is not None:
             row.update(on_epoch_end(epoch))
@@ -348,8 +385,22 @@ def prepare_for_training(model: nn.Module, *, run_cfg, device: torch.device, dis
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     train_model = model
     if distributed:
+        # MART/TRADES run this wrapper twice (natural, adversarial) before one backward. That is correct
+        # with plain DDP: both outputs feed the loss, so every parameter's gradient accumulator runs once
+        # per backward (summing both uses) and DDP all-reduces each bucket once; no
+        # find_unused_parameters or static_graph needed (tests/distributed checks gradients and weights
+        # agree across ranks). Not no_sync() around the natural forward (whether backward syncs follows
+        # the last forward, so it changes nothing; it is for gradient accumulation), not one forward of
+        # cat([x, x_adv]) (BatchNorm would pool natural and adversarial statistics, unlike the official
+        # MART code). forward_sync_buffers=False (torch 2.14's broadcast_buffers=False; buffers still
+        # start from rank 0's): train_one_epoch gives every rank rank 0's BatchNorm statistics once per
+        # step, before the attack (which runs on the unwrapped module, before any DDP forward could sync
+        # them), so all ranks attack the model rank 0 checkpoints and a resumed run repeats an
+        # uninterrupted one. DDP's per-forward sync would also rewrite the buffers in place between the
+        # two forwards, which breaks backward on cuDNN in torch releases without the fix for
+        # pytorch#175024.
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
     if run_cfg.compile:
         train_model = torch.compile(train_model)
     scaler = torch.amp.GradScaler("cuda") if run_cfg.precision == "fp16" else None

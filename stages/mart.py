@@ -14,6 +14,7 @@ import torch
 
 from data.h5store import PseudoLabelReader, validate_pseudolabels
 from data.mixed import MixedBatchLoader, MixedBatchSampler
+from pipeline import distributed
 from stages import loops
 from stages.attacks import pgd_linf
 from stages.losses import ATTACK_LOSS, LOSSES, mart_loss  # noqa: F401  (mart_loss: public, stages.mart.mart_loss)
@@ -95,15 +96,20 @@ def run(ctx) -> None:
                            epsilon=cfg.epsilon, loss=cfg.loss)
     val_x, val_y = labeled.train_images[val_index], labeled.train_labels[val_index]
     best = {"acc": _best_so_far(ctx.out_dir / "metrics.csv")}
+    shard = dict(rank=ctx.dist.rank, world_size=ctx.dist.world_size)  # evaluations split across ranks
 
     def select_best(epoch: int) -> dict:
         """PGD accuracy on the held-out split; the best epoch's weights become model.pt."""
         if cfg.val_size == 0:
             return {}
         scored = ema.model if ema is not None else loops.unwrap(train_model)
-        clean = loops.evaluate(scored, val_x, val_y, device=device, batch_size=cfg.eval_batch_size, desc="val")
+        # Each rank ends the epoch with its own last batch's BatchNorm statistics; score rank 0's, the
+        # ones it saves, so the summed accuracy (and `best`) is the same on every rank.
+        distributed.broadcast_buffers(scored)
+        clean = loops.evaluate(scored, val_x, val_y, device=device, batch_size=cfg.eval_batch_size, desc="val",
+                               **shard)
         robust = loops.evaluate(scored, val_x, val_y, device=device, batch_size=cfg.eval_batch_size,
-                                attack=eval_attack(cfg.epsilon), seed=run_cfg.seed, desc="val pgd")
+                                attack=eval_attack(cfg.epsilon), seed=run_cfg.seed, desc="val pgd", **shard)
         if robust > best["acc"] and ctx.dist.is_main:
             save_model(ctx.out_dir / "model.pt", scored, best_epoch=epoch + 1, **checkpoint_args)
             best["acc"] = robust
@@ -113,16 +119,17 @@ def run(ctx) -> None:
                      epochs=cfg.epochs, loss_fn=loss_fn, attack=train_attack, device=device,
                      precision=run_cfg.precision, seed=run_cfg.seed, state_path=ctx.out_dir / "train_state.pt",
                      metrics_path=ctx.out_dir / "metrics.csv", checkpoint_every_s=run_cfg.checkpoint_every_s,
-                     is_main=ctx.dist.is_main, ema=ema, scaler=scaler, on_epoch_end=select_best, log=ctx.log)
-    if not ctx.dist.is_main:
-        return
-    final = ema.model if ema is not None else model
-    save_model(ctx.out_dir / "last.pt", final, best_epoch=cfg.epochs, **checkpoint_args)
-    if cfg.val_size == 0:
-        shutil.copyfile(ctx.out_dir / "last.pt", ctx.out_dir / "model.pt")
-    else:
-        ctx.log(f"  model.pt is epoch {int(np.nanargmax([r['val_pgd_acc'] for r in rows])) + 1} "
-                f"(best validation PGD accuracy)")
+                     is_main=ctx.dist.is_main, ema=ema, scaler=scaler, on_epoch_end=select_best, log=ctx.log,
+                     **shard)
+    if ctx.dist.is_main:
+        final = ema.model if ema is not None else model
+        save_model(ctx.out_dir / "last.pt", final, best_epoch=cfg.epochs, **checkpoint_args)
+        if cfg.val_size == 0:
+            shutil.copyfile(ctx.out_dir / "last.pt", ctx.out_dir / "model.pt")
+        else:
+            ctx.log(f"  model.pt is epoch {int(np.nanargmax([r['val_pgd_acc'] for r in rows])) + 1} "
+                    f"(best validation PGD accuracy)")
+    distributed.barrier()  # every rank scores its shard of the test set with the files rank 0 wrote
     n = cfg.eval_n or len(labeled.test_labels)
     test_x, test_y = labeled.test_images[:n], labeled.test_labels[:n]
     results = []
@@ -132,12 +139,13 @@ def run(ctx) -> None:
         saved = load_model(ctx.out_dir / path, device=device)
         for attack_name, attack in (("clean", None), (f"pgd{EVAL_STEPS}", eval_attack(cfg.epsilon))):
             accuracy = loops.evaluate(saved, test_x, test_y, device=device, batch_size=cfg.eval_batch_size,
-                                      attack=attack, seed=run_cfg.seed, desc=f"{name} {attack_name}")
+                                      attack=attack, seed=run_cfg.seed, desc=f"{name} {attack_name}", **shard)
             results.append({"model": name, "split": "test", "attack": attack_name,
                             "eps": 0.0 if attack is None else cfg.epsilon, "accuracy": accuracy, "n": n})
             ctx.log(f"  {name} {attack_name}: {accuracy:.4f}")
-    loops.write_results(ctx.out_dir / "results.csv", results)
-    (ctx.out_dir / "train_state.pt").unlink(missing_ok=True)
+    if ctx.dist.is_main:
+        loops.write_results(ctx.out_dir / "results.csv", results)
+        (ctx.out_dir / "train_state.pt").unlink(missing_ok=True)
 
 
 def _best_so_far(metrics_path) -> float:

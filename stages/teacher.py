@@ -9,6 +9,7 @@ import torch
 
 from data.augment import random_crop_flip
 from data.mixed import MixedBatchLoader, MixedBatchSampler
+from pipeline import distributed
 from stages import loops
 from stages.models import build_model, load_model, save_model
 
@@ -49,16 +50,19 @@ def run(ctx) -> None:
               epochs=cfg.epochs, loss_fn=loops.natural_loss, attack=None, device=device,
               precision=run_cfg.precision, seed=run_cfg.seed, state_path=ctx.out_dir / "train_state.pt",
               metrics_path=ctx.out_dir / "metrics.csv", checkpoint_every_s=run_cfg.checkpoint_every_s,
-              is_main=ctx.dist.is_main, scaler=scaler, log=ctx.log)
+              is_main=ctx.dist.is_main, scaler=scaler, log=ctx.log, rank=ctx.dist.rank,
+              world_size=ctx.dist.world_size)
 
     if ctx.dist.is_main:
         save_model(ctx.out_dir / "model.pt", model, arch=cfg.arch, num_classes=labeled.num_classes,
                    in_channels=channels, mean=mean, std=std, class_names=list(labeled.class_names),
                    dataset=labeled.name)
-        # Evaluate the saved checkpoint, not the live module: what users load is what gets measured.
-        saved = load_model(ctx.out_dir / "model.pt", device=device)
-        accuracy = loops.evaluate(saved, labeled.test_images, labeled.test_labels, device=device,
-                                  desc="teacher test")
+    distributed.barrier()  # under torchrun every rank scores a shard of the test set with rank 0's file
+    # Evaluate the saved checkpoint, not the live module: what users load is what gets measured.
+    saved = load_model(ctx.out_dir / "model.pt", device=device)
+    accuracy = loops.evaluate(saved, labeled.test_images, labeled.test_labels, device=device,
+                              desc="teacher test", rank=ctx.dist.rank, world_size=ctx.dist.world_size)
+    if ctx.dist.is_main:
         loops.write_results(ctx.out_dir / "results.csv", [
             {"model": "teacher", "split": "test", "attack": "clean", "eps": 0.0, "accuracy": accuracy,
              "n": len(labeled.test_labels)}])

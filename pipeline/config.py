@@ -74,7 +74,7 @@ class MartConfig:
     loss: str = "mart"  # mart | trades | pgd-at
     arch: str = "small-cnn"  # see stages.models.ARCHS
     epochs: int = 10  # training epochs of epoch_size examples each
-    epoch_size: int = 0  # examples per epoch; 0 = one pass over the labeled images (labeled / (1 - unsup_fraction))
+    epoch_size: int = 0  # examples per epoch (labeled and pool together); 0 = the number of labeled images, as RST
     batch_size: int = 128  # images per optimizer step (labeled and pool together)
     lr: float = 0.01  # SGD learning rate at the start of the schedule
     momentum: float = 0.9  # SGD momentum

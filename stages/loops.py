@@ -353,6 +353,12 @@ def fit(*, model, sampler, loader, optimizer, scheduler, epochs: int, loss_fn: C
                                 precision=precision, epoch=epoch, start_batch=start_batch, seed=seed, ema=ema,
                                 scaler=scaler, checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s,
                                 totals=totals, progress_bar=is_main, rank=rank, world_size=world_size)
+        if not math.isfinite(stats["loss"]):
+            from pipeline.errors import UserError
+
+            raise UserError(f"training diverged: the loss became {stats['loss']} in epoch {epoch + 1}. Lower the "
+                            f"learning rate (or use run.precision = \"fp32\") and run again; the diverged state "
+                            f"is not kept as a result.")
         row = {"epoch": epoch + 1, "step": scheduler.last_epoch, "lr": optimizer.param_groups[0]["lr"], **stats}
         if on_epoch_end is not None:
             row.update(on_epoch_end(epoch))

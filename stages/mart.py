@@ -66,12 +66,8 @@ def run(ctx) -> None:
         pool_images, pool_targets = _pool_images(reader), reader.labels
     else:
         pool_images, pool_targets = images[:0], labels[:0]
-    if cfg.epoch_size:
-        epoch_size = cfg.epoch_size
-    elif cfg.unsup_fraction < 1:  # RST's default: one pass over the labeled images per epoch
-        epoch_size = int(round(len(images) / (1.0 - cfg.unsup_fraction)))
-    else:
-        epoch_size = len(pool_targets)
+    # RST's epoch: as many examples as there are labeled images (CIFAR-10: 50K, half of them from the pool).
+    epoch_size = cfg.epoch_size or len(images)
     mean, std = loops.channel_stats(images)
 
     torch.manual_seed(run_cfg.seed)

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from benchmarks.common import Comparison, best_rates, print_header
+from benchmarks.common import Comparison, print_comparisons, best_rates, print_header
 
 FORWARD_GFLOP = {"wrn-28-10": 10.5, "wrn-34-10": 12.9, "resnet18": 1.11}  # one 32x32 forward, 2 x MACs
 FORWARD_EQUIVALENTS = 26  # per MART step with PGD-10, see the docstring
@@ -149,10 +149,7 @@ def run(quick: bool = False) -> list[Comparison]:
     for name in result["settings"]:
         if "error" in result[name]:
             print(f"gpu         {name}: failed: {result[name]['error']}", flush=True)
-    rows = comparisons(result)
-    for c in rows:
-        print(c.line(), flush=True)
-    return rows
+    return print_comparisons(comparisons(result))
 
 
 if __name__ == "__main__":

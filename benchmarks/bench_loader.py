@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import Comparison, best_rates, print_header, synthetic_images
+from benchmarks.common import Comparison, print_comparisons, best_rates, print_header, synthetic_images
 
 SHAPE = (32, 32, 3)
 
@@ -114,10 +114,7 @@ def run(quick: bool = False, consumer_images_per_s: float | None = None) -> list
         result = bench_loader(num_pool=10_000, batches=20, consumer_images_per_s=consumer_images_per_s)
     else:
         result = bench_loader(num_pool=50_000, batches=50, consumer_images_per_s=consumer_images_per_s)
-    rows = comparisons(result)
-    for c in rows:
-        print(c.line(), flush=True)
-    return rows
+    return print_comparisons(comparisons(result))
 
 
 if __name__ == "__main__":

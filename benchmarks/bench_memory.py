@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import Comparison, print_header, write_npy_pool
+from benchmarks.common import Comparison, print_comparisons, print_header, write_npy_pool
 
 SHAPE = (32, 32, 3)
 PROBE_ARCH = "bench-probe"
@@ -176,10 +176,7 @@ def comparisons(result: dict) -> list[Comparison]:
 def run(quick: bool = False) -> list[Comparison]:
     print_header("memory: peak RSS of pseudo-labeling, small pool vs 10x larger pool (subprocesses)")
     result = bench_memory(5_000, 50_000) if quick else bench_memory(50_000, 500_000)
-    rows = comparisons(result)
-    for c in rows:
-        print(c.line(), flush=True)
-    return rows
+    return print_comparisons(comparisons(result))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import (Comparison, best_rates, print_header, quiet_stderr, save_teacher,
+from benchmarks.common import (Comparison, print_comparisons, best_rates, print_header, quiet_stderr, save_teacher,
                                synthetic_labeled_set, write_npy_pool)
 
 SHAPE = (32, 32, 3)
@@ -130,10 +130,7 @@ def run(quick: bool = False, full: bool = False) -> list[Comparison]:
         result = bench_pseudolabel(num_images=2_000, arch="small-cnn", rounds=3)
     else:
         result = bench_pseudolabel(num_images=10_000, arch="resnet18" if full else "small-cnn", rounds=2)
-    rows = comparisons(result)
-    for c in rows:
-        print(c.line(), flush=True)
-    return rows
+    return print_comparisons(comparisons(result))
 
 
 if __name__ == "__main__":

@@ -74,6 +74,13 @@ def quiet_stderr():
         sys.stderr = saved
 
 
+def print_comparisons(rows: list) -> list:
+    """Print each comparison's line as it is measured; return the rows for the summary."""
+    for c in rows:
+        print(c.line(), flush=True)
+    return rows
+
+
 def print_header(title: str) -> None:
     print(f"\n== {title}", flush=True)
 

@@ -90,10 +90,10 @@ def bench_loader(num_labeled: int = 4096, num_pool: int = 50_000, batch_size: in
     result = {f"{name}_images_per_s": rate for name, rate in rates.items()}
     result.update(batch_size=batch_size, batches=batches, num_pool=num_pool)
     if consumer_images_per_s is None:
-        from benchmarks.bench_mart import bench_mart, fastest_stage_images_per_s
+        from benchmarks.bench_mart import bench_mart, fastest_setting, fastest_stage_images_per_s
 
         consumer_images_per_s = fastest_stage_images_per_s(
-            bench_mart(batch_size=32, train_steps=2, rounds=1, stage_settings=("bf16+channels_last",)))
+            bench_mart(batch_size=32, train_steps=2, rounds=1, stage_settings=(fastest_setting(),)))
     result["mart_images_per_s"] = consumer_images_per_s
     for name, rate in rates.items():
         result[f"ratio_{name}"] = rate / consumer_images_per_s

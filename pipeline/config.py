@@ -23,7 +23,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "demo.toml"
 class RunConfig:
     seed: int = 0  # seeds every random stream: data split, init, sampling, augmentation, attack starts
     device: str = "auto"  # auto | cpu | cuda ("auto" takes CUDA when present)
-    precision: str = "fp32"  # fp32 | bf16 | fp16: training autocast only; evaluation is always fp32
+    precision: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 where native, else fp32): training autocast only; evaluation is always fp32
     channels_last: bool = False  # NHWC memory format for convolutions (faster on GPUs, and with oneDNN on CPUs)
     compile: bool = False  # torch.compile the model (not the attack loop)
     num_workers: int = 2  # batches prepared ahead by the loader's background thread (at least 1)
@@ -204,7 +204,7 @@ def _coerce(value: Any, kind: Any, name: str, where: str) -> Any:
 
 _CHOICES = {
     ("run", "device"): ("auto", "cpu", "cuda"),
-    ("run", "precision"): ("fp32", "bf16", "fp16"),
+    ("run", "precision"): ("fp32", "bf16", "fp16", "auto"),
     ("teacher", "schedule"): ("cosine", "piecewise", "constant"),
     ("mart", "schedule"): ("cosine", "piecewise", "constant"),
     ("mart", "loss"): ("mart", "trades", "pgd-at"),

@@ -255,7 +255,7 @@ def run(ctx) -> None:
 
     results, checks = [], []
     for name, path in paths.items():
-        model = load_model(path, device=device)
+        model = load_model(path, device=device, channels_last=run_cfg.channels_last)
         score = Scorer(model, images, labels, device=device, batch_size=cfg.batch_size, seed=run_cfg.seed,
                        log=ctx.log, desc=name, rank=ctx.dist.rank, world_size=ctx.dist.world_size)
         rows = evaluate_model(score, name, attacks=cfg.attacks, eps=eps, sweep=cfg.sweep)

@@ -132,7 +132,7 @@ def run(ctx) -> None:
     for name, path in (("mart", "model.pt"), ("mart-last", "last.pt")):
         if name == "mart-last" and cfg.val_size == 0:
             continue  # identical to model.pt
-        saved = load_model(ctx.out_dir / path, device=device)
+        saved = load_model(ctx.out_dir / path, device=device, channels_last=run_cfg.channels_last)
         for attack_name, attack in (("clean", None), (f"pgd{EVAL_STEPS}", eval_attack(cfg.epsilon))):
             accuracy = loops.evaluate(saved, test_x, test_y, device=device, batch_size=cfg.eval_batch_size,
                                       attack=attack, seed=run_cfg.seed, desc=f"{name} {attack_name}", **shard)

@@ -97,7 +97,7 @@ def label_rows(ctx, pool, path: Path, start: int, stop: int, *, total: int, devi
     """Pool rows [start, stop) through the teacher into `path`, resuming at the last block written."""
     cfg, run_cfg = ctx.config.pseudolabel, ctx.config.run
     labeled = ctx.data.labeled
-    teacher = load_model(ctx.inputs["teacher"] / "model.pt", device=device)
+    teacher = load_model(ctx.inputs["teacher"] / "model.pt", device=device, channels_last=run_cfg.channels_last)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The writer's row counts are relative to the shard; pool_index holds the pool's own rows.
     writer = PseudoLabelWriter(path, capacity=stop - start, image_shape=image_shape, num_classes=num_classes,

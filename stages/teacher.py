@@ -59,7 +59,7 @@ def run(ctx) -> None:
                    dataset=labeled.name)
     distributed.barrier()  # under torchrun every rank scores a shard of the test set with rank 0's file
     # Evaluate the saved checkpoint, not the live module: what users load is what gets measured.
-    saved = load_model(ctx.out_dir / "model.pt", device=device)
+    saved = load_model(ctx.out_dir / "model.pt", device=device, channels_last=run_cfg.channels_last)
     accuracy = loops.evaluate(saved, labeled.test_images, labeled.test_labels, device=device,
                               desc="teacher test", rank=ctx.dist.rank, world_size=ctx.dist.world_size)
     if ctx.dist.is_main:

@@ -46,3 +46,16 @@ def test_piecewise_schedule_decays_after_the_milestone_epochs():
         optimizer.step()
         scheduler.step()
     assert lrs[19] == 1.0 and lrs[20] == pytest.approx(0.1) and lrs[30] == pytest.approx(0.01)
+
+
+def test_auto_precision_is_bf16_only_where_native(monkeypatch):
+    cpu = torch.device("cpu")
+    assert loops.resolve_precision("fp32", cpu) == "fp32" and loops.resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert loops.resolve_precision("auto", cpu) == "fp32"
+    assert isinstance(loops.autocast(cpu, "auto"), type(loops.autocast(cpu, "fp32")))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert loops.resolve_precision("auto", cpu) == "bf16"
+    with loops.autocast(cpu, "auto"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")

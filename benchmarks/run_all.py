@@ -3,7 +3,7 @@
     python -m benchmarks.run_all [--quick] [--full] [--threads N] [--only mart,loader] [--out benchmarks/results.csv]
 
 1. pseudolabel  the stage's streaming vs a bare teacher forward          target >= 0.9
-2. mart         the stage's MART loop vs a bare reference loop           fp32 >= 1.0, bf16 >= 1.5
+2. mart         the stage's MART loop vs a bare reference loop           fp32 >= 1.0, bf16 >= 1.5 (native bf16 only)
 3. loader       MixedBatchLoader delivery vs MART consumption            >= 5
 4. memory       peak RSS pseudo-labeling a 10x larger pool               <= 1.2x, growth <= 0.25x the pool's
 5. gpu          WRN-28-10 MART images/s and MFU (CUDA only)              informational

@@ -43,7 +43,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bf16 in hardware: CUDA (Ampere and later), or a CPU with AVX-512 BF16 or
     AMX. Elsewhere oneDNN emulates bf16 and a training step runs several times slower than in fp32
-    (measured 7x on a 2-core AVX2 EPYC)."""
+    (measured 7-9x on a 2-core AVX2 EPYC)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())

@@ -86,6 +86,7 @@ class MartConfig:
     step_size: float = 0.007  # PGD step of the training attack
     steps: int = 10  # PGD steps of the training attack
     unsup_fraction: float = 0.5  # share of each batch drawn (with replacement) from the pseudo-labeled pool
+    pool_in_memory: str = "auto"  # load the pool's images into RAM up to this many GiB (0 = read pseudolabels.h5 in chunks); auto = a quarter of the available RAM
     augment: bool = True  # random crop and horizontal flip on labeled and pool images alike
     ema_decay: float = 0.0  # weight EMA decay per step (e.g. 0.995); 0 = no EMA
     val_size: int = 0  # labeled images held out to pick the best epoch by PGD accuracy; 0 = keep the last
@@ -216,6 +217,14 @@ def _check_choices(config: Config) -> None:
         value = getattr(getattr(config, section), key)
         if value not in choices and not (key == "device" and str(value).startswith("cuda:")):
             raise UserError(f"`{section}.{key}` is {value!r}; it must be one of {', '.join(choices)}.")
+    if config.mart.pool_in_memory != "auto":
+        try:
+            ok = float(config.mart.pool_in_memory) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UserError(f"`mart.pool_in_memory` is {config.mart.pool_in_memory!r}; it must be \"auto\" or a "
+                            "number of GiB >= 0 (0 reads the pool from pseudolabels.h5 in chunks).")
     if not 0.0 <= config.mart.unsup_fraction <= 1.0:
         raise UserError(f"`mart.unsup_fraction` is {config.mart.unsup_fraction}; it must lie in [0, 1].")
     for section in ("teacher", "mart"):

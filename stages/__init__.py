@@ -14,7 +14,7 @@ STAGES = {
         extra_params=("run.precision",), uses_pool=True),
     "mart": Stage(
         name="mart", version=2, section="mart", outputs=mart.OUTPUTS, run=mart.run, requires=mart.requires,
-        insignificant=("eval_batch_size",), extra_params=_TRAINING_RESULTS),
+        insignificant=("eval_batch_size", "pool_in_memory"), extra_params=_TRAINING_RESULTS),
     "eval": Stage(
         name="eval", version=1, section="eval", outputs=evaluate.OUTPUTS, run=evaluate.run,
         requires=evaluate.requires, insignificant=("batch_size",), extra_params=("mart.epsilon",)),

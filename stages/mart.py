@@ -37,13 +37,17 @@ def eval_attack(eps: float, steps: int = EVAL_STEPS):
         generator=generator)
 
 
-def _pool_images(reader: PseudoLabelReader, budget_fraction: float = 0.25):
-    """The pool in RAM when it fits in a quarter of the available memory, else the lazy reader."""
+def _pool_images(reader: PseudoLabelReader, pool_in_memory: str):
+    """The pool's images in RAM when they fit under `pool_in_memory` GiB ("auto": a quarter of the
+    available memory), else the reader, which gathers whole chunks per batch."""
     import os
 
     need = len(reader) * int(np.prod(reader.image_shape))
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return reader.load_images() if need <= budget_fraction * available else reader
+    if pool_in_memory == "auto":
+        limit = 0.25 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    else:
+        limit = float(pool_in_memory) * 2**30
+    return reader.load_images() if need <= limit else reader
 
 
 def run(ctx) -> None:
@@ -63,7 +67,7 @@ def run(ctx) -> None:
         h5_path = ctx.inputs["pseudolabel"] / "pseudolabels.h5"
         validate_pseudolabels(h5_path)
         reader = PseudoLabelReader(h5_path)
-        pool_images, pool_targets = _pool_images(reader), reader.labels
+        pool_images, pool_targets = _pool_images(reader, cfg.pool_in_memory), reader.labels
     else:
         pool_images, pool_targets = images[:0], labels[:0]
     # RST's epoch: as many examples as there are labeled images (CIFAR-10: 50K, half of them from the pool).

@@ -32,15 +32,13 @@ eval.sweep and eval.checks off (they would add a 6-point PGD-20 sweep and PGD-10
 `--quick`: 500 labels, a 2,000-image pool, tiny-cnn, one epoch of 256 examples with PGD-3, clean and
 PGD-20 on 64 images, one seed: a smoke test of this script (~15 s), numbers meaningless.
 
-Runtime (default, extrapolated; the full run was not made on the shared development machine): about
-50 minutes on 2 idle cores. Measured there with short runs of this script's settings when the cores
-were idle (AMD EPYC, 2 cores, torch 2.14.1, 2 threads): MART training 230 images/s, TRADES 191,
-PGD-AT 195 (bf16 + channels_last, PGD-10); eval clean + PGD-20 + CW-30 on 500 images 24 s; AutoAttack
-on 32 images 97 s (on the demo's model, 62.5% robust); teacher + pseudolabel ~50 s per seed. So per
-run ~120 s training + ~125 s evaluation, x 12, plus ~2 minutes of teachers and start-up. With other
-jobs on the cores everything is 2-5x slower (AutoAttack's many small batches suffer most).
+Runtime (default): 39 min 46 s on 2026-11-25 on an idle 2-core AMD EPYC (AVX2, so fp32; torch 2.14.1,
+2 threads): per run ~80 s of MART training (8 x 3,072 examples), ~15 s of clean + PGD-20 + CW-30 on 500
+images and ~75 s of AutoAttack on 32, x 12, plus ~1 minute of teacher and pseudo-labels per seed.
+With other jobs on the cores everything is 2-5x slower (AutoAttack's many small batches suffer most).
 
-Results last seen: not yet run in full (see the runtime note); `--quick` gives 6 rows in ~15 s.
+Results last seen: the README's table ("Reproducing the papers' claims"), rows in
+benchmarks/reproduce_fashion.csv; `--quick` gives 6 rows in ~15 s.
 """
 from __future__ import annotations
 

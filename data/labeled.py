@@ -90,6 +90,22 @@ def load_labeled(dataset: str, root: str = "", download: bool = False) -> Labele
     return labeled
 
 
+def dataset_files(dataset: str, root: str = "") -> list[Path] | None:
+    """The files `load_labeled` would read for a built-in dataset, in the same search order, or None
+    (a user's set, or files not there yet): what the labeled set's fingerprint digests without loading."""
+    if dataset == "fashion-mnist":
+        candidates = [Path(FASHION_MNIST_SYSTEM_DIR)] + ([Path(root), Path(root) / "FashionMNIST" / "raw"] if root else [])
+        files = next((f for f in map(_fashion_mnist_files, candidates) if f is not None), None)
+        return [files[key] for key in _FASHION_MNIST_FILES] if files else None
+    if dataset == "cifar10":
+        batch_dir = _find_cifar10_dir(root)
+        names = (*_CIFAR10_TRAIN_BATCHES, "test_batch", "batches.meta")
+        if batch_dir is None or not all((batch_dir / n).is_file() for n in names):
+            return None
+        return [batch_dir / n for n in names]
+    return None
+
+
 def labeled_split(train_labels: np.ndarray, num_labeled: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Class-balanced labeled subset: (labeled_index, remainder_index), both sorted int64.
 

@@ -339,8 +339,14 @@ _CONTEXT_PROVIDERS = {"labeled-remainder"}
 
 # --- open_pool: resolve, construct, convert, limit, validate ---------------------------------------
 
+def pool_identity(provider: str, options: dict) -> str:
+    """A file or plugin pool's own fingerprint, from constructing it (headers only; no rows read)."""
+    options = {k: v for k, v in options.items() if not (k == "path" and v in ("", None))}
+    return _construct(_resolve_provider(provider), options, provider).fingerprint()
+
+
 def open_pool(provider: str, options: dict, *, labeled: LabeledSet, remainder_index: np.ndarray,
-              limit: int = 0, convert: Sequence[str] = ()) -> Pool:
+              limit: int = 0, convert: Sequence[str] = (), cache_dir=None) -> Pool:
     """Build the pool named by `provider` from the [pool] `options`, apply `convert` and `limit`, and
     check its first rows against `labeled` (dtype uint8, image shape) so mistakes surface with a fix."""
     # An empty path is the config's "unset" (labeled-remainder needs none), not a path to check.

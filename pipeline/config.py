@@ -29,6 +29,7 @@ class RunConfig:
     num_workers: int = 2  # batches prepared ahead by the loader's background thread (at least 1)
     checkpoint_every_s: float = 60.0  # seconds between mid-epoch checkpoints (plus one at every epoch end)
     sync_bn: bool = False  # SyncBatchNorm across ranks under torchrun (GPU)
+    store: str = ""  # the stage store; "" = $RST_MART_STORE, else .store beside the work dir (runs/.store)
 
 
 @dataclass
@@ -146,13 +147,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         for key, value in values.items():
             _assign(config, section, key, value, where=f"config file {path}")
     for item in overrides:
-        section, key, value = _parse_override(item)
+        section, key, value = parse_override(item)
         _assign(config, section, key, value, where=f"--set {item}")
     _check_choices(config)
     return config
 
 
-def _parse_override(item: str) -> tuple[str, str, Any]:
+def parse_override(item: str) -> tuple[str, str, Any]:
     name, sep, text = item.partition("=")
     section, dot, key = name.strip().partition(".")
     if not sep or not dot or not key:
@@ -231,3 +232,10 @@ def _check_choices(config: Config) -> None:
         c = getattr(config, section)
         if c.epochs < 1 or c.batch_size < 1:
             raise UserError(f"`{section}.epochs` and `{section}.batch_size` must be at least 1.")
+
+
+def check_against_labeled(config: Config, num_labeled_images: int) -> None:
+    """Checks that need the labeled set's size (known once it is opened)."""
+    if config.mart.val_size >= num_labeled_images:
+        raise UserError(f"`mart.val_size` is {config.mart.val_size} but there are only {num_labeled_images} labeled "
+                        f"images; hold out fewer (e.g. --set mart.val_size={num_labeled_images // 10}).")

@@ -1,69 +1,31 @@
-"""The stage graph and make-like staleness.
+"""The stage graph and make-like staleness over the stage store.
 
-A stage is fresh when `<workdir>/<stage>/stage.json` records the fingerprint the stage would have now
-and every declared output exists with its recorded size. A stage runs in `<stage>.partial/`; only after
-its outputs are complete does the runner write `stage.json` and rename the directory into place, so a
-killed stage never looks done, and its resume state (in the partial directory, tagged with the
-fingerprint) is reused only by a run with the same fingerprint.
+A stage's fingerprint is sha256 over its name, version, significant parameters and its inputs'
+fingerprints (upstream stages and data sources, as it declares them). It is fresh when the store holds
+an entry for that fingerprint whose recorded outputs are all there; `run` also checks their digests
+before anything is reused. A stage is built in `<fingerprint>.partial/` under the entry's lock; only
+after its outputs are complete does the runner write `stage.json` and rename the directory into place,
+so a killed stage never looks done, and its resume state is reused only by the same fingerprint.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline import distributed
-from pipeline.atomic import atomic_write_json, atomic_write_text
+from pipeline import distributed, locks
+from pipeline.atomic import atomic_write_json
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.fingerprint import file_digest, fingerprint
+from pipeline.fingerprint import fingerprint
+from pipeline.stage import Source, Stage, StageContext, StageInput
+from pipeline.store import Store, check_outputs, output_digest, read_record, store_dir
 
 DEFAULT_STAGES = ("teacher", "pseudolabel", "mart")
-_DIGEST_LIMIT_BYTES = 256 << 20  # outputs above this are recorded by size and mtime, not sha256
-
-
-@dataclass(frozen=True)
-class Stage:
-    """What a stage declares; `run(ctx)` writes `outputs` into `ctx.out_dir`."""
-
-    name: str
-    version: int  # bump when the meaning of the stage's output changes
-    section: str  # its config section
-    outputs: tuple[str, ...]
-    run: Callable[["StageContext"], None]
-    requires: Callable[[Config], tuple[str, ...]] = lambda config: ()
-    insignificant: tuple[str, ...] = ()  # keys of its own section that do not change results
-    extra_params: tuple[str, ...] = ()  # "section.key" of other sections that do change results
-    uses_pool: bool = False
-
-    @property
-    def code_version(self) -> str:
-        return f"{self.name}/v{self.version}"
-
-    def params(self, config: Config) -> dict[str, Any]:
-        own = {k: v for k, v in config.section(self.section).items() if k not in self.insignificant}
-        params = {self.section: own}
-        for dotted in self.extra_params:
-            section, key = dotted.split(".")
-            params[dotted] = config.section(section)[key]
-        return params
-
-
-@dataclass
-class StageContext:
-    """Everything a stage may read: the config, its upstream directories, the opened data sources."""
-
-    config: Config
-    out_dir: Path  # the partial directory the stage writes into
-    inputs: dict[str, Path]  # upstream stage name -> its finished directory
-    data: Any  # data.sources.DataSources: labeled set, split, pool
-    fingerprint: str
-    dist: distributed.DistInfo = field(default_factory=distributed.DistInfo)
-    log: Callable[[str], None] = print
+WORKDIR_LOCK = ".lock"
 
 
 @dataclass
@@ -71,9 +33,10 @@ class StagePlan:
     stage: Stage
     fingerprint: str
     params: dict[str, Any]
-    inputs: dict[str, str]
+    inputs: dict[str, str]  # input name (upstream stage or source) -> its fingerprint
     fresh: bool
     reason: str  # why it is stale, or "fresh"
+    entry: Path  # where its outputs are (fresh) or will be (stale)
 
 
 def load_stages() -> dict[str, Stage]:
@@ -85,30 +48,16 @@ def load_stages() -> dict[str, Stage]:
 
 class Runner:
     def __init__(self, config: Config, workdir: Path, *, log: Callable[[str], None] = print,
-                 stages: dict[str, Stage] | None = None, data=None):
+                 stages: dict[str, Stage] | None = None):
         self.config = config
         self.workdir = Path(workdir)
         self.log = log
         self.stages = stages if stages is not None else load_stages()
-        self._data = data
+        self.store = Store(store_dir(config.run.store, self.workdir))
+        self._source_fingerprints: dict[str, str] = {}
+        self._opened: dict[str, Any] = {}
 
-    # -- data sources are opened once, before any stage runs, so bad input fails in seconds ----------
-    def data(self, need_pool: bool):
-        if self._data is None:
-            from data.sources import open_sources
-
-            # Under torchrun rank 0 opens first, so a download or a pool conversion happens once, not
-            # once per rank into the same files; the others then find them done.
-            main = distributed.dist_info().is_main
-            if not main:
-                distributed.barrier()
-            self._data = open_sources(self.config, need_pool=need_pool)
-            if main:
-                distributed.barrier()
-        elif need_pool:
-            self._data.ensure_pool()
-        return self._data
-
+    # -- planning: declarations and the store only; no data source is opened ----------------------
     def closure(self, names: list[str]) -> list[str]:
         """The named stages and everything they require, in execution order."""
         unknown = [n for n in names if n not in self.stages]
@@ -121,68 +70,120 @@ class Runner:
             name = todo.pop()
             if name not in needed:
                 needed.add(name)
-                todo.extend(self.stages[name].requires(self.config))
+                todo.extend(self.stages[name].upstream(self.config))
         return [n for n in self.stages if n in needed]
 
-    def plan(self, names: list[str]) -> list[StagePlan]:
-        order = self.closure(names)
-        data = self.data(need_pool=any(self.stages[n].uses_pool for n in order))
+    def source_fingerprint(self, source: Source) -> str:
+        if source.name not in self._source_fingerprints:
+            self._source_fingerprints[source.name] = source.fingerprint(self.config)
+        return self._source_fingerprints[source.name]
+
+    def plan(self, names: list[str], *, verify: bool = False) -> list[StagePlan]:
+        """Each stage's fingerprint and whether it is fresh (with `verify`, output digests checked too)."""
         plans: dict[str, StagePlan] = {}
-        for name in order:
+        for name in self.closure(names):
             stage = self.stages[name]
-            inputs = {"labeled": data.fingerprint()}
-            if stage.uses_pool:
-                inputs["pool"] = data.pool.fingerprint()
-            for upstream in stage.requires(self.config):
-                inputs[upstream] = plans[upstream].fingerprint
+            inputs = {up: plans[up].fingerprint for up in stage.upstream(self.config)}
+            for source in stage.sources(self.config):
+                inputs[source.name] = self.source_fingerprint(source)
             params = stage.params(self.config)
             fp = fingerprint({"stage": name, "code_version": stage.code_version, "params": params,
                               "inputs": inputs})
-            fresh, reason = self._freshness(stage, fp, params, inputs)
-            plans[name] = StagePlan(stage, fp, params, inputs, fresh, reason)
+            entry, fresh, reason = self._freshness(stage, fp, params, inputs, verify=verify)
+            plans[name] = StagePlan(stage, fp, params, inputs, fresh, reason, entry)
         return list(plans.values())
 
-    def _freshness(self, stage: Stage, fp: str, params: dict, inputs: dict) -> tuple[bool, str]:
-        """Cheapest checks first; the reason names what changed."""
-        record_path = self.workdir / stage.name / "stage.json"
-        if not record_path.exists():
-            return False, "missing"
-        try:
-            record = json.loads(record_path.read_text())
-        except (OSError, ValueError):
-            return False, "stage.json unreadable"
-        if record.get("fingerprint") != fp:
-            return False, _why_changed(record, stage.code_version, params, inputs)
-        for name, meta in record.get("outputs", {}).items():
-            path = self.workdir / stage.name / name
-            if not path.exists():
-                return False, f"output {name} missing"
-            if path.stat().st_size != meta.get("size"):
-                return False, f"output {name} changed size"
-        return True, "fresh"
+    def _freshness(self, stage: Stage, fp: str, params: dict, inputs: dict, *, verify: bool):
+        """(entry, fresh, reason): the store's entry for `fp`, or the one the work dir links to if it
+        has that fingerprint (a work dir made with another store); the reason names what changed."""
+        linked = self.workdir / stage.name
+        candidates = [self.store.entry(stage.name, fp)]
+        if linked.exists() and linked.resolve() != candidates[0].resolve():
+            candidates.append(linked.resolve())
+        for entry in candidates:
+            record = read_record(entry)
+            if record is None or record.get("fingerprint") != fp:
+                continue
+            problem = check_outputs(entry, record, verify=verify)
+            if problem is None:
+                return entry, True, "fresh"
+            return candidates[0], False, f"stale, {problem}"
+        current = read_record(linked)
+        if current is None:
+            return candidates[0], False, "missing"
+        return candidates[0], False, _why_changed(current, stage.code_version, params, inputs)
 
+    # -- running ------------------------------------------------------------------------------------
     def run(self, names: list[str], *, force: bool = False) -> list[StagePlan]:
         dist = distributed.dist_info()
-        if dist.enabled:  # under torchrun: join the process group before the first barrier
+        if dist.enabled:  # under torchrun: join the process group before the first collective
             distributed.init_process_group(distributed.device_type(self.config.run.device))
-        plans = self._agree(self.plan(names))
+        held = self._lock_workdir(dist)
+        try:
+            return self._run_locked(names, force=force, dist=dist)
+        finally:
+            if held is not None:
+                held.__exit__(None, None, None)
+
+    def _lock_workdir(self, dist):
+        """Rank 0 holds the work dir's lock for the whole run; every rank learns whether it got it."""
+        held, problem = None, None
+        if dist.is_main:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            held = locks.exclusive(self.workdir / WORKDIR_LOCK)
+            try:
+                held.__enter__()
+            except locks.Locked as e:
+                held, problem = None, e.holder
+        problem = distributed.broadcast_object(problem)
+        if problem is not None:
+            raise UserError(f"the work dir {self.workdir} is in use by another run ({problem}); wait for it to "
+                            f"finish (`python -m pipeline status` shows its progress) or give this run its own "
+                            f"--workdir. Stages it finishes are shared through the store.")
+        return held
+
+    def _run_locked(self, names: list[str], *, force: bool, dist) -> list[StagePlan]:
+        if dist.is_main:
+            self.store.check_writable()
+        plans = self._agree(self.plan(names, verify=True))
+        to_run = [p for p in plans if not p.fresh or (force and p.stage.name in names)]
+        # Every source a running stage reads is opened and checked now, before the first stage starts:
+        # a malformed pool fails in seconds, not after an hour of teacher training.
+        for plan in to_run:
+            for source in plan.stage.sources(self.config):
+                self._open(source, dist)
         for plan in plans:
             name = plan.stage.name
-            if plan.fresh and not (force and name in names):
+            if plan not in to_run:
                 self.log(f"{name}: cached")
-                continue
-            why = "forced" if plan.fresh else plan.reason
-            needed_by = "" if name in names else " (needed upstream)"
-            self.log(f"{name}: {why}, running{needed_by}")
-            seconds = self._run_stage(plan, force=force and name in names, dist=dist)
-            self.log(f"{name}: ran in {seconds:.1f}s")
+            else:
+                why = "forced" if plan.fresh else plan.reason
+                needed_by = "" if name in names else " (needed upstream)"
+                self.log(f"{name}: {why}, running{needed_by}")
+                seconds = self._build(plan, plans, force=force and name in names, dist=dist)
+                self.log(f"{name}: ran in {seconds:.1f}s" if seconds is not None
+                         else f"{name}: cached (built meanwhile by another process)")
+            if dist.is_main:
+                plan.entry = self.store.link(self.workdir, name, plan.entry)
+        distributed.barrier()
         return plans
+
+    def _open(self, source: Source, dist) -> Any:
+        if source.name not in self._opened:
+            # Under torchrun rank 0 opens first, so a download or a pool conversion happens once, not once
+            # per rank into the same files; the others then find them done.
+            if not dist.is_main:
+                distributed.barrier()
+            self._opened[source.name] = source.open(self.config, self.store.root / "sources")
+            if dist.is_main:
+                distributed.barrier()
+        return self._opened[source.name]
 
     @staticmethod
     def _agree(plans: list[StagePlan]) -> list[StagePlan]:
-        """Rank 0's staleness decisions on every rank. Each rank reads the work dir itself, and a rank
-        that looks while rank 0 is already removing or renaming a directory would decide otherwise and
-        skip a stage the others run: every collective after that would hang."""
+        """Rank 0's staleness decisions on every rank. Each rank reads the store itself, and a rank
+        that looks while rank 0 is already renaming a directory would decide otherwise and skip a
+        stage the others run: every collective after that would hang."""
         decided = distributed.broadcast_object([(p.stage.name, p.fingerprint, p.fresh, p.reason) for p in plans])
         for plan, (name, fp, fresh, reason) in zip(plans, decided):
             if (name, fp) != (plan.stage.name, plan.fingerprint):
@@ -192,41 +193,59 @@ class Runner:
             plan.fresh, plan.reason = fresh, reason
         return plans
 
-    def _run_stage(self, plan: StagePlan, *, force: bool, dist) -> float:
-        stage = plan.stage
-        final_dir = self.workdir / stage.name
-        partial = self.workdir / f"{stage.name}.partial"
-        marker = partial / ".fingerprint"
+    def _build(self, plan: StagePlan, plans: list[StagePlan], *, force: bool, dist) -> float | None:
+        """Build the entry under its lock; None when another process finished it while we waited."""
+        stage, store = plan.stage, self.store
+        held = None
         if dist.is_main:
-            resumable = marker.exists() and marker.read_text().strip() == plan.fingerprint and not force
-            if not resumable and partial.exists():
+            held = locks.exclusive(store.lock_path(stage.name, plan.fingerprint), wait=True, on_wait=lambda who: self.log(
+                f"{stage.name}: waiting for {who}, which is building the same entry"))
+            held.__enter__()
+        try:
+            built_meanwhile = False
+            if dist.is_main and not force:
+                record = read_record(plan.entry)
+                built_meanwhile = (record is not None and record.get("fingerprint") == plan.fingerprint
+                                   and check_outputs(plan.entry, record, verify=True) is None)
+            if distributed.broadcast_object(built_meanwhile):
+                plan.fresh, plan.reason = True, "fresh"
+                return None
+            return self._run_stage(plan, plans, force=force, dist=dist)
+        finally:
+            if held is not None:
+                held.__exit__(None, None, None)
+
+    def _run_stage(self, plan: StagePlan, plans: list[StagePlan], *, force: bool, dist) -> float:
+        stage = plan.stage
+        partial = self.store.partial(stage.name, plan.fingerprint)
+        if dist.is_main:
+            if force and partial.exists():
                 shutil.rmtree(partial)
             partial.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(marker, plan.fingerprint + "\n")
         distributed.barrier()
-        inputs = {up: self.workdir / up for up in stage.requires(self.config)}
-        ctx = StageContext(config=self.config, out_dir=partial, inputs=inputs,
-                           data=self.data(need_pool=stage.uses_pool), fingerprint=plan.fingerprint,
-                           dist=dist, log=self.log)
+        by_name = {p.stage.name: p for p in plans}
+        ctx = StageContext(
+            config=self.config, out_dir=partial, fingerprint=plan.fingerprint, dist=dist, log=self.log,
+            inputs={up: StageInput(by_name[up].entry, by_name[up].fingerprint) for up in stage.upstream(self.config)},
+            sources={s.name: self._open(s, dist) for s in stage.sources(self.config)})
         start = time.perf_counter()
         stage.run(ctx)
         seconds = time.perf_counter() - start
         distributed.barrier()
         if dist.is_main:
-            self._commit(plan, partial, final_dir, seconds)
+            self._commit(plan, partial, seconds)
         distributed.barrier()
+        plan.fresh, plan.reason = True, "fresh"
         return seconds
 
-    def _commit(self, plan: StagePlan, partial: Path, final_dir: Path, seconds: float) -> None:
+    def _commit(self, plan: StagePlan, partial: Path, seconds: float) -> None:
         stage = plan.stage
         outputs = {}
         for name in stage.outputs:
             path = partial / name
             if not path.exists():
                 raise RuntimeError(f"stage {stage.name} finished without writing its declared output {name}")
-            size = path.stat().st_size
-            outputs[name] = ({"size": size, "sha256": file_digest(path)} if size <= _DIGEST_LIMIT_BYTES
-                             else {"size": size, "mtime_ns": path.stat().st_mtime_ns})
+            outputs[name] = output_digest(path)
         atomic_write_json(partial / "stage.json", {
             "stage": stage.name,
             "fingerprint": plan.fingerprint,
@@ -237,17 +256,7 @@ class Runner:
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "outputs": outputs,
         })
-        (partial / ".fingerprint").unlink()
-        # Swap in two renames; a kill between them leaves no `<stage>/`, which reads as missing (rerun),
-        # never as a half-written stage that looks done.
-        old = self.workdir / f"{stage.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if final_dir.exists():
-            final_dir.rename(old)
-        partial.rename(final_dir)
-        if old.exists():
-            shutil.rmtree(old)
+        plan.entry = self.store.commit(stage.name, plan.fingerprint, partial)
 
 
 def _why_changed(record: dict, code_version: str, params: dict, inputs: dict) -> str:
@@ -283,16 +292,6 @@ def default_workdir(config_path: str | Path | None) -> Path:
     return Path("runs") / Path(config_path or DEFAULT_CONFIG).stem
 
 
-def results_table(workdir: Path, names: list[str]):
-    """All results.csv rows of the given stages as one DataFrame (empty when none exist yet)."""
-    import pandas as pd
-
-    frames = []
-    for name in names:
-        path = Path(workdir) / name / "results.csv"
-        if path.exists():
-            frame = pd.read_csv(path)
-            frame.insert(0, "stage", name)
-            frames.append(frame)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
+def run_in_progress(workdir: Path) -> str | None:
+    """Who is running in `workdir` now (for `status`), or None."""
+    return locks.held_by(Path(workdir) / WORKDIR_LOCK)

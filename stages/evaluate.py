@@ -17,8 +17,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from data.sources import LABELED
 from pipeline.atomic import atomic_path, atomic_write_csv
 from pipeline.errors import UserError
+from pipeline.stage import Stage
 from stages import loops
 from stages.attacks import cw_linf, fgsm, input_gradient_norms
 from stages.mart import eval_attack
@@ -39,8 +41,8 @@ DLR_MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
 MIN_NONZERO_GRADIENTS = 0.9  # fraction of images whose input gradient must be non-zero
 
 
-def requires(config) -> tuple[str, ...]:
-    return ("mart", "teacher") if "teacher" in config.eval.models else ("mart",)
+def inputs(config) -> tuple:
+    return (LABELED, "mart", "teacher") if "teacher" in config.eval.models else (LABELED, "mart")
 
 
 def model_path(inputs: dict[str, Path], name: str) -> Path:
@@ -48,7 +50,7 @@ def model_path(inputs: dict[str, Path], name: str) -> Path:
         raise UserError(f"unknown eval model {name!r} in eval.models; choose from {', '.join(MODEL_FILES)} "
                         f"(mart = the checkpoint selected on validation PGD accuracy, mart-last = the last epoch).")
     stage, filename = MODEL_FILES[name]
-    return Path(inputs[stage]) / filename
+    return inputs[stage].path / filename
 
 
 # -- attacks -----------------------------------------------------------------------------------------
@@ -245,7 +247,7 @@ def run(ctx) -> None:
     # make the attacks look weaker, overstating robustness (load_model gives fp32 in eval mode; no autocast).
     device = loops.resolve_device(run_cfg.device, ctx.dist.local_rank)
     eps = cfg.eps or ctx.config.mart.epsilon
-    labeled = ctx.data.labeled
+    labeled = ctx.sources["labeled"].dataset
     n = cfg.n if 0 < cfg.n <= len(labeled.test_labels) else len(labeled.test_labels)
     images, labels = labeled.test_images[:n], labeled.test_labels[:n]
     # Validate every name before minutes of attacks, so a typo fails at once.
@@ -280,3 +282,8 @@ def report_checks(checks: list[dict], log: Callable[[str], None]) -> None:
         if not check["passed"]:
             log(f"eval: WARNING check {check['check']} failed for {check['model']}: {check['detail']}")
     log(f"checks: {sum(c['passed'] for c in checks)}/{len(checks)} passed")
+
+
+STAGE = Stage(
+    name="eval", version=2, section="eval", run=run, inputs=inputs, outputs=OUTPUTS,
+    insignificant=("batch_size",), extra_params=("mart.epsilon",))

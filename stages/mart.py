@@ -14,20 +14,21 @@ import torch
 
 from data.h5store import PseudoLabelReader, validate_pseudolabels
 from data.mixed import MixedBatchLoader, MixedBatchSampler
+from data.sources import LABELED
 from pipeline import distributed
+from pipeline.stage import Stage
 from stages import loops
 from stages.attacks import pgd_linf
 from stages.losses import ATTACK_LOSS, LOSSES, mart_loss  # noqa: F401  (mart_loss: public, stages.mart.mart_loss)
 from stages.models import build_model, load_model, save_model
 from stages.teacher import augmenter
 
-OUTPUTS = ("model.pt", "last.pt", "metrics.csv", "results.csv")
 EVAL_STEPS = 20  # PGD-20, the papers' headline white-box attack
 
 
-def requires(config) -> tuple[str, ...]:
+def inputs(config) -> tuple:
     """Supervised MART (unsup_fraction 0) needs no teacher and no pool."""
-    return ("pseudolabel",) if config.mart.unsup_fraction > 0 else ()
+    return (LABELED, "pseudolabel") if config.mart.unsup_fraction > 0 else (LABELED,)
 
 
 def eval_attack(eps: float, steps: int = EVAL_STEPS):
@@ -53,18 +54,19 @@ def _pool_images(reader: PseudoLabelReader, pool_in_memory: str):
 def run(ctx) -> None:
     cfg, run_cfg = ctx.config.mart, ctx.config.run
     device = loops.resolve_device(run_cfg.device, ctx.dist.local_rank)
-    labeled = ctx.data.labeled
+    split = ctx.sources["labeled"]
+    labeled = split.dataset
     height, width, channels = labeled.image_shape
 
     # Hold out a validation split of the labeled images for picking the best epoch by PGD accuracy.
-    index = ctx.data.labeled_index
+    index = split.labeled_index
     rng = np.random.default_rng([run_cfg.seed, 1])
     shuffled = rng.permutation(index)
     val_index, train_index = np.sort(shuffled[:cfg.val_size]), np.sort(shuffled[cfg.val_size:])
     images, labels = labeled.train_images[train_index], labeled.train_labels[train_index]
 
     if cfg.unsup_fraction > 0:
-        h5_path = ctx.inputs["pseudolabel"] / "pseudolabels.h5"
+        h5_path = ctx.inputs["pseudolabel"].path / "pseudolabels.h5"
         validate_pseudolabels(h5_path)
         reader = PseudoLabelReader(h5_path)
         pool_images, pool_targets = _pool_images(reader, cfg.pool_in_memory), reader.labels
@@ -162,3 +164,9 @@ def _training_attack(model, x, y, generator, *, eps, step_size, steps, loss):
     """The official MART/TRADES training attack: start at x + 0.001 N(0, 1)."""
     return pgd_linf(model, x, y, eps=eps, step_size=step_size, steps=steps, loss=loss, random_start="normal",
                     init_std=0.001, generator=generator)
+
+
+STAGE = Stage(
+    name="mart", version=3, section="mart", run=run, inputs=inputs,
+    outputs=("model.pt", "last.pt", "metrics.csv", "results.csv"),
+    insignificant=("eval_batch_size", "pool_in_memory"), extra_params=("data.num_labeled", "run.seed", "run.precision"))

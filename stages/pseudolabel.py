@@ -17,11 +17,11 @@ import torch
 from tqdm import tqdm
 
 from data.h5store import PseudoLabelReader, PseudoLabelWriter
+from data.sources import LABELED, POOL
 from pipeline import distributed
+from pipeline.stage import Stage
 from stages import loops
 from stages.models import load_model
-
-OUTPUTS = ("pseudolabels.h5", "results.csv")
 
 
 class NearDuplicateFilter:
@@ -57,14 +57,14 @@ def run(ctx) -> None:
     that readers expect. A single process writes pseudolabels.h5 directly."""
     cfg, run_cfg = ctx.config.pseudolabel, ctx.config.run
     device = loops.resolve_device(run_cfg.device, ctx.dist.local_rank)
-    pool = ctx.data.pool
-    labeled = ctx.data.labeled
+    pool = ctx.sources["pool"]
+    labeled = ctx.sources["labeled"].dataset
     total = len(pool)
     final = ctx.out_dir / "pseudolabels.h5"
     spec = dict(image_shape=labeled.image_shape, num_classes=labeled.num_classes, save_logits=cfg.save_logits,
                 attrs={"num_classes": labeled.num_classes, "class_names": list(labeled.class_names),
                        "pool_name": pool.name, "pool_fingerprint": pool.fingerprint(),
-                       "teacher_fingerprint": _teacher_fingerprint(ctx)})
+                       "teacher_fingerprint": ctx.inputs["teacher"].fingerprint})
     # Shards are cut at block boundaries, so every block is the one a single process would run.
     shards = [distributed.shard_range(total, r, ctx.dist.world_size, block=cfg.batch_size)
               for r in range(ctx.dist.world_size)]
@@ -96,8 +96,8 @@ def label_rows(ctx, pool, path: Path, start: int, stop: int, *, total: int, devi
                save_logits, attrs) -> None:
     """Pool rows [start, stop) through the teacher into `path`, resuming at the last block written."""
     cfg, run_cfg = ctx.config.pseudolabel, ctx.config.run
-    labeled = ctx.data.labeled
-    teacher = load_model(ctx.inputs["teacher"] / "model.pt", device=device, channels_last=run_cfg.channels_last)
+    labeled = ctx.sources["labeled"].dataset
+    teacher = load_model(ctx.inputs["teacher"].path / "model.pt", device=device, channels_last=run_cfg.channels_last)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The writer's row counts are relative to the shard; pool_index holds the pool's own rows.
     writer = PseudoLabelWriter(path, capacity=stop - start, image_shape=image_shape, num_classes=num_classes,
@@ -163,29 +163,42 @@ def merge_shards(final: Path, shards: list[tuple[Path, int, int]], *, total: int
     writer.finish()
 
 
-def _teacher_fingerprint(ctx) -> str:
-    import json
-
-    return json.loads((ctx.inputs["teacher"] / "stage.json").read_text())["fingerprint"]
-
-
 def _write_results(ctx, pool) -> None:
-    """Pseudo-label accuracy where the pool's labels are known, and the class histogram."""
+    """results.csv: the teacher's accuracy on the pool where the pool's true labels are known (the
+    labeled remainder); quality.csv: per predicted class, how many, how precise, how confident."""
+    import pandas as pd
+
+    from pipeline.atomic import atomic_write_csv
+
     reader = PseudoLabelReader(ctx.out_dir / "pseudolabels.h5")
-    labels, pool_index = reader.labels, reader.pool_index
+    labels, confidence, pool_index = reader.labels, reader.confidence, reader.pool_index
     provided = pool.provided_labels() if hasattr(pool, "provided_labels") else None
     truth = provided[pool_index] if provided is not None else None
     # labeled-remainder's provided labels are the dataset's own labels; any other pool's provided labels
     # (RST's extrapolated_targets) come from someone else's classifier, so they measure agreement.
-    attack = "pseudolabel" if ctx.config.pool.provider == "labeled-remainder" else "agreement-with-provided"
-    rows = [{"model": "teacher", "split": "pool", "attack": attack, "eps": 0.0,
-             "accuracy": float((labels == truth).mean()) if truth is not None and len(labels) else float("nan"),
-             "n": len(labels)}]
-    for k, name in enumerate(ctx.data.labeled.class_names):
-        mask = labels == k
-        precision = float((truth[mask] == k).mean()) if truth is not None and mask.any() else float("nan")
-        rows.append({"model": "teacher", "split": f"pool[label={name}]", "attack": attack, "eps": 0.0,
-                     "accuracy": precision, "n": int(mask.sum())})
-    loops.write_results(ctx.out_dir / "results.csv", rows)
+    own_labels = ctx.config.pool.provider == "labeled-remainder"
+    measured_against = "" if truth is None else ("dataset labels" if own_labels else "provided labels")
+
+    def quality(name: str, mask: np.ndarray, k: int | None) -> dict:
+        hits = (truth[mask] == (labels[mask] if k is None else k)) if truth is not None and mask.any() else None
+        return {"class": name, "count": int(mask.sum()),
+                "precision": float(hits.mean()) if hits is not None else float("nan"),
+                "mean_confidence": float(confidence[mask].mean()) if mask.any() else float("nan"),
+                "measured_against": measured_against}
+
+    rows = [quality(name, labels == k, k) for k, name in enumerate(ctx.sources["labeled"].dataset.class_names)]
+    rows.append(quality("all", np.ones(len(labels), dtype=bool), None))
+    atomic_write_csv(ctx.out_dir / "quality.csv", pd.DataFrame(rows))
+    accuracy = rows[-1]["precision"]
+    results = [{"model": "teacher", "split": "pool", "attack": "clean", "eps": 0.0, "accuracy": accuracy,
+                "n": len(labels)}] if own_labels and truth is not None else []
+    loops.write_results(ctx.out_dir / "results.csv", results)
     if truth is not None:
-        ctx.log(f"  pseudo-labels: {rows[0]['accuracy']:.4f} {attack} on {len(labels)} pool images")
+        ctx.log(f"  pseudo-labels: {accuracy:.4f} agree with the {measured_against} on {len(labels)} pool images")
+
+
+STAGE = Stage(
+    name="pseudolabel", version=2, section="pseudolabel", run=run,
+    inputs=lambda config: ("teacher", LABELED, POOL),
+    outputs=("pseudolabels.h5", "results.csv", "quality.csv"),
+    insignificant=("batch_size",), extra_params=("run.precision",))

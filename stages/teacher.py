@@ -9,11 +9,12 @@ import torch
 
 from data.augment import random_crop_flip
 from data.mixed import MixedBatchLoader, MixedBatchSampler
+from data.sources import LABELED
 from pipeline import distributed
+from pipeline.stage import Stage
 from stages import loops
 from stages.models import build_model, load_model, save_model
 
-OUTPUTS = ("model.pt", "metrics.csv", "results.csv")
 
 
 def augmenter(enabled: bool, image_size: int):
@@ -27,9 +28,10 @@ def augmenter(enabled: bool, image_size: int):
 def run(ctx) -> None:
     cfg, run_cfg = ctx.config.teacher, ctx.config.run
     device = loops.resolve_device(run_cfg.device, ctx.dist.local_rank)
-    labeled = ctx.data.labeled
-    images = labeled.train_images[ctx.data.labeled_index]
-    labels = labeled.train_labels[ctx.data.labeled_index]
+    split = ctx.sources["labeled"]
+    labeled = split.dataset
+    images = labeled.train_images[split.labeled_index]
+    labels = labeled.train_labels[split.labeled_index]
     height, width, channels = labeled.image_shape
     mean, std = loops.channel_stats(images)
 
@@ -68,3 +70,9 @@ def run(ctx) -> None:
              "n": len(labeled.test_labels)}])
         ctx.log(f"  teacher test accuracy {accuracy:.4f}")
         (ctx.out_dir / "train_state.pt").unlink(missing_ok=True)
+
+
+STAGE = Stage(
+    name="teacher", version=2, section="teacher", run=run, inputs=lambda config: (LABELED,),
+    outputs=("model.pt", "metrics.csv", "results.csv"),
+    extra_params=("data.num_labeled", "run.seed", "run.precision"))

@@ -18,9 +18,15 @@ def run_cli(*args, check=True, timeout=300, env=None):
     return proc
 
 
+@pytest.fixture(autouse=True)
+def own_stage_store(tmp_path, monkeypatch):
+    """Each test gets its own stage store, so one test's finished stages never make another's cached."""
+    monkeypatch.setenv("RST_MART_STORE", str(tmp_path / "store"))
+
+
 @pytest.fixture(scope="session")
 def smoke_workdir(tmp_path_factory):
     """One uninterrupted smoke run shared by the end-to-end tests (treat it as read-only)."""
-    workdir = tmp_path_factory.mktemp("smoke")
-    run_cli("run", "--config", SMOKE, "--workdir", workdir)
-    return workdir
+    base = tmp_path_factory.mktemp("smoke")
+    run_cli("run", "--config", SMOKE, "--workdir", base / "w", env={"RST_MART_STORE": str(base / "store")})
+    return base / "w"

@@ -18,40 +18,41 @@ from tests.distributed import ddp_worker
 NPROC = 2
 
 
-def torchrun(*args, timeout=240):
+def torchrun(*args, timeout=240, check=True, env=None):
     """`torchrun --nproc_per_node=2 --standalone ...` from the repo root, one thread per process."""
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={NPROC}", "--standalone", *map(str, args)],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if proc.returncode != 0:
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-6000:]}")
     return proc
 
 
-def run_pipeline(workdir, *extra):
+def run_pipeline(workdir, *extra, env=None):
     return torchrun("-m", "pipeline", "run", "--config", SMOKE, "--workdir", workdir, "--set", "run.device=cpu",
-                    *extra)
+                    *extra, env=env)
 
 
 @pytest.fixture(scope="module")
 def torchrun_workdir(tmp_path_factory):
     """One smoke pipeline run under torchrun, shared by the tests below (treat it as read-only)."""
-    workdir = tmp_path_factory.mktemp("smoke-torchrun")
-    proc = run_pipeline(workdir)
-    return workdir, proc
+    base = tmp_path_factory.mktemp("smoke-torchrun")
+    proc = run_pipeline(base / "w", env={"RST_MART_STORE": str(base / "store")})
+    return base / "w", proc
 
 
 def test_smoke_pipeline_under_torchrun_writes_every_output_once(torchrun_workdir):
     workdir, proc = torchrun_workdir
     expected = {"teacher": ["model.pt", "metrics.csv", "results.csv"],
-                "pseudolabel": ["pseudolabels.h5", "results.csv"],
+                "pseudolabel": ["pseudolabels.h5", "results.csv", "quality.csv"],
                 "mart": ["model.pt", "last.pt", "metrics.csv", "results.csv"]}
     for stage, files in expected.items():
         record = json.loads((workdir / stage / "stage.json").read_text())
         assert set(record["outputs"]) == set(files)
         for name in files:
             assert (workdir / stage / name).stat().st_size == record["outputs"][name]["size"]
-        assert not (workdir / f"{stage}.partial").exists()
+        assert not list(workdir.parent.glob(f"store/{stage}/*.partial"))
     assert not (workdir / "pseudolabel" / "shards").exists()
     assert proc.stdout.count("mart: ran in") == 1  # only rank 0 prints
     path = workdir / "pseudolabel" / "pseudolabels.h5"
@@ -106,15 +107,20 @@ def test_shards_are_contiguous_disjoint_and_cover_the_pool(total, world_size, bl
 def run_pseudolabel_stage(config, out_dir, teacher_dir, dist, data=None, log=lambda message: None):
     """pseudolabel.run in this process, as the runner calls it, as rank `dist.rank` of `dist.world_size`
     (without a process group the barriers are no-ops, so ranks can be played in turn)."""
-    import types
-
-    from data.sources import open_sources
+    from pipeline.stage import StageContext, StageInput
     from stages import pseudolabel
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    pseudolabel.run(types.SimpleNamespace(
-        config=config, out_dir=out_dir, inputs={"teacher": teacher_dir}, fingerprint="test", dist=dist,
-        data=data or open_sources(config, need_pool=True), log=log))
+    pseudolabel.run(StageContext(
+        config=config, out_dir=out_dir, inputs={"teacher": StageInput(teacher_dir, "test-teacher")},
+        sources=data or open_sources(config, out_dir), fingerprint="test", dist=dist, log=log))
+
+
+def open_sources(config, cache_dir):
+    """The sources pseudolabel reads, opened as the runner opens them."""
+    from data.sources import open_labeled, open_pool_source
+
+    return {"labeled": open_labeled(config), "pool": open_pool_source(config, cache_dir)}
 
 
 def test_merged_pseudolabels_equal_the_single_process_file(torchrun_workdir, tmp_path):
@@ -137,14 +143,13 @@ def test_merged_pseudolabels_equal_the_single_process_file(torchrun_workdir, tmp
 def test_sharded_pseudolabel_with_dropped_rows_and_logits_merges_like_one_process(torchrun_workdir, tmp_path):
     """The shard-and-merge path with ranks played in turn in this process: uneven shards of 3 ranks,
     rows dropped by dedup_test, logits kept."""
-    from data.sources import open_sources
     from pipeline.config import load_config
     from pipeline.distributed import DistInfo
 
     config = load_config(SMOKE, ["run.device=cpu", "pool.limit=300", "pseudolabel.batch_size=64",
                                  "pseudolabel.save_logits=true", "pseudolabel.dedup_test=true",
                                  "pseudolabel.dedup_threshold=3.0"])
-    data, teacher = open_sources(config, need_pool=True), torchrun_workdir[0] / "teacher"
+    data, teacher = open_sources(config, tmp_path), torchrun_workdir[0] / "teacher"
     for rank in (2, 1, 0):  # rank 0 last: it merges once the others are done
         run_pseudolabel_stage(config, tmp_path / "sharded", teacher, DistInfo(rank, 3, rank), data)
     run_pseudolabel_stage(config, tmp_path / "single", teacher, DistInfo(), data)
@@ -159,12 +164,11 @@ def test_sharded_pseudolabel_with_dropped_rows_and_logits_merges_like_one_proces
 
 def test_an_interrupted_shard_resumes_at_its_last_block(torchrun_workdir, tmp_path, monkeypatch):
     from data import h5store
-    from data.sources import open_sources
     from pipeline.config import load_config
     from pipeline.distributed import DistInfo
 
     config = load_config(SMOKE, ["run.device=cpu", "pool.limit=1000", "pseudolabel.batch_size=100"])
-    data, teacher = open_sources(config, need_pool=True), torchrun_workdir[0] / "teacher"
+    data, teacher = open_sources(config, tmp_path), torchrun_workdir[0] / "teacher"
     original_append = h5store.PseudoLabelWriter.append
     calls = {"n": 0}
 
@@ -187,3 +191,16 @@ def test_an_interrupted_shard_resumes_at_its_last_block(torchrun_workdir, tmp_pa
             h5py.File(tmp_path / "single" / "pseudolabels.h5", "r") as g:
         for key in ("images", "labels", "pool_index", "confidence"):
             assert np.array_equal(f[key][:], g[key][:]), key
+
+
+def test_a_user_error_under_the_launcher_exits_2_with_rank_0s_paragraph(tmp_path):
+    """Plain torchrun reports any failed rank as exit 1; `python -m pipeline.torchrun` says what it was."""
+    plain = torchrun("-m", "pipeline", "run", "--config", SMOKE, "--workdir", tmp_path, "--set", "data.dataset=nope",
+                     check=False)
+    assert plain.returncode == 1
+    proc = subprocess.run([sys.executable, "-m", "pipeline.torchrun", f"--nproc_per_node={NPROC}", "--standalone",
+                           "run", "--config", str(SMOKE), "--workdir", str(tmp_path), "--set", "data.dataset=nope"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    last_paragraph = proc.stderr.split("\nerror: ")[-1]
+    assert "data.dataset = 'nope' is not a known dataset" in last_paragraph and "Traceback" not in last_paragraph

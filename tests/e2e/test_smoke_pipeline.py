@@ -13,14 +13,14 @@ from tests.conftest import SMOKE, run_cli
 
 def test_every_stage_writes_its_declared_outputs(smoke_workdir):
     expected = {"teacher": ["model.pt", "metrics.csv", "results.csv"],
-                "pseudolabel": ["pseudolabels.h5", "results.csv"],
+                "pseudolabel": ["pseudolabels.h5", "results.csv", "quality.csv"],
                 "mart": ["model.pt", "last.pt", "metrics.csv", "results.csv"]}
     for stage, files in expected.items():
         record = json.loads((smoke_workdir / stage / "stage.json").read_text())
         assert record["stage"] == stage and set(record["outputs"]) == set(files)
         for name in files:
             assert (smoke_workdir / stage / name).stat().st_size == record["outputs"][name]["size"]
-        assert not (smoke_workdir / f"{stage}.partial").exists()
+        assert not list(smoke_workdir.parent.glob(f"store/{stage}/*.partial"))
 
 
 def test_metrics_and_results_follow_the_schema(smoke_workdir):
@@ -34,9 +34,14 @@ def test_metrics_and_results_follow_the_schema(smoke_workdir):
     assert set(results["attack"]) == {"clean", "pgd20"}
     assert results["accuracy"].between(0, 1).all()
     pool = pd.read_csv(smoke_workdir / "pseudolabel" / "results.csv")
+    assert list(pool.columns) == ["model", "split", "attack", "eps", "accuracy", "n"]
     overall = pool[pool["split"] == "pool"].iloc[0]
     assert overall["n"] == 2000 and 0.1 < overall["accuracy"] <= 1.0  # better than chance on 10 classes
-    assert pool[pool["split"].str.startswith("pool[")]["n"].sum() == 2000  # the class histogram
+    quality = pd.read_csv(smoke_workdir / "pseudolabel" / "quality.csv")
+    assert list(quality.columns) == ["class", "count", "precision", "mean_confidence", "measured_against"]
+    per_class = quality[quality["class"] != "all"]
+    assert len(per_class) == 10 and per_class["count"].sum() == 2000  # the class histogram
+    assert quality[quality["class"] == "all"]["precision"].iloc[0] == overall["accuracy"]
 
 
 def test_pseudolabels_h5_schema(smoke_workdir):

@@ -110,9 +110,10 @@ def import_checkpoint(path: str | os.PathLike, *, arch: str, num_classes: int, i
                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Module:
     """Our model (Normalize + `arch`, eval mode, on the CPU, taking [0, 1] inputs) with the weights of `path`.
 
-    `input_normalization` says what the network expects, for checkpoints that do not carry it: None
-    for [0, 1] inputs, a dataset name ("cifar10", "fashion-mnist") for its statistics, or a
-    (mean, std) pair; `mean` and `std` are the same pair as two arguments. A checkpoint that carries
+    `input_normalization` says what the network expects, for checkpoints that do not carry it: None,
+    "none" or [] for [0, 1] inputs; a dataset name ("cifar10", "fashion-mnist") or [name] for its
+    statistics; or a (mean, std) pair of per-channel lists. `mean` and `std` are that pair as two
+    arguments. A checkpoint that carries
     its own normalisation is imported with it, and a different one given here is refused."""
     path = os.fspath(path)
     checkpoint = read_checkpoint(path)
@@ -236,6 +237,9 @@ def _given_normalization(path: str, input_normalization, mean, std) -> tuple[lis
                         "mean/std); give one of them.")
     if mean is not None:
         input_normalization = (mean, std)
+    # The config's list form: [] for [0, 1] inputs, ["cifar10"] for a dataset's statistics.
+    if isinstance(input_normalization, (list, tuple)) and len(input_normalization) <= 1:
+        input_normalization = input_normalization[0] if input_normalization else None
     if input_normalization is None or input_normalization == "none":
         return None
     if isinstance(input_normalization, str):

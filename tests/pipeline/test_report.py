@@ -222,6 +222,11 @@ def test_missing_pieces(tmp_path):
     page = Page(write_report(only_teacher).read_text())
     assert page.headings == ["Stages"] and len(page.tables) == 1 and page.images == []
 
+    # An imported teacher trains nothing: its metrics.csv is the header alone.
+    metrics(1, validation=False).iloc[:0].to_csv(only_teacher / "teacher" / "metrics.csv", index=False)
+    page = Page(write_report(only_teacher).read_text())
+    assert "metrics.csv has no epoch rows" in page.all_text and page.images == []
+
 
 def test_pseudolabels_without_truth_or_h5(tmp_path):
     workdir = tmp_path / "run"

@@ -103,9 +103,15 @@ def test_plain_state_dict_takes_unit_inputs_unless_told(tmp_path, prefix):
     named = import_checkpoint(tmp_path / "w.pt", arch="tiny-cnn", num_classes=10, in_channels=1,
                               input_normalization="fashion-mnist")
     pair = import_checkpoint(tmp_path / "w.pt", arch="tiny-cnn", num_classes=10, in_channels=1, mean=mean, std=std)
+    listed = import_checkpoint(tmp_path / "w.pt", arch="tiny-cnn", num_classes=10, in_channels=1,
+                               input_normalization=["fashion-mnist"])  # the config's list form
     expected = logits(net, normalized(x, mean, std))
-    assert torch.allclose(logits(named, x), expected, atol=1e-5)
-    assert torch.allclose(logits(pair, x), expected, atol=1e-5)
+    for model in (named, pair, listed):
+        assert torch.allclose(logits(model, x), expected, atol=1e-5)
+    for unit in ([], "none"):
+        model = import_checkpoint(tmp_path / "w.pt", arch="tiny-cnn", num_classes=10, in_channels=1,
+                                  input_normalization=unit)
+        assert torch.equal(logits(model, x), logits(net, x))
 
 
 @pytest.mark.parametrize("layout", ["robustbench-carmon", "mart-official", "mart-dataparallel",

@@ -113,8 +113,8 @@ def import_checkpoint(path: str | os.PathLike, *, arch: str, num_classes: int, i
     `input_normalization` says what the network expects, for checkpoints that do not carry it: None,
     "none" or [] for [0, 1] inputs; a dataset name ("cifar10", "fashion-mnist") or [name] for its
     statistics; or a (mean, std) pair of per-channel lists. `mean` and `std` are that pair as two
-    arguments. A checkpoint that carries
-    its own normalisation is imported with it, and a different one given here is refused."""
+    arguments. A checkpoint that carries its own normalisation is imported with it, and a different
+    one given here is refused."""
     path = os.fspath(path)
     checkpoint = read_checkpoint(path)
     _check_recorded_shape(path, checkpoint, arch=arch, num_classes=num_classes, in_channels=in_channels)

@@ -204,8 +204,8 @@ def _report(config, workdir: Path) -> int:
     from pipeline.runner import DEFAULT_STAGES, Runner
 
     names = list(DEFAULT_STAGES) + (["eval"] if (workdir / "eval").exists() else [])
-    rows = [{"stage": p.stage.name, "state": "fresh" if p.fresh else p.reason, "fingerprint": p.fingerprint}
-            for p in Runner(config, workdir).plan(names)]
+    rows = [{"name": p.stage.name, "state": "fresh" if p.fresh else p.reason, "fingerprint": p.fingerprint,
+             "dir": p.entry} for p in Runner(config, workdir).plan(names)]
     print(f"wrote {write_report(workdir, rows)}")
     return EXIT_OK
 

@@ -323,8 +323,8 @@ def validate(config: Config, *, world_size: int | None = None, sources: dict[str
     for key, choices in _CHOICES.items():
         value = _value(config, key)
         if value not in choices and not (key == "run.device" and re.fullmatch(r"cuda:[0-9]+", value)):
-            raise refuse(key, f"it must be one of {', '.join(choices)}" + (" or cuda:N" if key == "run.device"
-                                                                            else ""), "")
+            also = " or cuda:N" if key == "run.device" else ""
+            raise refuse(key, f"it must be one of {', '.join(choices)}{also}", "")
     for key, (ok, rule, meaning) in _RANGES.items():
         value = _value(config, key)
         if isinstance(value, float) and not math.isfinite(value) or not ok(value):

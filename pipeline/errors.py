@@ -45,10 +45,11 @@ def storage_errno(exc: BaseException) -> int | None:
     file raises its RuntimeError while handling the file's OSError): an OSError's own, or one h5py
     quotes; -1 for torch's errno-less "write failed"; None when it is not a failure we translate."""
     found, seen = None, set()
-    while exc is not None and id(exc) not in seen:
+    # Only through I/O-shaped links: a bug raised while handling a full disk stays a bug.
+    while isinstance(exc, (OSError, RuntimeError)) and id(exc) not in seen:
         seen.add(id(exc))
         code = exc.errno if isinstance(exc, OSError) else None
-        if code is None and isinstance(exc, (OSError, RuntimeError)):
+        if code is None:
             quoted = _QUOTED_ERRNO.search(str(exc))
             code = int(quoted[1]) if quoted else None
             if code is None and isinstance(exc, RuntimeError) and any(m in str(exc) for m in _TORCH_WRITE_FAILED):

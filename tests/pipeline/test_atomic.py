@@ -190,3 +190,13 @@ def test_real_full_disk_on_a_tmpfs(tmp_path):
         assert torch.load(disk / "model.pt", weights_only=True)["w"].shape == (10_000,)
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_bug_raised_while_handling_a_full_disk_stays_a_bug():
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            {}["missing"]
+    except KeyError as bug:
+        assert storage_error(bug, "/x") is None

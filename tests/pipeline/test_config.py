@@ -1,6 +1,8 @@
+import dataclasses
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,14 @@ def test_out_of_range_values_are_refused_with_key_value_and_fix(override):
     assert f"`{key}` is " in message and f"(set by --set {override})" in message and "it must be" in message
     assert f"--set {key}=VALUE" in message  # the fix
     assert "\n" not in message
+
+
+def test_every_number_has_a_range():
+    from pipeline import config as module
+
+    numbers = {f"{section}.{f.name}" for section, kind in module._SECTION_TYPES.items()
+               for f in dataclasses.fields(kind) if typing.get_type_hints(kind)[f.name] in (int, float)}
+    assert numbers - set(module._RANGES) == set()
 
 
 @pytest.mark.parametrize("override", [

@@ -7,13 +7,14 @@ bookkeeping `rows_written`, `pool_rows_done` and `complete` (0 while being writt
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import h5py
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, storage_error
 
 SCHEMA_VERSION = 1
 
@@ -64,12 +65,17 @@ class PseudoLabelWriter:
     If `path` holds an incomplete file of ours written for the same pool and teacher (same
     `pool_fingerprint`, `teacher_fingerprint`, image shape, capacity, `num_classes`, `save_logits`),
     it is reopened and writing resumes at its `rows_written`/`pool_rows_done` (`resumed` is True);
-    anything else at `path` (finished, foreign, unreadable, different teacher) is replaced.
+    anything else at `path` (finished, foreign, different teacher) is replaced, and so is a file that
+    cannot be read or claims rows it does not hold (`discarded` says why, and `log` is told).
+
+    A full disk or I/O error while writing raises a UserError naming the file and the free space. The
+    file then keeps what the last successful append made durable: each append flushes and fsyncs the
+    rows before it records them in `rows_written`, so the recorded progress never runs ahead of the disk.
     """
 
     def __init__(self, path, *, capacity: int, image_shape: tuple[int, int, int], num_classes: int,
                  attrs: dict, save_logits: bool = False, rows_per_chunk: int | None = None,
-                 compression: str | None = None):
+                 compression: str | None = None, log: Callable[[str], None] = print):
         missing = [k for k in REQUIRED_ATTRS if k not in attrs]
         if missing:
             raise ValueError(f"PseudoLabelWriter: attrs lacks {missing}")
@@ -86,64 +92,142 @@ class PseudoLabelWriter:
         self.save_logits = bool(save_logits)
         self.rows_per_chunk = int(rows_per_chunk or default_rows_per_chunk(self.image_shape))
         self._file: h5py.File | None = None
+        self._datasets: dict[str, h5py.Dataset] = {}
+        self._fd = -1  # the HDF5 driver's descriptor, for fsync and for abandoning a failed file
 
-        self._file = self._reopen_matching(attrs)
-        self.resumed = self._file is not None
+        self.discarded: str | None = None
+        self.resumed = self._check_resumable(attrs)
         if self.resumed:
+            with self._storage_failures():
+                self._attach(self._open("r+"))
             self.rows_written = int(self._file.attrs["rows_written"])
             self.pool_rows_done = int(self._file.attrs["pool_rows_done"])
         else:
-            self._file = self._create(attrs, compression)
+            if self.discarded:
+                log(f"  {self.path} was left unreadable or inconsistent ({self.discarded}); discarding it "
+                    "and starting that file over")
+            self._create(attrs, compression)
             self.rows_written = 0
             self.pool_rows_done = 0
 
     def _open(self, mode: str) -> h5py.File:
         return h5py.File(self.path, mode, rdcc_nbytes=_CACHE_BYTES, rdcc_nslots=10007)
 
-    def _reopen_matching(self, attrs: dict) -> h5py.File | None:
-        """The existing file opened r+ if it is an unfinished write of this same job, else None."""
-        if not os.path.isfile(self.path):
-            return None
+    def _attach(self, f: h5py.File) -> None:
+        self._file = f
         try:
-            f = self._open("r+")
-        except OSError:  # garbage, or torn by a kill in the middle of an append: start afresh
-            return None
-        try:
-            a = f.attrs
-            images = f.get("images")
-            same = (
-                _to_python(a.get("schema_version")) == SCHEMA_VERSION
-                and _to_python(a.get("complete")) == 0
-                and images is not None
-                and images.shape == (self.capacity, *self.image_shape)
-                and _to_python(a.get("num_classes")) == self.num_classes
-                and ("logits" in f) == self.save_logits
-                and _to_python(a.get("pool_fingerprint")) == _to_python(attrs["pool_fingerprint"])
-                and _to_python(a.get("teacher_fingerprint")) == _to_python(attrs["teacher_fingerprint"])
-                and 0 <= int(a.get("rows_written", -1)) <= self.capacity
-                and int(a.get("rows_written", -1)) <= int(a.get("pool_rows_done", -1))
-            )
-        except (OSError, KeyError, TypeError, ValueError):
-            same = False
-        if not same:
-            f.close()
-            return None
-        return f
+            self._fd = int(f.id.get_vfd_handle())
+        except (TypeError, ValueError, RuntimeError, OSError):  # a driver without a POSIX descriptor
+            self._fd = -1
+        # Held open for the writer's life: a dataset closed after each write would flush its chunk
+        # cache in h5py's deallocator, where a failed write is printed and ignored, not raised.
+        self._datasets = {name: f[name] for name in _DTYPES if name in f}
 
-    def _create(self, attrs: dict, compression: str | None) -> h5py.File:
-        f = self._open("w")  # truncates whatever was there
+    def _check_resumable(self, attrs: dict) -> bool:
+        """True if `path` is an unfinished write of this same job whose recorded rows are all on disk.
+        Sets `discarded` to the reason when the file is ours but cannot be trusted."""
+        if not os.path.isfile(self.path):
+            return False
+        try:
+            f = self._open("r")  # read-only: checking a damaged file must not write to it
+        except Exception as e:  # garbage, or torn by a kill or a full disk mid-append: start afresh
+            self.discarded = f"cannot be opened: {_first_line(e)}"
+            return False
+        try:
+            with f:
+                a = f.attrs
+                images = f.get("images")
+                same = (
+                    _to_python(a.get("schema_version")) == SCHEMA_VERSION
+                    and _to_python(a.get("complete")) == 0
+                    and images is not None
+                    and images.shape == (self.capacity, *self.image_shape)
+                    and _to_python(a.get("num_classes")) == self.num_classes
+                    and ("logits" in f) == self.save_logits
+                    and _to_python(a.get("pool_fingerprint")) == _to_python(attrs["pool_fingerprint"])
+                    and _to_python(a.get("teacher_fingerprint")) == _to_python(attrs["teacher_fingerprint"])
+                )
+                if not same:  # finished, or another job's: replaced without comment
+                    return False
+                rows, pool_rows = int(a.get("rows_written", -1)), int(a.get("pool_rows_done", -1))
+                if not 0 <= rows <= min(self.capacity, pool_rows):
+                    self.discarded = f"rows_written {rows}, pool_rows_done {pool_rows}"
+                    return False
+                missing = _rows_not_on_disk(f, rows, os.path.getsize(self.path))
+                if missing:
+                    self.discarded = f"claims {rows} rows but {missing}"
+                    return False
+                return True
+        except Exception as e:  # h5py raises OSError, RuntimeError, KeyError... on a damaged file
+            self.discarded = f"cannot be read: {_first_line(e)}"
+            return False
+
+    @contextlib.contextmanager
+    def _storage_failures(self) -> Iterator[None]:
+        """A full disk or I/O error while HDF5 writes: abandon the file and raise the UserError."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            error = storage_error(e, self.path)
+            if error is None:
+                raise
+            self._abandon()
+            raise error from e
+
+    def _abandon(self) -> None:
+        """Close the file without HDF5 writing to it again.
+
+        After a failed write HDF5 keeps its metadata dirty and retries it on every close and again at
+        exit, where the second failure crashes the process ("Slist already enabled?", then a segfault).
+        Pointing the driver's descriptor at /dev/null lets that close succeed while the file keeps what
+        the last successful flush wrote; the next writer checks it before resuming.
+        """
+        f, self._file = self._file, None
+        if f is None:
+            return
+        if self._fd >= 0:
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, self._fd)
+            finally:
+                os.close(null)
+        with contextlib.suppress(Exception):  # nothing useful is left to report about this handle
+            f.close()
+        self._datasets, self._fd = {}, -1  # after the close: dropping an open dataset would flush it
+
+    def _durable_flush(self) -> None:
+        self._file.flush()
+        if self._fd >= 0:
+            os.fsync(self._fd)
+
+    def _create(self, attrs: dict, compression: str | None) -> None:
+        try:
+            with self._storage_failures():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)  # a new inode: nothing of a damaged file (or another's handle) survives
+                self._attach(self._open("w"))
+                self._create_datasets(attrs, compression)
+        except UserError:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # an empty, half-created file is no use to a resume
+            raise
+
+    def _create_datasets(self, attrs: dict, compression: str | None) -> None:
+        f = self._file
         n = self.capacity
         image_chunk = (self.rows_per_chunk, *self.image_shape)
         column_chunk = (min(_COLUMN_CHUNK_ROWS, max(1, n)),)
         # maxshape None on the row axis: finish() shrinks to the rows kept.
         f.create_dataset("images", shape=(n, *self.image_shape), maxshape=(None, *self.image_shape),
-                         dtype=np.uint8, chunks=image_chunk, compression=compression)
+                         dtype=np.uint8, chunks=image_chunk, compression=compression,
+                         dcpl=None if compression else _preallocated())
         for name in ("labels", "confidence", "pool_index"):
-            f.create_dataset(name, shape=(n,), maxshape=(None,), dtype=_DTYPES[name], chunks=column_chunk)
+            f.create_dataset(name, shape=(n,), maxshape=(None,), dtype=_DTYPES[name], chunks=column_chunk,
+                             dcpl=_preallocated())
         if self.save_logits:
             k = self.num_classes
             f.create_dataset("logits", shape=(n, k), maxshape=(None, k), dtype=np.float16,
-                             chunks=(column_chunk[0], k))
+                             chunks=(column_chunk[0], k), dcpl=_preallocated())
         for key, value in attrs.items():
             f.attrs[key] = value
         f.attrs["schema_version"] = SCHEMA_VERSION
@@ -151,8 +235,8 @@ class PseudoLabelWriter:
         f.attrs["rows_written"] = 0
         f.attrs["pool_rows_done"] = 0
         f.attrs["complete"] = 0
-        f.flush()
-        return f
+        self._datasets = {name: f[name] for name in _DTYPES if name in f}
+        self._durable_flush()
 
     def append(self, *, images, labels, confidence, pool_index, logits=None, pool_rows_done: int) -> None:
         """Write the kept rows of a pool batch; `pool_rows_done` = pool rows examined so far (kept or not)."""
@@ -179,35 +263,39 @@ class PseudoLabelWriter:
         if pool_rows_done < self.pool_rows_done or pool_rows_done < stop:
             raise ValueError(f"pool_rows_done={pool_rows_done} went backwards or below the rows written")
 
-        # Data first, bookkeeping after, then flush: a kill before the flush leaves the old attrs
-        # (resume rewrites these rows), a kill after it leaves a file that resumes here.
-        f = self._file
-        if n:
-            f["images"][start:stop] = images
-            for name, col in columns.items():
-                f[name][start:stop] = col
-        f.attrs["rows_written"] = stop
-        f.attrs["pool_rows_done"] = int(pool_rows_done)
-        f.flush()
+        # The rows reach the disk (flush and fsync: NFS reports a full disk only there) before the counts
+        # that record them, so the counts on disk never run ahead of the rows. The counts themselves need
+        # no fsync: if they are lost, a resume redoes these rows, and the next append's fsync (or the
+        # close) reports any failure to write them.
+        with self._storage_failures():
+            if n:
+                self._datasets["images"][start:stop] = images
+                for name, col in columns.items():
+                    self._datasets[name][start:stop] = col
+                self._durable_flush()
+            self._file.attrs["rows_written"] = stop
+            self._file.attrs["pool_rows_done"] = int(pool_rows_done)
+            self._file.flush()
         self.rows_written, self.pool_rows_done = stop, int(pool_rows_done)
 
     def finish(self) -> None:
         """Shrink every dataset to the rows written, mark the file complete, close it."""
-        f = self._file
-        if f is None:
+        if self._file is None:
             raise ValueError("PseudoLabelWriter: finish after close")
-        for name in ("images", "labels", "confidence", "pool_index", "logits"):
-            if name in f:
-                f[name].resize(self.rows_written, axis=0)
-        f.attrs["complete"] = 1
-        f.flush()
+        with self._storage_failures():
+            for dataset in self._datasets.values():
+                dataset.resize(self.rows_written, axis=0)
+            self._durable_flush()  # the shrunk layout on disk before the mark that says it is final
+            self._file.attrs["complete"] = 1
+            self._durable_flush()
         self.close()
 
     def close(self) -> None:
         """Close without finishing: the file stays incomplete and resumable."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            with self._storage_failures():
+                self._file.close()  # closes the datasets too, raising (not printing) a failed flush
+            self._file, self._datasets, self._fd = None, {}, -1
 
     def __enter__(self) -> "PseudoLabelWriter":
         return self
@@ -354,6 +442,41 @@ class PseudoLabelReader:
     def load_images(self) -> np.ndarray:
         """The whole images dataset in memory (for pools that fit)."""
         return self._images[()]
+
+
+def _preallocated():
+    """Dataset creation properties: every chunk placed in the file (and indexed) when the dataset is
+    created, none of it written until the rows come (the file stays sparse). Appends then only write
+    data into place and never change the file's structure, so a write that fails on a full disk
+    cannot leave a chunk index that points past the end of the file. (Compressed chunks change size
+    as they are written, so a compressed file is laid out chunk by chunk as before.)"""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return dcpl
+
+
+def _rows_not_on_disk(f: h5py.File, rows: int, file_size: int) -> str | None:
+    """Which of the first `rows` rows of each dataset the file does not hold, or None if it holds them all.
+
+    A full disk can leave the chunk index pointing past the end of the file, or chunks never allocated;
+    reading the last claimed row then makes HDF5 read the chunk, which catches what the index hides.
+    """
+    for name in _DTYPES:
+        if name not in f or rows == 0:
+            continue
+        ds = f[name]
+        chunk_rows = ds.chunks[0] if ds.chunks else rows
+        for first in range(0, rows, chunk_rows):
+            info = ds.id.get_chunk_info_by_coord((first,) + (0,) * (ds.ndim - 1))
+            if info.byte_offset is None or info.byte_offset + info.size > file_size:
+                return f"{name!r} rows from {first} are not in the file"
+        ds[rows - 1]
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _fail(path: str, problem: str, fix: str | None = None) -> UserError:

@@ -11,7 +11,7 @@ import textwrap
 import traceback
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, storage_error
 
 EXIT_OK, EXIT_BUG, EXIT_USER = 0, 1, 2
 ERROR_DIR_ENV = "RST_MART_ERROR_DIR"  # set by pipeline.torchrun: where ranks leave their user errors
@@ -68,7 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as e:
+        # The last net for a full disk, quota, read-only filesystem, I/O error or permission problem
+        # that no writer translated: the user's to fix, so a paragraph, not a traceback.
+        error = storage_error(e, args.workdir or Path.cwd(), doing="using")
+        if error is not None:
+            print(_paragraph(f"error: {error}"), file=sys.stderr)
+            return EXIT_USER
         traceback.print_exc()
         print("\nThis is a bug in rst-mart (not in your input); please report it with the traceback above.",
               file=sys.stderr)

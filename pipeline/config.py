@@ -3,16 +3,22 @@
 A config file only needs the keys it changes; `--set section.key=value` overrides any key with a
 value parsed and checked against the field's type. Unknown sections and keys are refused, except in
 `[pool]`, whose extra keys belong to the pool provider (which refuses the ones it does not take).
+After the overrides, `validate` checks every value's range and the values against each other (and the
+batch sizes against torchrun's world size), so a bad value fails before any stage runs, not hours in.
+No torch here: `status` must stay quick.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.distributed import dist_info
 from pipeline.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -26,8 +32,8 @@ class RunConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 where native, else fp32): training autocast only; evaluation is always fp32
     channels_last: bool = False  # NHWC memory format for convolutions (faster on GPUs, and with oneDNN on CPUs)
     compile: bool = False  # torch.compile the model (not the attack loop)
-    num_workers: int = 2  # batches prepared ahead by the loader's background thread (at least 1)
-    checkpoint_every_s: float = 60.0  # seconds between mid-epoch checkpoints (plus one at every epoch end)
+    num_workers: int = 2  # batches prepared ahead by the loader's background thread (0 counts as 1)
+    checkpoint_every_s: float = 60.0  # seconds between mid-epoch checkpoints (plus one at every epoch end); 0 = every step
     sync_bn: bool = False  # SyncBatchNorm across ranks under torchrun (GPU)
     store: str = ""  # the stage store; "" = $RST_MART_STORE, else .store beside the work dir (runs/.store)
 
@@ -45,7 +51,7 @@ class PoolConfig:
     provider: str = "labeled-remainder"  # built-in name, entry point in rst_mart.pools, or module:factory
     path: str = ""  # the pool's file or folder, for the file-based providers
     limit: int = 0  # use the first N pool images; 0 = all
-    convert: list = field(default_factory=list)  # explicit conversions, e.g. ["gray-to-rgb", "resize"]
+    convert: list[str] = field(default_factory=list)  # explicit conversions, e.g. ["gray-to-rgb", "resize"]
     options: dict = field(default_factory=dict)  # any other [pool] key, passed to the provider
 
 
@@ -57,8 +63,8 @@ class TeacherConfig:
     lr: float = 0.05  # SGD learning rate at the start of the schedule
     momentum: float = 0.9  # SGD momentum (Nesterov off, as in the reference recipes)
     weight_decay: float = 5e-4  # L2 penalty on all parameters
-    schedule: str = "cosine"  # cosine | piecewise | constant
-    milestones: list = field(default_factory=list)  # piecewise: lr x0.1 once this many epochs are complete
+    schedule: str = "cosine"  # cosine | piecewise (needs milestones) | constant
+    milestones: list[int] = field(default_factory=list)  # piecewise: lr x0.1 after each of these epochs (1..epochs-1)
     augment: bool = True  # random crop (padding 2 at 28px, 4 at 32px) and horizontal flip
 
 
@@ -80,8 +86,8 @@ class MartConfig:
     lr: float = 0.01  # SGD learning rate at the start of the schedule
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 3.5e-3  # L2 penalty (MART's ResNet-18 recipe)
-    schedule: str = "piecewise"  # cosine | piecewise | constant
-    milestones: list = field(default_factory=list)  # piecewise: lr x0.1 once this many epochs are complete
+    schedule: str = "cosine"  # cosine | piecewise (needs milestones) | constant
+    milestones: list[int] = field(default_factory=list)  # piecewise: lr x0.1 after each of these epochs (1..epochs-1)
     beta: float = 6.0  # weight of the misclassification-aware KL term (TRADES: of the KL term)
     epsilon: float = 0.031  # L-inf radius of the training attack, on [0,1] pixels
     step_size: float = 0.007  # PGD step of the training attack
@@ -90,18 +96,18 @@ class MartConfig:
     pool_in_memory: str = "auto"  # load the pool's images into RAM up to this many GiB (0 = read pseudolabels.h5 in chunks); auto = a quarter of the available RAM
     augment: bool = True  # random crop and horizontal flip on labeled and pool images alike
     ema_decay: float = 0.0  # weight EMA decay per step (e.g. 0.995); 0 = no EMA
-    val_size: int = 0  # labeled images held out to pick the best epoch by PGD accuracy; 0 = keep the last
+    val_size: int = 0  # labeled images (fewer than there are) held out to pick the best epoch by PGD accuracy; 0 = keep the last
     eval_n: int = 0  # test images for the stage's final clean / PGD-20 evaluation; 0 = the whole test set
     eval_batch_size: int = 256  # images per evaluation batch
 
 
 @dataclass
 class EvalConfig:
-    models: list = field(default_factory=lambda: ["mart"])  # checkpoints: mart (selected), mart-last, teacher
-    attacks: list = field(default_factory=lambda: ["clean", "fgsm", "pgd20", "cw30", "autoattack"])  # pgdN, cwN too
+    models: list[str] = field(default_factory=lambda: ["mart"])  # checkpoints: mart (selected), mart-last, teacher
+    attacks: list[str] = field(default_factory=lambda: ["clean", "fgsm", "pgd20", "cw30", "autoattack"])  # pgdN, cwN too
     n: int = 1000  # the first n test images, in dataset order
     eps: float = 0.0  # L-inf radius on [0, 1] pixels; 0 = the training radius mart.epsilon
-    sweep: list = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0])  # multiples of eps for the PGD-20 curve
+    sweep: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0])  # multiples of eps for the PGD-20 curve
     batch_size: int = 256  # images per evaluation batch
     checks: bool = True  # run the gradient-masking sanity checks into checks.csv
 
@@ -128,16 +134,11 @@ _SECTION_TYPES = {f.name: typing.get_type_hints(Config)[f.name] for f in datacla
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a TOML config (defaults for what it omits) and apply `section.key=value` overrides."""
+    """Read a TOML config (defaults for what it omits), apply `section.key=value` overrides, validate."""
     path = Path(path) if path else DEFAULT_CONFIG
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist; pass an existing file with --config "
-                        f"(the shipped ones are in {CONFIG_DIR}).") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"config file {path} is not valid TOML ({e}); fix the syntax at that line.") from None
+    raw = _read_toml(path)
     config = Config()
+    sources: dict[str, str] = {}  # "section.key" -> where its value came from, for error messages
     for section, values in raw.items():
         if section not in _SECTION_TYPES:
             raise UserError(f"config file {path} has an unknown section [{section}]; the sections are "
@@ -146,11 +147,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise UserError(f"config file {path}: `{section}` must be a [section] table, not a value.")
         for key, value in values.items():
             _assign(config, section, key, value, where=f"config file {path}")
+            sources[f"{section}.{key}"] = f"config file {path}"
     for item in overrides:
         section, key, value = parse_override(item)
         _assign(config, section, key, value, where=f"--set {item}")
-    _check_choices(config)
+        sources[f"{section}.{key}"] = f"--set {item}"
+    validate(config, sources=sources)
     return config
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        text = path.read_bytes().decode("utf-8")  # TOML is UTF-8 whatever the locale says
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist; pass an existing file with --config "
+                        f"(the shipped ones are in {CONFIG_DIR}).") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a directory; pass the path of a .toml file with --config "
+                        f"(the shipped ones are in {CONFIG_DIR}).") from None
+    except PermissionError:
+        raise UserError(f"config file {path} cannot be read (permission denied); make it readable "
+                        f"(chmod u+r {path}) or pass a copy you can read with --config.") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                        f"{e.start}); TOML files must be UTF-8: save it as UTF-8 (for example "
+                        f"iconv -f latin1 -t utf-8 {path} > fixed.toml) and pass that file.") from None
+    except OSError as e:
+        raise UserError(f"config file {path} cannot be read ({e.strerror or e}); pass a readable file "
+                        "with --config.") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML ({e}); fix the syntax at that line.") from None
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:
@@ -158,11 +186,15 @@ def parse_override(item: str) -> tuple[str, str, Any]:
     section, dot, key = name.strip().partition(".")
     if not sep or not dot or not key:
         raise UserError(f"--set {item!r} is not of the form section.key=value (for example --set mart.beta=3).")
-    try:  # TOML syntax gives numbers, booleans and lists; anything else is taken as a bare string
-        value = tomllib.loads(f"v = {text}")["v"]
+    return section, key.strip(), _parse_value(text)
+
+
+def _parse_value(text: str) -> Any:
+    """TOML syntax gives numbers, booleans and lists; anything else is taken as a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        value = text
-    return section, key.strip(), value
+        return text
 
 
 def _assign(config: Config, section: str, key: str, value: Any, where: str) -> None:
@@ -181,61 +213,218 @@ def _assign(config: Config, section: str, key: str, value: Any, where: str) -> N
 
 def _coerce(value: Any, kind: Any, name: str, where: str) -> Any:
     origin = typing.get_origin(kind) or kind
-    if origin is bool:
+    if origin is list:
+        (element,) = typing.get_args(kind)
+        if isinstance(value, str):  # --set eval.attacks=clean,pgd20 (each item parsed like a TOML value)
+            value = [_parse_value(v.strip()) for v in value.split(",") if v.strip()]
+        elif not isinstance(value, list):  # --set mart.milestones=75: a list of one
+            value = [value]
+        # A list of names takes strings only: [1, 2] for eval.attacks is a mistake, not "1" and "2".
+        items = [_REFUSED if element is str and not isinstance(v, str) else _coerce_scalar(v, element)
+                 for v in value]
+        bad = [v for v, ok in zip(value, items) if ok is _REFUSED]
+        if bad:
+            raise UserError(f"{where}: `{name}` must be a list of {element.__name__}, got {value!r} (the item "
+                            f"{bad[0]!r} is {type(bad[0]).__name__}); write it as [a, b, ...] with "
+                            f"{element.__name__} items, or a,b,... after --set.")
+        return items
+    coerced = _coerce_scalar(value, origin)
+    if coerced is _REFUSED:
+        raise UserError(f"{where}: `{name}` must be {origin.__name__}, got {value!r} ({type(value).__name__}).")
+    return coerced
+
+
+_REFUSED = object()
+
+
+def _coerce_scalar(value: Any, kind: type) -> Any:
+    """`value` as `kind` when it unambiguously is one (an int for a float, "true" for a bool), else _REFUSED."""
+    if kind is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-    elif origin is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+    elif isinstance(value, bool):
+        return _REFUSED
+    elif kind is int:
+        if isinstance(value, int):
             return value
-    elif origin is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif kind is float:
+        if isinstance(value, (int, float)):
             return float(value)
-    elif origin is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+    elif kind is str:
+        if isinstance(value, (str, int, float)):
             return str(value)
-    elif origin is list:
-        if isinstance(value, list):
-            return value
-        if isinstance(value, str):  # --set eval.attacks=clean,pgd20
-            return [v.strip() for v in value.split(",") if v.strip()]
-    raise UserError(f"{where}: `{name}` must be {getattr(origin, '__name__', origin)}, got {value!r} "
-                    f"({type(value).__name__}).")
+    return _REFUSED
 
 
+# -- validation ------------------------------------------------------------------------------------------
 _CHOICES = {
-    ("run", "device"): ("auto", "cpu", "cuda"),
-    ("run", "precision"): ("fp32", "bf16", "fp16", "auto"),
-    ("teacher", "schedule"): ("cosine", "piecewise", "constant"),
-    ("mart", "schedule"): ("cosine", "piecewise", "constant"),
-    ("mart", "loss"): ("mart", "trades", "pgd-at"),
+    "run.device": ("auto", "cpu", "cuda"),  # and cuda:N
+    "run.precision": ("fp32", "bf16", "fp16", "auto"),
+    "teacher.schedule": ("cosine", "piecewise", "constant"),
+    "mart.schedule": ("cosine", "piecewise", "constant"),
+    "mart.loss": ("mart", "trades", "pgd-at"),
 }
 
+# The names stages/evaluate.py accepts (it imports torch, so they are repeated here; a test keeps them equal).
+EVAL_MODELS = ("mart", "mart-last", "teacher")
+EVAL_ATTACK = re.compile(r"clean|fgsm|autoattack|apgd-ce|apgd-dlr|apgd-t|fab|fab-t|square|(pgd|cw)[1-9][0-9]*")
 
-def _check_choices(config: Config) -> None:
-    for (section, key), choices in _CHOICES.items():
-        value = getattr(getattr(config, section), key)
-        if value not in choices and not (key == "device" and str(value).startswith("cuda:")):
-            raise UserError(f"`{section}.{key}` is {value!r}; it must be one of {', '.join(choices)}.")
-    if config.mart.pool_in_memory != "auto":
-        try:
-            ok = float(config.mart.pool_in_memory) >= 0
-        except ValueError:
-            ok = False
-        if not ok:
-            raise UserError(f"`mart.pool_in_memory` is {config.mart.pool_in_memory!r}; it must be \"auto\" or a "
-                            "number of GiB >= 0 (0 reads the pool from pseudolabels.h5 in chunks).")
-    if not 0.0 <= config.mart.unsup_fraction <= 1.0:
-        raise UserError(f"`mart.unsup_fraction` is {config.mart.unsup_fraction}; it must lie in [0, 1].")
+_AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_POSITIVE = (lambda v: v > 0, "> 0")
+_FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_BELOW_1 = (lambda v: 0 <= v < 1, "in [0, 1)")
+
+# Every number's allowed range, with what the value means where that helps to choose a fix.
+_RANGES = {
+    "run.seed": (*_AT_LEAST_0, ""),
+    "run.num_workers": (*_AT_LEAST_0, ""),
+    "run.checkpoint_every_s": (*_AT_LEAST_0, "seconds between mid-epoch checkpoints; 0 = after every step"),
+    "data.num_labeled": (*_AT_LEAST_0, "0 = the whole training split"),
+    "pool.limit": (*_AT_LEAST_0, "0 = the whole pool"),
+    "pseudolabel.batch_size": (*_AT_LEAST_1, ""),
+    "pseudolabel.dedup_threshold": (*_POSITIVE, "an L2 distance on [0, 1] pixels; RST used 2000/255 = 7.843"),
+    "mart.epoch_size": (*_AT_LEAST_0, "0 = as many examples as labeled images"),
+    "mart.beta": (*_AT_LEAST_0, "the weight of the robust term; the papers use 5 or 6"),
+    "mart.epsilon": (*_POSITIVE, "the L-inf radius on [0, 1] pixels, e.g. 0.031 for 8/255"),
+    "mart.step_size": (*_POSITIVE, "the PGD step on [0, 1] pixels, e.g. 0.007 with epsilon 0.031"),
+    "mart.steps": (*_AT_LEAST_1, ""),
+    "mart.unsup_fraction": (*_FRACTION, "the share of each batch drawn from the pool"),
+    "mart.ema_decay": (*_BELOW_1, "0 = no EMA, e.g. 0.995"),
+    "mart.val_size": (*_AT_LEAST_0, "0 = no validation split"),
+    "mart.eval_n": (*_AT_LEAST_0, "0 = the whole test set"),
+    "mart.eval_batch_size": (*_AT_LEAST_1, ""),
+    "eval.n": (*_AT_LEAST_0, "0 = the whole test set"),
+    "eval.eps": (*_AT_LEAST_0, "0 = the training radius mart.epsilon"),
+    "eval.batch_size": (*_AT_LEAST_1, ""),
+}
+for _section in ("teacher", "mart"):
+    _RANGES.update({
+        f"{_section}.epochs": (*_AT_LEAST_1, ""),
+        f"{_section}.batch_size": (*_AT_LEAST_1, ""),
+        f"{_section}.lr": (*_POSITIVE, ""),
+        f"{_section}.momentum": (*_BELOW_1, "0.9 in the reference recipes"),
+        f"{_section}.weight_decay": (*_AT_LEAST_0, ""),
+    })
+
+
+def validate(config: Config, *, world_size: int | None = None, sources: dict[str, str] | None = None) -> None:
+    """Refuse, with a UserError naming the key, its value and the fix, any value a stage would crash on or
+    silently misuse. `world_size` defaults to torchrun's WORLD_SIZE (1 without torchrun); `sources` maps
+    "section.key" to where the value was set, for the message."""
+    world_size = dist_info().world_size if world_size is None else world_size
+
+    def refuse(key: str, problem: str, fix: str) -> UserError:
+        where = "" if sources is None else f" (set by {sources[key]})" if key in sources else " (the default)"
+        fix = fix or f"Change it in the [{key.split('.')[0]}] section of the config file, or with --set {key}=VALUE."
+        return UserError(f"`{key}` is {_value(config, key)!r}{where}; {problem}. {fix}")
+
+    for key, choices in _CHOICES.items():
+        value = _value(config, key)
+        if value not in choices and not (key == "run.device" and re.fullmatch(r"cuda:[0-9]+", value)):
+            also = " or cuda:N" if key == "run.device" else ""
+            raise refuse(key, f"it must be one of {', '.join(choices)}{also}", "")
+    for key, (ok, rule, meaning) in _RANGES.items():
+        value = _value(config, key)
+        if isinstance(value, float) and not math.isfinite(value) or not ok(value):
+            raise refuse(key, f"it must be {'a finite number ' if isinstance(value, float) else ''}{rule}"
+                              + (f" ({meaning})" if meaning else ""), "")
+    pool_in_memory = config.mart.pool_in_memory
+    if pool_in_memory != "auto" and not _is_number_at_least_0(pool_in_memory):
+        raise refuse("mart.pool_in_memory", "it must be \"auto\" or a number of GiB >= 0 (0 reads the pool from "
+                                            "pseudolabels.h5 in chunks)", "")
     for section in ("teacher", "mart"):
-        c = getattr(config, section)
-        if c.epochs < 1 or c.batch_size < 1:
-            raise UserError(f"`{section}.epochs` and `{section}.batch_size` must be at least 1.")
+        _check_schedule(config, section, refuse)
+    if config.data.num_labeled > 0:
+        _check_val_size(config, config.data.num_labeled, refuse)
+    _check_world_size(config, world_size, refuse)
+    _check_eval(config, refuse)
 
 
 def check_against_labeled(config: Config, num_labeled_images: int) -> None:
-    """Checks that need the labeled set's size (known once it is opened)."""
+    """Once the labeled set is open (its size known even when data.num_labeled = 0): refuse a
+    validation split that would leave no labeled image to train on."""
+    def refuse(key: str, problem: str, fix: str) -> UserError:
+        return UserError(f"`{key}` is {_value(config, key)!r}; {problem}. {fix}")
+
+    _check_val_size(config, num_labeled_images, refuse)
+
+
+def _value(config: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def _is_number_at_least_0(text: str) -> bool:
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return math.isfinite(value) and value >= 0
+
+
+def _check_schedule(config: Config, section: str, refuse) -> None:
+    c = getattr(config, section)
+    if c.schedule == "piecewise" and not c.milestones:
+        raise refuse(f"{section}.schedule", f"a piecewise schedule needs `{section}.milestones`, the epochs after "
+                                            "which the learning rate is multiplied by 0.1, and it has none",
+                     f"Set them (e.g. --set {section}.milestones=[{max(1, c.epochs * 3 // 4)}]) or use "
+                     f"--set {section}.schedule=cosine.")
+    outside = [m for m in c.milestones if not 1 <= m <= c.epochs - 1]
+    if outside:
+        early = outside[0] < 1
+        raise refuse(f"{section}.milestones", f"milestone {outside[0]} is outside 1..{c.epochs - 1}: with "
+                                              f"{section}.epochs = {c.epochs} it would "
+                                              + ("act before training starts" if early else "never be reached"),
+                     f"Give epoch counts between 1 and {section}.epochs - 1"
+                     + (f" (for a lower rate from the start, lower `{section}.lr`)." if early else "."))
+
+
+def _check_val_size(config: Config, num_labeled_images: int, refuse) -> None:
     if config.mart.val_size >= num_labeled_images:
-        raise UserError(f"`mart.val_size` is {config.mart.val_size} but there are only {num_labeled_images} labeled "
-                        f"images; hold out fewer (e.g. --set mart.val_size={num_labeled_images // 10}).")
+        raise refuse("mart.val_size", f"the validation split must be smaller than the {num_labeled_images} "
+                                      "labeled images, or no labeled image is left to train on",
+                     f"Hold out fewer (e.g. --set mart.val_size={num_labeled_images // 10}), label more "
+                     "(data.num_labeled), or use 0 to keep the last epoch without a validation split.")
+
+
+def _check_world_size(config: Config, world_size: int, refuse) -> None:
+    """Training batches are global and split across torchrun's ranks (data/mixed.py). Evaluation and
+    pseudo-labeling batches are not split (each rank takes whole batches), so they need no check."""
+    if world_size <= 1:
+        return
+    for section in ("teacher", "mart"):
+        batch = getattr(config, section).batch_size
+        if batch % world_size:
+            raise refuse(f"{section}.batch_size", f"the global batch is split evenly across the {world_size} "
+                                                  "torchrun processes, and it is not a multiple of that",
+                         f"Use a multiple of {world_size} (e.g. --set {section}.batch_size="
+                         f"{max(world_size, batch // world_size * world_size)}) or change --nproc_per_node.")
+    # Each rank takes its slice of the batch's labeled part and of its pool part; the last rank gets the
+    # smallest slices, and must not get an empty batch.
+    pool_rows = round(config.mart.batch_size * config.mart.unsup_fraction)  # as MixedBatchSampler splits
+    labeled_rows = config.mart.batch_size - pool_rows
+    if labeled_rows // world_size + pool_rows // world_size < 1:
+        raise refuse("mart.batch_size", f"split into {labeled_rows} labeled and {pool_rows} pool images, each "
+                                        f"shared among {world_size} processes, it leaves some process an "
+                                        "empty batch", f"Use a batch of at least {2 * world_size}.")
+
+
+def _check_eval(config: Config, refuse) -> None:
+    unknown = [m for m in config.eval.models if m not in EVAL_MODELS]
+    if unknown or not config.eval.models:
+        raise refuse("eval.models", f"{f'{unknown[0]!r} is not a model' if unknown else 'it names no model'}; "
+                                    f"the models are {', '.join(EVAL_MODELS)}",
+                     "List some of them, e.g. --set eval.models=mart,teacher.")
+    unknown = [a for a in config.eval.attacks if not EVAL_ATTACK.fullmatch(a)]
+    if unknown:
+        raise refuse("eval.attacks", f"{unknown[0]!r} is not an attack; the forms are clean, fgsm, pgdN and "
+                                     "cwN (N steps, e.g. pgd20, cw30), autoattack, or one AutoAttack part "
+                                     "(apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square)",
+                     "Fix the name, e.g. --set eval.attacks=clean,pgd20,autoattack.")
+    bad = [m for m in config.eval.sweep if not (math.isfinite(m) and m > 0)]
+    if bad:
+        raise refuse("eval.sweep", f"{bad[0]!r} is not a positive multiple of eps (the PGD-20 curve is "
+                                   "measured at eps x each item)", "Use numbers > 0, e.g. --set eval.sweep=0.5,1,2.")

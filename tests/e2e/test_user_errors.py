@@ -1,4 +1,7 @@
 """Bad input through the CLI: exit status 2, one paragraph naming the problem, no traceback, no artifact."""
+import os
+import subprocess
+
 import pytest
 
 from tests.conftest import SMOKE, run_cli
@@ -8,8 +11,9 @@ def assert_user_error(proc, *fragments):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ")
+    text = " ".join(proc.stderr.split())  # the paragraph is wrapped at 100 columns
     for fragment in fragments:
-        assert fragment in proc.stderr
+        assert fragment in text
 
 
 @pytest.mark.parametrize("override, fragment", [
@@ -41,3 +45,87 @@ def test_bad_pool_fails_before_the_teacher_trains(tmp_path):
 def test_unknown_stage(tmp_path):
     assert_user_error(run_cli("run", "--config", SMOKE, "--workdir", tmp_path, "--stages", "mrat", check=False),
                       "unknown stage mrat")
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ('mart.milestones=[1.5,"x"]', "`mart.milestones` must be a list of int"),
+    ("eval.sweep=a,b", "`eval.sweep` must be a list of float"),
+    ("mart.epsilon=-1", "`mart.epsilon` is -1.0"),
+    ("mart.val_size=500", "smaller than the 500 labeled images"),  # smoke: data.num_labeled = 500
+    ("mart.schedule=piecewise", "needs `mart.milestones`"),
+    ("eval.attacks=clean,pgd", "'pgd' is not an attack"),
+])
+def test_bad_values_fail_before_any_stage(tmp_path, override, fragment):
+    proc = run_cli("run", "--config", SMOKE, "--workdir", tmp_path / "w", "--set", override, check=False)
+    assert_user_error(proc, fragment)
+    assert not (tmp_path / "w").exists()
+
+
+def test_batch_not_divisible_by_the_world_size(tmp_path):
+    # What torchrun sets; the check runs before any process group is joined.
+    proc = run_cli("run", "--config", SMOKE, "--workdir", tmp_path / "w", check=False, env={"WORLD_SIZE": "3"})
+    assert_user_error(proc, "`teacher.batch_size` is 64", "multiple of 3")
+    assert not (tmp_path / "w").exists()
+
+
+def test_unreadable_config_files(tmp_path):
+    assert_user_error(run_cli("status", "--config", tmp_path, check=False), f"config file {tmp_path} is a directory")
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes("# r\xe9sum\xe9\n[mart]\nbeta = 3\n".encode("latin-1"))
+    assert_user_error(run_cli("status", "--config", latin1, check=False), "is not UTF-8 text")
+
+
+@pytest.mark.parametrize("error, fragment", [
+    (OSError(28, "No space left on device"), "no space left on the device"),
+    (PermissionError(13, "Permission denied", "/shared/runs/teacher.partial"),
+     "using /shared/runs/teacher.partial failed: permission denied"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), "the write failed"),
+])
+def test_storage_errors_escaping_a_stage_exit_2(tmp_path, monkeypatch, capsys, error, fragment):
+    from pipeline import cli
+
+    def failing_dispatch(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_dispatch", failing_dispatch)
+    assert cli.main(["run", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and fragment in " ".join(err.split())
+    assert "free of" in err and "rerun the same command" in " ".join(err.split())
+
+
+def test_other_errors_are_still_bugs(monkeypatch, capsys):
+    from pipeline import cli
+
+    def failing_dispatch(args):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(cli, "_dispatch", failing_dispatch)
+    assert cli.main(["run"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_full_disk_during_the_teacher_then_a_rerun_completes(tmp_path):
+    """A real full disk (a 64 KiB tmpfs: the first checkpoint does not fit): exit 2 with the paragraph, no
+    temporary file left; after more space, the same command completes. Needs root to mount the tmpfs."""
+    disk = tmp_path / "disk"
+    if os.geteuid() != 0:
+        pytest.skip("a real full disk needs root to mount a small tmpfs; tests/pipeline/test_atomic.py injects one")
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mount -t tmpfs failed here: {mounted.stderr.decode().strip()}")
+    try:
+        args = ("run", "--config", SMOKE, "--stages", "teacher", "--workdir", disk / "run")
+        full = run_cli(*args, check=False, env={"OMP_NUM_THREADS": "1"})
+        assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr
+        message = " ".join(full.stderr[full.stderr.rindex("error: "):].split())  # after the progress bars
+        for fragment in (f"{disk / 'run'}/teacher.partial/", "failed: no space left on the device",
+                         "free of 64.0 KiB", "rerun the same command"):
+            assert fragment in message
+        assert not [p for p in (disk / "run").rglob("*.tmp")]
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        run_cli(*args, env={"OMP_NUM_THREADS": "1"})
+        assert (disk / "run" / "teacher" / "model.pt").exists()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from pipeline import distributed, locks
 from pipeline.atomic import atomic_write_json
 from pipeline.config import Config
-from pipeline.errors import UserError
+from pipeline.errors import UserError, storage_errors
 from pipeline.fingerprint import fingerprint
 from pipeline.stage import Source, Stage, StageContext, StageInput
 from pipeline.store import Store, check_outputs, output_digest, read_record, store_dir
@@ -219,9 +219,10 @@ class Runner:
         stage = plan.stage
         partial = self.store.partial(stage.name, plan.fingerprint)
         if dist.is_main:
-            if force and partial.exists():
-                shutil.rmtree(partial)
-            partial.mkdir(parents=True, exist_ok=True)
+            with storage_errors(partial):
+                if force and partial.exists():
+                    shutil.rmtree(partial)
+                partial.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
         by_name = {p.stage.name: p for p in plans}
         ctx = StageContext(
@@ -256,7 +257,8 @@ class Runner:
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "outputs": outputs,
         })
-        plan.entry = self.store.commit(stage.name, plan.fingerprint, partial)
+        with storage_errors(plan.entry):
+            plan.entry = self.store.commit(stage.name, plan.fingerprint, partial)
 
 
 def _why_changed(record: dict, code_version: str, params: dict, inputs: dict) -> str:

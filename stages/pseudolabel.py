@@ -101,7 +101,7 @@ def label_rows(ctx, pool, path: Path, start: int, stop: int, *, total: int, devi
     path.parent.mkdir(parents=True, exist_ok=True)
     # The writer's row counts are relative to the shard; pool_index holds the pool's own rows.
     writer = PseudoLabelWriter(path, capacity=stop - start, image_shape=image_shape, num_classes=num_classes,
-                               save_logits=save_logits, attrs=attrs)
+                               save_logits=save_logits, attrs=attrs, log=ctx.log)
     if writer.resumed:
         ctx.log(f"  resumed at pool row {start + writer.pool_rows_done} of {total}")
     dedup = NearDuplicateFilter(labeled.test_images, cfg.dedup_threshold, device) if cfg.dedup_test else None

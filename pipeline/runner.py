@@ -118,6 +118,7 @@ class Runner:
         dist = distributed.dist_info()
         if dist.enabled:  # under torchrun: join the process group before the first collective
             distributed.init_process_group(distributed.device_type(self.config.run.device))
+        self.plan(names)  # a missing dataset or a bad stage name fails before the work dir is touched
         held = self._lock_workdir(dist)
         try:
             return self._run_locked(names, force=force, dist=dist)

@@ -117,15 +117,16 @@ def test_full_disk_during_the_teacher_then_a_rerun_completes(tmp_path):
         pytest.skip(f"mount -t tmpfs failed here: {mounted.stderr.decode().strip()}")
     try:
         args = ("run", "--config", SMOKE, "--stages", "teacher", "--workdir", disk / "run")
-        full = run_cli(*args, check=False, env={"OMP_NUM_THREADS": "1"})
+        env = {"OMP_NUM_THREADS": "1", "RST_MART_STORE": str(disk / "store")}
+        full = run_cli(*args, check=False, env=env)
         assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr
         message = " ".join(full.stderr[full.stderr.rindex("error: "):].split())  # after the progress bars
-        for fragment in (f"{disk / 'run'}/teacher.partial/", "failed: no space left on the device",
+        for fragment in (f"{disk / 'store'}/teacher/", ".partial/", "failed: no space left on the device",
                          "free of 64.0 KiB", "rerun the same command"):
             assert fragment in message
         assert not [p for p in (disk / "run").rglob("*.tmp")]
         subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
-        run_cli(*args, env={"OMP_NUM_THREADS": "1"})
+        run_cli(*args, env=env)
         assert (disk / "run" / "teacher" / "model.pt").exists()
     finally:
         subprocess.run(["umount", str(disk)], check=True)

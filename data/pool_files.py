@@ -203,7 +203,11 @@ class Hdf5Part:
         self._labels_name = labels_dataset or ("labels" if auto else "")
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        return np.ascontiguousarray(self._images[start:stop])
+        try:
+            return np.ascontiguousarray(self._images[start:stop])
+        except OSError as e:
+            raise UserError(f"{self.path}: rows {start}-{stop} cannot be read ({e}); the file is corrupt or truncated: "
+                            "copy it again.") from None
 
     def labels(self) -> np.ndarray | None:
         return self._images.file[self._labels_name][()] if self._labels_name else None

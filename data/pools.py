@@ -52,9 +52,8 @@ class _FilePool:
 
     def __init__(self, path, **options):
         self.paths = resolve_pool_paths(path, self.provider)
-        spec = path if isinstance(path, (str, os.PathLike)) else ", ".join(map(os.fspath, path))
-        self.path = self.paths[0] if len(self.paths) == 1 else spec
-        self.name = f"{self.provider}:{os.fspath(spec)}"
+        spec = os.fspath(path) if isinstance(path, (str, os.PathLike)) else ", ".join(map(os.fspath, path))
+        self.name = f"{self.provider}:{spec}"
         self._options = options  # the ones that change rows or provided labels: part of the fingerprint
         self._parts, self._pid = None, None
 

@@ -293,8 +293,9 @@ def comparisons(result: dict) -> list:
                            "<=", 1.0, note=note, extra=row),
                 Comparison("pool_scale", f"status peak RSS, {what}", "status", row["status_peak_mib"], "400 MiB", 400.0,
                            "MiB", "<=", 1.0, note=note, extra=row),
-                Comparison("pool_scale", f"pseudolabel vs bare forward, {what}", "stage", row["pseudolabel_images_per_s"],
-                           "bare", row["bare_images_per_s"], "img/s", ">=", 0.9, note=note, extra=row)]
+                Comparison("pool_scale", f"pseudolabel vs bare forward, {what}", "stage",
+                           row["pseudolabel_images_per_s"], "bare", row["bare_images_per_s"], "img/s", ">=", 0.9,
+                           note=note, extra=row)]
         if row["mart_memory_images_per_s"]:
             out.append(Comparison("pool_scale", f"mart pool from h5 vs in memory, {what}", "h5",
                                   row["mart_h5_images_per_s"], "memory", row["mart_memory_images_per_s"], "img/s",
@@ -303,9 +304,9 @@ def comparisons(result: dict) -> list:
         sized = sorted((row for row in rows if row["format"] == fmt), key=lambda row: row["images"])
         if len(sized) >= 2:
             small, large = sized[0], sized[-1]
-            out.append(Comparison("pool_scale", f"pseudolabel peak RSS {large['images']:,} vs {small['images']:,}, {fmt}",
-                                  "large", large["pseudolabel_peak_mib"], "small", small["pseudolabel_peak_mib"], "MiB",
-                                  "<=", 1.2, note=f"pools {small['pool_mib']:.0f} and {large['pool_mib']:.0f} MiB"))
+            name = f"pseudolabel peak RSS {large['images']:,} vs {small['images']:,}, {fmt}"
+            out.append(Comparison("pool_scale", name, "large", large["pseudolabel_peak_mib"], "small",
+                                  small["pseudolabel_peak_mib"], "MiB", "<=", 1.2, note=f"pools {small['pool_mib']:.0f} and {large['pool_mib']:.0f} MiB"))
     return out
 
 
@@ -324,7 +325,9 @@ def run(quick: bool = False, tmp_dir: str | None = None) -> list:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"pools of {QUICK_SIZES[0]:,} and {QUICK_SIZES[1]:,} images")
-    parser.add_argument("--tmp-dir", default=None, help="where the pools and work dirs go (default: the system's temp dir)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"pools of {QUICK_SIZES[0]:,} and {QUICK_SIZES[1]:,} images")
+    parser.add_argument("--tmp-dir", default=None,
+                        help="where the pools and work dirs go (default: the system's temp dir)")
     args = parser.parse_args()
     run(quick=args.quick, tmp_dir=args.tmp_dir)

@@ -25,7 +25,8 @@ from pipeline.errors import UserError
 def resolve_pool_paths(path, provider: str) -> list[Path]:
     """The files `pool.path` names, in pool order: a path, a glob (sorted), or a list of either."""
     entries = [path] if isinstance(path, (str, os.PathLike)) else path
-    if not isinstance(entries, (list, tuple)) or not entries or not all(isinstance(e, (str, os.PathLike)) for e in entries):
+    named = isinstance(entries, (list, tuple)) and entries and all(isinstance(e, (str, os.PathLike)) for e in entries)
+    if not named:
         raise UserError(f"{provider} pool: pool.path = {path!r} names no file; set it to the pool's file, a glob "
                         "such as \"pool/part-*.npz\", or a list of files read in order.")
     files: list[Path] = []
@@ -110,7 +111,8 @@ class DeflatedMemberPart:
     to a decompression of the whole member; convert such a pool to .npy for random reads."""
 
     def __init__(self, member: NpzMember, labels=None):
-        self.path, self.member, self.shape, self.dtype = member.path, member.name, member.header.shape, member.header.dtype
+        self.path, self.member = member.path, member.name
+        self.shape, self.dtype = member.header.shape, member.header.dtype
         self.fortran_order = member.header.fortran_order
         self.data_start = member.header.header_bytes
         self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize

@@ -3,9 +3,11 @@
 A pool is any object with `name: str`, `__len__()`, `read(start, stop) -> np.ndarray` (uint8 NHWC,
 C-contiguous) and `fingerprint() -> str`; optionally `provided_labels() -> np.ndarray | None` (int64,
 one per row): labels that came with the pool, used only to report pseudo-label agreement, never to
-train. Providers open files lazily so that `fingerprint()` never reads a pool and handles never cross
-a fork. `open_pool` applies the explicit conversions and the limit, then validates a few rows eagerly
-so a wrong pool fails at startup with a fix, not hours into pseudo-labeling.
+train. File providers take one file, a glob or a list of files read as one pool (data/pool_files.py),
+never hold the images in memory, and open files lazily so that `fingerprint()` reads no rows (file
+digests come from pipeline.fingerprint's cache) and handles never cross a fork. `open_pool` applies
+the explicit conversions and the limit, then validates a few rows eagerly so a wrong pool fails at
+startup with a fix, not hours into pseudo-labeling.
 """
 from __future__ import annotations
 

@@ -60,7 +60,8 @@ LAYOUTS = {
 def _write_parts(tmp_path, layout, sizes, images=IMAGES, labels=LABELS):
     provider, write = LAYOUTS[layout]
     bounds = np.cumsum([0, *sizes])
-    files = [write(tmp_path / f"part-{i:02d}", images[a:b], labels[a:b]) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    files = [write(tmp_path / f"part-{i:02d}", images[a:b], labels[a:b])
+             for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
     return provider, [str(f) for f in files]
 
 
@@ -238,8 +239,10 @@ def _write_pickle(path, images, labels, mtime_ns=OLD_NS):
 
 def test_rst_pickle_converts_once_and_again_after_a_change(tmp_path, labeled, monkeypatch):
     path, cache = _write_pickle(tmp_path / "ti.pickle", IMAGES, LABELS), tmp_path / "pool-cache"
-    opened = lambda: open_pool("rst-pickle", {"path": path}, labeled=labeled, remainder_index=np.arange(3),  # noqa: E731
-                               cache_dir=cache)
+
+    def opened():
+        return open_pool("rst-pickle", {"path": path}, labeled=labeled, remainder_index=np.arange(3), cache_dir=cache)
+
     loads = []
     real_load = rst_pickle.safe_load
     monkeypatch.setattr(rst_pickle, "safe_load", lambda p: loads.append(p) or real_load(p))

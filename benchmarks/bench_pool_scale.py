@@ -11,8 +11,9 @@ what shows):
   warm-up `status` (digests cached, files in the page cache). Targets of issue 10: under 2 s and under
   400 MiB on a pool of 1.5 GB; here reported for every size.
 - pseudolabel images/s (pool size / the stage's seconds in its stage.json) against a bare forward of
-  the same teacher (model.pt of that run) over the pool's first images in memory, at the stage's batch
-  size, the faster of NCHW and channels_last input, best of 3 rounds. Target >= 0.9x.
+  the same teacher (model.pt) over the pool's first images in memory, at the stage's batch size, the
+  faster of NCHW and channels_last input, best of 3 rounds. Target >= 0.9x. The teacher is trained once
+  and copied into every work dir, so the measured `run --stages pseudolabel` does nothing else.
 - peak RSS of the `run` that pseudo-labels the larger pool against the smaller one's, per format.
   Target <= 1.2x.
 - mart stage images/s (the best epoch's, from the stage's log) with the pool read from pseudolabels.h5
@@ -23,7 +24,7 @@ Free disk is checked before each size (the pool and pseudolabels.h5, a copy of i
 pool); a size that does not fit is skipped with the reason. Each format's files are deleted before
 the next format is written.
 
-Runtime: --quick about 5 minutes on 2 shared cores (40 CLI commands, each paying python + torch start-up);
+Runtime: --quick about 10 minutes on 2 shared cores (41 CLI commands, each paying python + torch start-up);
 the default sizes about an hour on 2 cores (36 GB of pools written, 5.5M images pseudo-labeled per format)
 and 35 GB free disk for the 5M pools.
 
@@ -217,10 +218,13 @@ def _read_first_rows(provider: str, pool_path: str, count: int) -> np.ndarray:
 
 
 def measure(fmt: str, n: int, tmp: Path, arch: str, pool_batch: int, bare_images: int, mart_epochs: int,
-            mart_epoch_size: int) -> dict:
-    """One format at one size: the pool written, the pipeline run through the CLI, the numbers, the files gone."""
+            mart_epoch_size: int, teacher_dir: Path) -> dict:
+    """One format at one size: the pool written, the pipeline run through the CLI, the numbers, the files gone.
+    `teacher_dir` is a finished teacher stage, copied in (its fingerprint does not depend on the pool), so
+    the measured `run --stages pseudolabel` pseudo-labels and nothing else."""
     pool_dir, workdir, scratch = tmp / f"pool-{fmt}-{n}", tmp / f"work-{fmt}-{n}", tmp / "scratch"
     scratch.mkdir(exist_ok=True)
+    shutil.copytree(teacher_dir, workdir / "teacher")
     try:
         started = time.perf_counter()
         provider, pool_path = write_pool(pool_dir, fmt, n)
@@ -229,6 +233,8 @@ def measure(fmt: str, n: int, tmp: Path, arch: str, pool_batch: int, bare_images
                               mart_epoch_size)
         common = ["--config", str(config), "--workdir", str(workdir)]
         pseudolabel = run_cli(["run", "--stages", "pseudolabel", *common], scratch)
+        if "teacher: cached" not in pseudolabel["output"]:
+            raise RuntimeError(f"the copied teacher was not reused:\n{pseudolabel['output'][-3000:]}")
         pseudolabel_s = json.loads((workdir / "pseudolabel" / "stage.json").read_text())["seconds"]
         bare = bare_forward_images_per_s(workdir / "teacher" / "model.pt",
                                          _read_first_rows(provider, pool_path, min(n, bare_images)), pool_batch)
@@ -253,6 +259,15 @@ def measure(fmt: str, n: int, tmp: Path, arch: str, pool_batch: int, bare_images
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def train_teacher(tmp: Path, arch: str, pool_batch: int, mart_epochs: int, mart_epoch_size: int) -> Path:
+    """The teacher stage once, for every format and size: its directory."""
+    (tmp / "scratch").mkdir(exist_ok=True)
+    config = write_config(tmp / "teacher.toml", "npy", "", arch, pool_batch, mart_epochs, mart_epoch_size)
+    run_cli(["run", "--stages", "teacher", "--config", str(config), "--workdir", str(tmp / "work-teacher")],
+            tmp / "scratch")
+    return tmp / "work-teacher" / "teacher"
+
+
 def _available_ram_bytes() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -268,6 +283,7 @@ def bench_pool_scale(sizes=QUICK_SIZES, formats=FORMATS, arch: str = "tiny-cnn",
     result = {"rows": [], "skipped": {}, "arch": arch}
     with tempfile.TemporaryDirectory(prefix="bench-pool-scale-", dir=tmp_dir) as tmp:
         tmp = Path(tmp)
+        teacher_dir = train_teacher(tmp, arch, pool_batch, mart_epochs, mart_epoch_size)
         for n in sizes:
             needed, free = int(2.2 * n * ROW_BYTES) + (1 << 30), shutil.disk_usage(tmp).free
             if free < needed:
@@ -276,7 +292,7 @@ def bench_pool_scale(sizes=QUICK_SIZES, formats=FORMATS, arch: str = "tiny-cnn",
                 print(f"pool_scale: skipping {n} images: {result['skipped'][n]}", flush=True)
                 continue
             for fmt in formats:
-                row = measure(fmt, n, tmp, arch, pool_batch, bare_images, mart_epochs, mart_epoch_size)
+                row = measure(fmt, n, tmp, arch, pool_batch, bare_images, mart_epochs, mart_epoch_size, teacher_dir)
                 result["rows"].append(row)
                 print(f"pool_scale: {fmt} {n}: " + json.dumps({k: round(v, 2) if isinstance(v, float) else v
                                                               for k, v in row.items()}), flush=True)

@@ -22,34 +22,34 @@ from pipeline.errors import UserError
 
 # --- naming the parts ------------------------------------------------------------------------------
 
-def resolve_pool_paths(path, provider: str) -> list[Path]:
-    """The files `pool.path` names, in pool order: a path, a glob (sorted), or a list of either."""
+def resolve_pool_paths(path, provider: str, key: str = "pool.path") -> list[Path]:
+    """The files `path` (the config's `key`) names, in pool order: a path, a glob (sorted), or a list of either."""
     entries = [path] if isinstance(path, (str, os.PathLike)) else path
     named = isinstance(entries, (list, tuple)) and entries and all(isinstance(e, (str, os.PathLike)) for e in entries)
     if not named:
-        raise UserError(f"{provider} pool: pool.path = {path!r} names no file; set it to the pool's file, a glob "
+        raise UserError(f"{provider} pool: {key} = {path!r} names no file; set it to the pool's file, a glob "
                         "such as \"pool/part-*.npz\", or a list of files read in order.")
     files: list[Path] = []
     for entry in map(os.fspath, entries):
         if not entry:
-            raise UserError(f"{provider} pool: pool.path is empty; set it to the pool's file.")
+            raise UserError(f"{provider} pool: {key} is empty; set it to the pool's file.")
         if glob.has_magic(entry):
             matched = sorted(Path(p) for p in glob.glob(entry) if Path(p).is_file())
             if not matched:
-                raise UserError(f"{provider} pool: pool.path = {entry!r} matches no file (relative paths start at "
+                raise UserError(f"{provider} pool: {key} = {entry!r} matches no file (relative paths start at "
                                 f"{Path.cwd()}); fix the pattern or list the files.")
             files += matched
         elif not Path(entry).exists():
-            raise UserError(f"{provider} pool: {entry} does not exist; set pool.path to the pool's file.")
+            raise UserError(f"{provider} pool: {entry} does not exist; set {key} to the pool's file.")
         elif not Path(entry).is_file():
-            raise UserError(f"{provider} pool: {entry} is not a file; set pool.path to the pool's file (or a glob "
-                            "of its parts).")
+            raise UserError(f"{provider} pool: {entry} is not a file; set {key} to the pool's file (or a glob of "
+                            "its parts).")
         else:
             files.append(Path(entry))
     seen: set[Path] = set()
     for file in files:
         if file.resolve() in seen:
-            raise UserError(f"{provider} pool: pool.path names {file} twice, so its images would be used twice; "
+            raise UserError(f"{provider} pool: {key} names {file} twice, so its images would be used twice; "
                             "list each part once.")
         seen.add(file.resolve())
     return files

@@ -143,7 +143,7 @@ class NpyPool(_FilePool):
 
     def __init__(self, path, labels_path=""):
         super().__init__(path)
-        self.labels_paths = resolve_pool_paths(labels_path, "npy") if labels_path else []
+        self.labels_paths = resolve_pool_paths(labels_path, "npy", "pool.labels_path") if labels_path else []
 
     def fingerprint(self) -> str:
         labels = [file_digest(p) for p in self.labels_paths]

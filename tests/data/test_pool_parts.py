@@ -276,3 +276,11 @@ def test_cache_dir_goes_only_to_providers_that_take_it(tmp_path, labeled):
     _, files = _write_parts(tmp_path, "npy", SPLITS[1])
     pool = open_pool("npy", {"path": files[0]}, labeled=labeled, remainder_index=np.arange(3), cache_dir=tmp_path)
     assert len(pool) == 23
+
+
+def test_npy_labels_path_missing(tmp_path, labeled):
+    _, files = _write_parts(tmp_path, "npy", SPLITS[1])
+    missing = str(tmp_path / "labels.npy")
+    with pytest.raises(UserError, match="pool.labels_path") as err:
+        _open(labeled, "npy", files[0], labels_path=missing)
+    assert missing in str(err.value)

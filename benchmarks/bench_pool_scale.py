@@ -31,7 +31,7 @@ and 35 GB free disk for the 5M pools.
 Last seen (2-core AMD EPYC CPU, shared with other jobs (load average ~4), torch 2.14.1, --quick, before the
 engine opens the pool only for pseudolabel): status 2.2-2.8 s and 560-564 MiB peak RSS for every format
 and size (torch is imported by the stage modules that `status` loads: that, not the pool, is the 560 MiB);
-pseudolabel vs bare forward 0.79-1.10x (at 2,000-8,000 images the stage's fixed start-up is a large share);
+pseudolabel vs bare forward 0.57-1.10x (at 2,000-8,000 images the stage's fixed start-up is a large share);
 pseudolabel peak RSS 8,000 vs 2,000 images 1.02-1.04x in all four formats; mart from pseudolabels.h5 vs in
 memory 0.85-1.74x (the shared machine's swings exceed the difference). The default sizes were not run.
 """

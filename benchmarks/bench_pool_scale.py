@@ -175,7 +175,9 @@ eval_n = 64
 def run_cli(args: list[str], scratch: Path) -> dict:
     """`python -m pipeline *args` in a fresh interpreter: its output, wall seconds and peak RSS (MiB)."""
     peak_file = scratch / f"peak-{time.monotonic_ns()}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    # The digest cache in the scratch dir: the temporary pools' digests do not go into the user's cache.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "RST_MART_CACHE_DIR": str(scratch / "digest-cache")}
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _CLI_CHILD, str(peak_file), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True)

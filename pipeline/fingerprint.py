@@ -33,6 +33,9 @@ RACY_WINDOW_NS = 2_000_000_000
 CACHE_DIR_ENV = "RST_MART_CACHE_DIR"
 _DB_NAME = "digests.sqlite3"
 _DB_TIMEOUT_S = 10.0  # another process writing its digest holds the lock for milliseconds
+# Rows of files that no longer exist (deleted work dirs, temporary pools) are dropped once the table
+# grows past this: a stat per row, some 20 ms at this size, paid once per so many new digests.
+_PRUNE_ABOVE_ROWS = 10_000
 
 _memo: dict[tuple, str] = {}
 _memo_lock = threading.Lock()
@@ -143,6 +146,9 @@ def _store_digest(key: tuple, digest: str) -> None:
             return
         with contextlib.suppress(sqlite3.Error):
             db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)", (*key, _METHOD, digest))
+            if db.execute("SELECT COUNT(*) FROM digests").fetchone()[0] > _PRUNE_ABOVE_ROWS:
+                gone = [(p,) for (p,) in db.execute("SELECT path FROM digests") if not os.path.exists(p)]
+                db.executemany("DELETE FROM digests WHERE path = ?", gone)
 
 
 def array_digest(*arrays) -> str:

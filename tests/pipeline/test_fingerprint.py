@@ -94,6 +94,18 @@ def test_one_row_per_path(cache_dir, tmp_path):
         assert db.execute("SELECT COUNT(*) FROM digests").fetchone()[0] == 1
 
 
+def test_rows_of_deleted_files_are_pruned_past_the_limit(cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(fp, "_PRUNE_ABOVE_ROWS", 3)
+    files = [_write(tmp_path / f"{i}.bin", b"x") for i in range(3)]
+    for file in files:
+        fp.file_digest(file)
+    files[0].unlink()
+    fp.file_digest(_write(tmp_path / "3.bin", b"y"))  # the fourth row: over the limit
+    with sqlite3.connect(cache_dir / "digests.sqlite3") as db:
+        kept = sorted(Path(p).name for (p,) in db.execute("SELECT path FROM digests"))
+    assert kept == ["1.bin", "2.bin", "3.bin"]
+
+
 def test_a_freshly_written_file_is_not_remembered(cache_dir, tmp_path, monkeypatch):
     """Its mtime could still be shared by a second write within the filesystem's timestamp granularity."""
     now = time.time_ns()

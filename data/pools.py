@@ -3,16 +3,17 @@
 A pool is any object with `name: str`, `__len__()`, `read(start, stop) -> np.ndarray` (uint8 NHWC,
 C-contiguous) and `fingerprint() -> str`; optionally `provided_labels() -> np.ndarray | None` (int64,
 one per row): labels that came with the pool, used only to report pseudo-label agreement, never to
-train. Providers open files lazily so that `fingerprint()` never reads a pool and handles never cross
-a fork. `open_pool` applies the explicit conversions and the limit, then validates a few rows eagerly
-so a wrong pool fails at startup with a fix, not hours into pseudo-labeling.
+train. File providers take one file, a glob or a list of files read as one pool (data/pool_files.py),
+never hold the images in memory, and open files lazily so that `fingerprint()` reads no rows (file
+digests come from pipeline.fingerprint's cache) and handles never cross a fork. `open_pool` applies
+the explicit conversions and the limit, then validates a few rows eagerly so a wrong pool fails at
+startup with a fix, not hours into pseudo-labeling.
 """
 from __future__ import annotations
 
 import importlib.metadata
 import inspect
 import os
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -21,9 +22,10 @@ import numpy as np
 
 from data.labeled import LabeledSet, import_object
 from data.pool_convert import CONVERSIONS, AdjustedPool, ordered_conversions, validate_pool  # noqa: F401 (CONVERSIONS re-exported)
-from data.safe_pickle import safe_load
+from data.pool_files import ConcatenatedParts, Hdf5Part, RawArrayPart, open_npy_part, open_npz_part, resolve_pool_paths
+from data.rst_pickle import convert_rst_pickle
 from pipeline.errors import UserError
-from pipeline.fingerprint import array_digest, file_digest, fingerprint
+from pipeline.fingerprint import array_digest, file_digest, fingerprint, user_cache_dir
 
 ENTRY_POINT_GROUP = "rst_mart.pools"
 
@@ -40,45 +42,38 @@ class Pool(Protocol):
 # --- file-based providers -------------------------------------------------------------------------
 
 class _FilePool:
-    """Shared plumbing: path check, name, file fingerprint, and lazily loaded state dropped on pickling."""
+    """A pool in one file or several read in order (`path`: a file, a glob, or a list of either).
+
+    Construction only names and stats the files; `fingerprint()` is their digests (cached across
+    processes by pipeline.fingerprint) and the options that change the rows, so it reads no rows;
+    `len()` reads the parts' headers; `read` reads just the rows asked for. Parts are opened per
+    process (a changed pid reopens them: h5py handles and zip streams must not cross a fork) and are
+    dropped on pickling, so spawned DataLoader workers reopen the files instead of receiving them."""
 
     provider = ""
 
-    def __init__(self, path: str, **options):
-        self.path = Path(path)
-        if not path or not self.path.exists():
-            raise UserError(
-                f"{self.provider} pool: {path or '(empty)'} does not exist; set pool.path to the pool's "
-                f"{'folder' if self.provider == 'folder' else 'file'}."
-            )
-        self.name = f"{self.provider}:{self.path}"
-        self._options = options
-        self._loaded = None  # provider-specific, filled on first use
+    def __init__(self, path, **options):
+        self.paths = resolve_pool_paths(path, self.provider)
+        spec = os.fspath(path) if isinstance(path, (str, os.PathLike)) else ", ".join(map(os.fspath, path))
+        self.name = f"{self.provider}:{spec}"
+        self._options = options  # the ones that change rows or provided labels: part of the fingerprint
+        self._parts, self._pid = None, None
 
     def fingerprint(self) -> str:
-        return fingerprint({"provider": self.provider, "file": file_digest(self.path), **self._options})
+        return fingerprint({"provider": self.provider, **self._file_digests(), **self._options})
+
+    def _file_digests(self) -> dict:
+        digests = [file_digest(p) for p in self.paths]
+        return {"file": digests[0]} if len(digests) == 1 else {"files": digests}
 
     def __len__(self) -> int:
-        return len(self._images())
+        return len(self._opened())
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        return np.ascontiguousarray(self._images()[start:stop])
-
-    def __getstate__(self) -> dict:
-        # Spawned DataLoader workers reload from the file instead of receiving the pool through a pipe.
-        return {**self.__dict__, "_loaded": None}
-
-    def _images(self):
-        if self._loaded is None:
-            self._loaded = self._load()
-        return self._loaded[0]
-
-    def _load(self) -> tuple:  # -> (images, labels or None)
-        raise NotImplementedError
+        return self._opened().read(start, stop)
 
     def provided_labels(self) -> np.ndarray | None:
-        self._images()
-        labels = self._loaded[1]
+        labels = self._labels()
         if labels is None:
             return None
         labels = np.asarray(labels)
@@ -89,160 +84,99 @@ class _FilePool:
             )
         return labels.astype(np.int64)
 
+    def _labels(self) -> np.ndarray | None:
+        return self._opened().labels()
+
+    def _opened(self) -> ConcatenatedParts:
+        if self._parts is None or self._pid != os.getpid():
+            self._parts = ConcatenatedParts([self._open_part(p) for p in self.paths], self.provider)
+            self._pid = os.getpid()
+        return self._parts
+
+    def _open_part(self, path: Path):
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_parts": None, "_pid": None}
+
 
 class RstPicklePool(_FilePool):
     """RST's ti_500K_pseudo_labeled.pickle: {"data": uint8 (N, 32, 32, 3), "extrapolated_targets": N ints}.
 
-    A whole-file pickle is inherent to the format, so the first read loads all of it (through safe_load).
-    """
+    Unpickling is the only way to read a pickle, so the first read converts each pickle once into
+    uncompressed .npy files in `cache_dir` (data/rst_pickle.py, which says how much RAM that takes),
+    named by the pickle's digest; later reads, and later runs, read those in place."""
 
     provider = "rst-pickle"
 
-    def __init__(self, path: str):
+    def __init__(self, path, cache_dir: str | os.PathLike | None = None):
         super().__init__(path)
+        self.cache_dir = Path(cache_dir) if cache_dir else user_cache_dir() / "pools"
 
-    def _load(self) -> tuple:
-        content = safe_load(self.path)
-        if not isinstance(content, dict) or "data" not in content:
-            raise UserError(
-                f"{self.path} is not an RST pool pickle: expected a dict with a 'data' array (and optional "
-                "'extrapolated_targets'); check pool.path or pick another pool.provider."
-            )
-        return np.asarray(content["data"]), content.get("extrapolated_targets")
+    def _open_part(self, path: Path) -> RawArrayPart:
+        images_path, labels_path = convert_rst_pickle(path, self.cache_dir)
+        return open_npy_part(images_path, labels_path and (lambda: np.load(labels_path, allow_pickle=False)))
 
 
 class NpzPool(_FilePool):
-    """DM-Improves-AT style .npz with `image` (N, H, W, C) uint8 and optional `label`.
+    """DM-Improves-AT style .npz with `image` (N, H, W, C) uint8 and optional `label`; one file or parts.
 
-    npz members cannot be memory-mapped, so the image array is read whole into memory once, at the
-    first read. Pools larger than RAM should be converted to .npy (provider "npy") or HDF5 ("hdf5").
-    """
+    Nothing is read whole: a member stored by np.savez is read in place at its offset in the zip; one
+    deflated by np.savez_compressed is decompressed as a stream (fast in row order, slow at random:
+    see data/pool_files.py DeflatedMemberPart). The length comes from the members' .npy headers."""
 
     provider = "npz"
 
-    def __init__(self, path: str, image_key: str = "image", label_key: str = "label"):
+    def __init__(self, path, image_key: str = "image", label_key: str = "label"):
         super().__init__(path, image_key=image_key, label_key=label_key)
         self.image_key, self.label_key = image_key, label_key
 
-    def _load(self) -> tuple:
-        if not zipfile.is_zipfile(self.path):
-            raise UserError(f"{self.path} is not a valid .npz (zip) file; check pool.path or pool.provider.")
-        try:
-            with np.load(self.path, allow_pickle=False) as npz:
-                if self.image_key not in npz.files:
-                    raise UserError(
-                        f"{self.path} has no array {self.image_key!r}; it holds {', '.join(npz.files) or 'nothing'}. "
-                        "Set pool.image_key to the one with the images."
-                    )
-                images = npz[self.image_key]
-                labels = npz[self.label_key] if self.label_key in npz.files else None
-        except (ValueError, OSError, zipfile.BadZipFile) as e:
-            raise UserError(f"{self.path} cannot be read as .npz ({e}); the file is corrupt or holds pickled objects.") from None
-        return images, labels
+    def _open_part(self, path: Path):
+        return open_npz_part(path, self.image_key, self.label_key)
 
 
 class NpyPool(_FilePool):
-    """A .npy of images; reads copy only the requested rows. Optional .npy of labels.
-
-    The memory map supplies the header (shape, dtype, data offset) only. Rows are read with plain file
-    reads into fresh arrays: slicing the map would keep every page touched mapped into the process, so
-    its resident size would grow with the pool (2.7x peak RSS at 500K vs 50K images, measured).
-    """
+    """.npy files of images (one or parts) read in place, rows copied on read; optional .npy of labels
+    (`labels_path`: a file, glob or list like `path`; the label files end to end cover the pool)."""
 
     provider = "npy"
 
-    def __init__(self, path: str, labels_path: str = ""):
-        super().__init__(path, labels_path=labels_path)
-        self.labels_path = Path(labels_path) if labels_path else None
-        if self.labels_path is not None and not self.labels_path.is_file():
-            raise UserError(f"npy pool: {labels_path} does not exist; fix pool.labels_path or remove it.")
+    def __init__(self, path, labels_path=""):
+        super().__init__(path)
+        self.labels_paths = resolve_pool_paths(labels_path, "npy", "pool.labels_path") if labels_path else []
 
     def fingerprint(self) -> str:
-        labels = file_digest(self.labels_path) if self.labels_path else None
-        return fingerprint({"provider": self.provider, "file": file_digest(self.path), "labels_file": labels})
+        labels = [file_digest(p) for p in self.labels_paths]
+        return fingerprint({"provider": self.provider, **self._file_digests(),
+                            "labels_file": (labels[0] if len(labels) == 1 else labels) or None})
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        mapped = self._images()
-        stop = min(max(stop, 0), len(mapped))
-        start = min(max(start, 0), stop)
-        if not mapped.flags.c_contiguous:  # Fortran-order files: rare, copy through the map
-            return np.ascontiguousarray(mapped[start:stop])
-        row_items = int(np.prod(mapped.shape[1:]))
-        with open(self.path, "rb") as f:
-            rows = np.fromfile(f, dtype=mapped.dtype, count=(stop - start) * row_items,
-                               offset=mapped.offset + start * row_items * mapped.dtype.itemsize)
-        return rows.reshape(stop - start, *mapped.shape[1:])
+    def _open_part(self, path: Path) -> RawArrayPart:
+        return open_npy_part(path)
 
-    def _load(self) -> tuple:
-        images = _load_npy(self.path, mmap_mode="r")
-        labels = _load_npy(self.labels_path, mmap_mode=None) if self.labels_path else None
-        return images, labels
-
-
-def _load_npy(path: Path, mmap_mode: str | None) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path} is not a readable .npy array ({e}); check pool.path or pool.provider.") from None
+    def _labels(self) -> np.ndarray | None:
+        if not self.labels_paths:
+            return None
+        arrays = []
+        for path in self.labels_paths:
+            try:
+                arrays.append(np.load(path, allow_pickle=False))
+            except (ValueError, OSError) as e:
+                raise UserError(f"{path} is not a readable .npy array ({e}); fix pool.labels_path.") from None
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
 class Hdf5Pool(_FilePool):
-    """An HDF5 dataset of images (N, H, W, C), e.g. our own pseudolabels.h5; read slice by slice.
-
-    The file is opened on first use in each process: h5py handles must not cross a fork, so a changed
-    pid reopens it. Provided labels come from `labels_dataset`, or from `labels` when that exists.
-    """
+    """An HDF5 dataset of images (N, H, W, C) in one file or parts, e.g. our own pseudolabels.h5; read slice
+    by slice. Provided labels come from `labels_dataset`, or from `labels` when that exists."""
 
     provider = "hdf5"
 
-    def __init__(self, path: str, dataset: str = "images", labels_dataset: str = ""):
+    def __init__(self, path, dataset: str = "images", labels_dataset: str = ""):
         super().__init__(path, dataset=dataset, labels_dataset=labels_dataset)
         self.dataset, self.labels_dataset = dataset.lstrip("/"), labels_dataset.lstrip("/")
-        self._pid = None
 
-    def _images(self):
-        if self._loaded is None or self._pid != os.getpid():
-            self._loaded, self._pid = self._load(), os.getpid()
-        return self._loaded[0]
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        images = self._images()
-        stop = min(stop, len(images))  # h5py rejects out-of-range and reversed slices
-        start = min(start, stop)
-        return np.ascontiguousarray(images[start:stop])
-
-    def _load(self) -> tuple:
-        import h5py
-
-        if not h5py.is_hdf5(self.path):
-            raise UserError(f"{self.path} is not an HDF5 file; check pool.path or pool.provider.")
-        try:
-            h5 = h5py.File(self.path, "r")
-        except OSError as e:
-            raise UserError(f"{self.path} cannot be opened as HDF5 ({e}); the file is corrupt.") from None
-        present = []
-        h5.visititems(lambda name, obj: present.append(name) if isinstance(obj, h5py.Dataset) else None)
-        if self.dataset not in present:
-            h5.close()
-            raise UserError(
-                f"{self.path} has no dataset {self.dataset!r} (datasets present: {', '.join(present) or 'none'}); "
-                "set pool.dataset to the one that holds the images (N, H, W, C)."
-            )
-        if self.labels_dataset and self.labels_dataset not in present:
-            h5.close()
-            raise UserError(
-                f"{self.path} has no dataset {self.labels_dataset!r} (datasets present: {', '.join(present)}); "
-                "fix pool.labels_dataset or remove it."
-            )
-        # Without an explicit labels_dataset, a `labels` vector matching the images (pseudolabels.h5) is used.
-        images = h5[self.dataset]
-        auto = "labels" in present and h5["labels"].shape == images.shape[:1]
-        labels_name = self.labels_dataset or ("labels" if auto else "")
-        # Labels are small (8 bytes per image), so they are read whole; images stay on disk.
-        return images, (h5[labels_name][()] if labels_name else None)
-
-    def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_pid": None}
+    def _open_part(self, path: Path) -> Hdf5Part:
+        return Hdf5Part(path, self.dataset, self.labels_dataset)
 
 
 class FolderPool:
@@ -346,9 +280,13 @@ def pool_identity(provider: str, options: dict) -> str:
 
 
 def open_pool(provider: str, options: dict, *, labeled: LabeledSet, remainder_index: np.ndarray,
-              limit: int = 0, convert: Sequence[str] = (), cache_dir=None) -> Pool:
+              limit: int = 0, convert: Sequence[str] = (), cache_dir: str | os.PathLike | None = None) -> Pool:
     """Build the pool named by `provider` from the [pool] `options`, apply `convert` and `limit`, and
-    check its first rows against `labeled` (dtype uint8, image shape) so mistakes surface with a fix."""
+    check its first rows against `labeled` (dtype uint8, image shape) so mistakes surface with a fix.
+
+    `cache_dir` is where a provider that must convert its files before reading them (rst-pickle) keeps
+    the converted copy; it goes to any provider whose factory takes a `cache_dir` keyword, unless the
+    [pool] section sets pool.cache_dir itself. None: the user cache dir (pipeline.fingerprint)."""
     # An empty path is the config's "unset" (labeled-remainder needs none), not a path to check.
     options = {k: v for k, v in options.items() if not (k == "path" and v in ("", None))}
     factory = _resolve_provider(provider)
@@ -360,6 +298,8 @@ def open_pool(provider: str, options: dict, *, labeled: LabeledSet, remainder_in
             )
         pool = factory(labeled=labeled, remainder_index=remainder_index)
     else:
+        if cache_dir is not None and "cache_dir" not in options and _takes_keyword(factory, "cache_dir"):
+            options = {**options, "cache_dir": cache_dir}
         pool = _construct(factory, options, provider)
     if not isinstance(pool, Pool):
         raise UserError(
@@ -394,6 +334,15 @@ def _resolve_provider(provider: str) -> Callable[..., Pool]:
         f"installed plugins ({ENTRY_POINT_GROUP} entry points): {', '.join(sorted(entry_points)) or 'none'}; "
         "or give \"package.module:factory\"."
     )
+
+
+def _takes_keyword(factory: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params and params[name].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                    inspect.Parameter.KEYWORD_ONLY)
 
 
 def _construct(factory: Callable[..., Pool], options: dict, provider: str) -> Pool:

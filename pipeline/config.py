@@ -49,7 +49,7 @@ class DataConfig:
 @dataclass
 class PoolConfig:
     provider: str = "labeled-remainder"  # built-in name, entry point in rst_mart.pools, or module:factory
-    path: str = ""  # the pool's file or folder, for the file-based providers
+    path: str | list = ""  # the pool's file (or folder), a glob of its parts ("pool/part-*.npz"), or a list of files read in order
     limit: int = 0  # use the first N pool images; 0 = all
     convert: list[str] = field(default_factory=list)  # explicit conversions, e.g. ["gray-to-rgb", "resize"]
     options: dict = field(default_factory=dict)  # any other [pool] key, passed to the provider
@@ -205,6 +205,12 @@ def _assign(config: Config, section: str, key: str, value: Any, where: str) -> N
     if section == "pool" and key not in hints:
         target.options[key] = value  # the provider validates its own keys when the pool is opened
         return
+    if section == "pool" and key == "path":  # one path, a glob, or a list of parts
+        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
+            target.path = value
+            return
+        raise UserError(f"{where}: `pool.path` must be a path, a glob or a list of paths, got {value!r}; for "
+                        f"example pool.path = [\"part-0.npz\", \"part-1.npz\"] or \"pool/part-*.npz\".")
     if key not in hints or key == "options":
         known = ", ".join(k for k in hints if k != "options")
         raise UserError(f"{where}: unknown key `{section}.{key}`; the keys of [{section}] are {known}.")

@@ -18,6 +18,22 @@ def run_cli(*args, check=True, timeout=300, env=None):
     return proc
 
 
+@pytest.fixture(scope="session", autouse=True)
+def digest_cache_dir(tmp_path_factory):
+    """Digests cached by the tests (and the CLI runs they start) go to a temporary directory, not ~/.cache.
+
+    Session-scoped and autouse so it is in place before other session fixtures (the smoke run) start."""
+    from pipeline.fingerprint import CACHE_DIR_ENV
+
+    saved = os.environ.get(CACHE_DIR_ENV)
+    os.environ[CACHE_DIR_ENV] = str(tmp_path_factory.mktemp("digest-cache"))
+    yield Path(os.environ[CACHE_DIR_ENV])
+    if saved is None:
+        os.environ.pop(CACHE_DIR_ENV, None)
+    else:
+        os.environ[CACHE_DIR_ENV] = saved
+
+
 @pytest.fixture(autouse=True)
 def own_stage_store(tmp_path, monkeypatch):
     """Each test gets its own stage store, so one test's finished stages never make another's cached."""

@@ -87,20 +87,15 @@ def test_provider_round_trip(tmp_path, labeled, provider):
     assert _open(labeled, provider, **options).fingerprint() != before
 
 
-def test_npy_is_memory_mapped(tmp_path, labeled):
-    pool = _open(labeled, "npy", path=_write_npy(tmp_path, IMAGES, LABELS)["path"])
-    assert isinstance(pool._images(), np.memmap)
-
-
 def test_hdf5_opens_lazily_and_reopens_after_fork(tmp_path, monkeypatch):
     from data.pools import Hdf5Pool
 
     pool = Hdf5Pool(_write_hdf5(tmp_path, IMAGES, LABELS)["path"])
-    assert pool._loaded is None  # no handle held at construction
-    first = pool._images()
-    assert pool._images() is first
+    assert pool._parts is None  # no handle held at construction
+    first = pool._opened()
+    assert pool._opened() is first
     monkeypatch.setattr(os, "getpid", lambda: -1)  # as seen from a forked DataLoader worker
-    assert pool._images() is not first
+    assert pool._opened() is not first
     np.testing.assert_array_equal(pool.read(18, 30), IMAGES[18:])
 
 

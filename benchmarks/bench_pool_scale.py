@@ -1,0 +1,355 @@
+"""Pools at the field's scale: `status`, pseudolabel and mart through the pipeline CLI, per pool format and size.
+
+Measured, for synthetic 32x32x3 uint8 pools of 500,000 and 5,000,000 images (1.5 and 15 GB; 2,000 and
+8,000 with --quick) in four layouts: an uncompressed npz (np.savez layout), the same in 2 npz parts
+(named by a glob), an .npy and an HDF5 file. Every number comes from `python -m pipeline` run in a
+subprocess on a temporary TOML config and work dir, as a user runs it (labeled set: this module's
+`labeled_set`, 512 synthetic images; teacher and student `tiny-cnn` by default, so the pool's I/O is
+what shows):
+- `status` seconds (wall clock of the command) and peak RSS (the child's VmHWM, written at exit: the
+  rusage maxrss of a child also counts the parent's memory at fork) on a finished pipeline, after one
+  warm-up `status` (digests cached, files in the page cache). Targets of issue 10: under 2 s and under
+  400 MiB on a pool of 1.5 GB; here reported for every size.
+- pseudolabel images/s (pool size / the stage's seconds in its stage.json) against a bare forward of
+  the same teacher (model.pt) over the pool's first images in memory, at the stage's batch size, the
+  faster of NCHW and channels_last input, best of 3 rounds. Target >= 0.9x. The teacher is trained once
+  and copied into every work dir, so the measured `run --stages pseudolabel` does nothing else.
+- peak RSS of the `run` that pseudo-labels the larger pool against the smaller one's, per format.
+  Target <= 1.2x.
+- mart stage images/s (the best epoch's, from the stage's log) with the pool read from pseudolabels.h5
+  (mart.pool_in_memory = 0) against the same stage with the pool loaded in memory (--force).
+  Target >= 0.95x. Skipped for a size whose pool needs more than half the available RAM.
+
+Free disk is checked before each size (the pool and pseudolabels.h5, a copy of its images: 2.2x the
+pool); a size that does not fit is skipped with the reason. Each format's files are deleted before
+the next format is written.
+
+Runtime: --quick about 10 minutes on 2 shared cores (41 CLI commands, each paying python + torch start-up);
+the default sizes about an hour on 2 cores (36 GB of pools written, 5.5M images pseudo-labeled per format)
+and 35 GB free disk for the 5M pools.
+
+Last seen (2-core AMD EPYC CPU, shared with other jobs (load average ~4), torch 2.14.1, --quick, before the
+engine opens the pool only for pseudolabel): status 2.2-2.8 s and 560-564 MiB peak RSS for every format
+and size (torch is imported by the stage modules that `status` loads: that, not the pool, is the 560 MiB);
+pseudolabel vs bare forward 0.57-1.10x (at 2,000-8,000 images the stage's fixed start-up is a large share);
+pseudolabel peak RSS 8,000 vs 2,000 images 1.02-1.04x in all four formats; mart from pseudolabels.h5 vs in
+memory 0.85-1.74x (the shared machine's swings exceed the difference). The default sizes were not run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPE = (32, 32, 3)
+ROW_BYTES = int(np.prod(SHAPE))
+FORMATS = ("npz", "npz-2part", "npy", "hdf5")
+FULL_SIZES = (500_000, 5_000_000)
+QUICK_SIZES = (2_000, 8_000)
+MIB = 1 << 20
+_BLOCK = 8192
+# Runs the pipeline CLI in this interpreter and writes its peak RSS (VmHWM) when it exits, however it exits.
+_CLI_CHILD = """
+import atexit, runpy, sys
+def _peak(path):
+    with open(path, "w") as out:
+        out.write([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
+atexit.register(_peak, sys.argv[1])
+sys.argv = ["pipeline", *sys.argv[2:]]
+runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
+"""
+
+
+# -- the labeled set the CLI loads (data.dataset = "benchmarks.bench_pool_scale:labeled_set") ------------
+def labeled_set(root: str = "") -> dict:
+    """512 training and 64 test images of noise, 32x32x3, 10 classes: enough for a teacher to exist."""
+    rng = np.random.default_rng(0)
+    return {"train_images": rng.integers(0, 256, (512, *SHAPE), dtype=np.uint8),
+            "train_labels": rng.integers(0, 10, 512), "test_images": rng.integers(0, 256, (64, *SHAPE), dtype=np.uint8),
+            "test_labels": rng.integers(0, 10, 64), "class_names": [f"class{k}" for k in range(10)]}
+
+
+# -- synthetic pools, written block by block (never whole in memory) ---------------------------------------
+def _blocks(start: int, stop: int):
+    """(rows, labels) blocks for pool rows [start, stop); row r is a fixed random image r % 8192 shifted by
+    r // 8192 (cheap to make, the same rows whatever the parts' boundaries)."""
+    source = np.random.default_rng(0).integers(0, 256, (_BLOCK, *SHAPE), dtype=np.uint8)
+    first = start
+    while first < stop:
+        last = min((first // _BLOCK + 1) * _BLOCK, stop)
+        rows = source[first % _BLOCK: first % _BLOCK + last - first] + np.uint8((first // _BLOCK) % 256)
+        yield rows, (np.arange(first, last) % 10).astype(np.int64)
+        first = last
+
+
+def _write_npy_stream(stream, start: int, stop: int, labels: bool = False) -> None:
+    shape = (stop - start,) if labels else (stop - start, *SHAPE)
+    np.lib.format.write_array_header_1_0(stream, {"descr": np.dtype(np.int64 if labels else np.uint8).str,
+                                                  "fortran_order": False, "shape": shape})
+    for rows, row_labels in _blocks(start, stop):
+        stream.write((row_labels if labels else rows).tobytes())
+
+
+def _write_npz(path: Path, start: int, stop: int) -> None:
+    """What np.savez(path, image=..., label=...) writes (stored members, zip64), from blocks."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for key, labels in (("image", False), ("label", True)):
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                _write_npy_stream(member, start, stop, labels)
+
+
+def _write_hdf5(path: Path, n: int) -> None:
+    import h5py
+
+    with h5py.File(path, "w") as h5:
+        images = h5.create_dataset("images", (n, *SHAPE), np.uint8, chunks=(1024, *SHAPE))
+        labels = h5.create_dataset("labels", (n,), np.int64)
+        first = 0
+        for rows, row_labels in _blocks(0, n):
+            images[first:first + len(rows)], labels[first:first + len(rows)] = rows, row_labels
+            first += len(rows)
+
+
+def write_pool(directory: Path, fmt: str, n: int) -> tuple[str, str]:
+    """Write an `n`-image pool in `fmt`; returns (pool.provider, pool.path) for the config."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if fmt == "npz":
+        _write_npz(directory / "pool.npz", 0, n)
+        return "npz", str(directory / "pool.npz")
+    if fmt == "npz-2part":
+        _write_npz(directory / "part-0.npz", 0, n // 2)
+        _write_npz(directory / "part-1.npz", n // 2, n)
+        return "npz", str(directory / "part-*.npz")
+    if fmt == "npy":
+        with open(directory / "pool.npy", "wb") as f:
+            _write_npy_stream(f, 0, n)
+        return "npy", str(directory / "pool.npy")
+    if fmt == "hdf5":
+        _write_hdf5(directory / "pool.h5", n)
+        return "hdf5", str(directory / "pool.h5")
+    raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+
+
+# -- the CLI -------------------------------------------------------------------------------------------
+def write_config(path: Path, provider: str, pool_path: str, arch: str, pool_batch: int, mart_epochs: int,
+                 mart_epoch_size: int) -> Path:
+    path.write_text(f"""# bench_pool_scale: a synthetic labeled set, a file pool, small fast stages
+[run]
+device = "cpu"
+[data]
+dataset = "benchmarks.bench_pool_scale:labeled_set"
+num_labeled = 0
+[pool]
+provider = "{provider}"
+path = "{pool_path}"
+[teacher]
+arch = "{arch}"
+epochs = 1
+batch_size = 128
+[pseudolabel]
+batch_size = {pool_batch}
+[mart]
+arch = "{arch}"
+epochs = {mart_epochs}
+epoch_size = {mart_epoch_size}
+batch_size = {min(128, mart_epoch_size)}
+steps = 2
+augment = false
+eval_n = 64
+""")
+    return path
+
+
+def run_cli(args: list[str], scratch: Path) -> dict:
+    """`python -m pipeline *args` in a fresh interpreter: its output, wall seconds and peak RSS (MiB)."""
+    peak_file = scratch / f"peak-{time.monotonic_ns()}"
+    # The digest cache in the scratch dir: the temporary pools' digests do not go into the user's cache.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "RST_MART_CACHE_DIR": str(scratch / "digest-cache")}
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _CLI_CHILD, str(peak_file), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode:
+        raise RuntimeError(f"python -m pipeline {' '.join(args)} failed ({proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    peak_mib = int(peak_file.read_text()) / 1024
+    peak_file.unlink()
+    return {"seconds": seconds, "peak_mib": peak_mib, "output": proc.stdout + proc.stderr}
+
+
+def _best_epoch_images_per_s(output: str) -> float:
+    rates = [float(m) for m in re.findall(r"epoch \d+/\d+: .*?([\d.]+) img/s", output)]
+    if not rates:
+        raise RuntimeError(f"no epoch img/s line in the mart stage's output:\n{output[-2000:]}")
+    return max(rates)
+
+
+def bare_forward_images_per_s(model_path: Path, pool_images: np.ndarray, batch_size: int, rounds: int = 3) -> float:
+    """The teacher alone over images already in memory: the faster of NCHW and channels_last, best round."""
+    import torch
+
+    from stages.models import load_model
+
+    teacher = load_model(model_path, device="cpu")
+    nchw = torch.from_numpy(pool_images).permute(0, 3, 1, 2).float().div_(255).contiguous()
+    best = 0.0
+    for images in (nchw, nchw.contiguous(memory_format=torch.channels_last)):
+        with torch.inference_mode():
+            teacher(images[:batch_size])  # warm-up: oneDNN primitives for this layout
+            for _ in range(rounds):
+                started = time.perf_counter()
+                for first in range(0, len(images), batch_size):
+                    teacher(images[first:first + batch_size])
+                best = max(best, len(images) / (time.perf_counter() - started))
+    return best
+
+
+def _read_first_rows(provider: str, pool_path: str, count: int) -> np.ndarray:
+    from data.pools import BUILTIN_PROVIDERS
+
+    return BUILTIN_PROVIDERS[provider](pool_path).read(0, count)
+
+
+def measure(fmt: str, n: int, tmp: Path, arch: str, pool_batch: int, bare_images: int, mart_epochs: int,
+            mart_epoch_size: int, teacher_dir: Path) -> dict:
+    """One format at one size: the pool written, the pipeline run through the CLI, the numbers, the files gone.
+    `teacher_dir` is a finished teacher stage, copied in (its fingerprint does not depend on the pool), so
+    the measured `run --stages pseudolabel` pseudo-labels and nothing else."""
+    pool_dir, workdir, scratch = tmp / f"pool-{fmt}-{n}", tmp / f"work-{fmt}-{n}", tmp / "scratch"
+    scratch.mkdir(exist_ok=True)
+    shutil.copytree(teacher_dir, workdir / "teacher")
+    try:
+        started = time.perf_counter()
+        provider, pool_path = write_pool(pool_dir, fmt, n)
+        written_s = time.perf_counter() - started
+        config = write_config(tmp / f"{fmt}-{n}.toml", provider, pool_path, arch, pool_batch, mart_epochs,
+                              mart_epoch_size)
+        common = ["--config", str(config), "--workdir", str(workdir)]
+        pseudolabel = run_cli(["run", "--stages", "pseudolabel", *common], scratch)
+        if "teacher: cached" not in pseudolabel["output"]:
+            raise RuntimeError(f"the copied teacher was not reused:\n{pseudolabel['output'][-3000:]}")
+        pseudolabel_s = json.loads((workdir / "pseudolabel" / "stage.json").read_text())["seconds"]
+        bare = bare_forward_images_per_s(workdir / "teacher" / "model.pt",
+                                         _read_first_rows(provider, pool_path, min(n, bare_images)), pool_batch)
+        from_h5 = run_cli(["run", "--stages", "mart", *common, "--set", "mart.pool_in_memory=0"], scratch)
+        pool_gib = n * ROW_BYTES / 2**30
+        in_memory = None
+        if n * ROW_BYTES <= _available_ram_bytes() / 2:
+            in_memory = run_cli(["run", "--stages", "mart", "--force", *common,
+                                 "--set", f"mart.pool_in_memory={math.ceil(pool_gib) + 1}"], scratch)
+        run_cli(["status", "--stages", "mart", *common], scratch)  # warm-up: digests cached, page cache
+        status = run_cli(["status", "--stages", "mart", *common], scratch)
+        if "missing" in status["output"] or "stale" in status["output"]:
+            raise RuntimeError(f"status after a full run is not all fresh:\n{status['output']}")
+        return {"format": fmt, "images": n, "pool_mib": n * ROW_BYTES / MIB, "write_s": written_s,
+                "status_s": status["seconds"], "status_peak_mib": status["peak_mib"],
+                "pseudolabel_images_per_s": n / pseudolabel_s, "bare_images_per_s": bare,
+                "pseudolabel_peak_mib": pseudolabel["peak_mib"],
+                "mart_h5_images_per_s": _best_epoch_images_per_s(from_h5["output"]),
+                "mart_memory_images_per_s": in_memory and _best_epoch_images_per_s(in_memory["output"])}
+    finally:
+        shutil.rmtree(pool_dir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def train_teacher(tmp: Path, arch: str, pool_batch: int, mart_epochs: int, mart_epoch_size: int) -> Path:
+    """The teacher stage once, for every format and size: its directory."""
+    (tmp / "scratch").mkdir(exist_ok=True)
+    config = write_config(tmp / "teacher.toml", "npy", "", arch, pool_batch, mart_epochs, mart_epoch_size)
+    run_cli(["run", "--stages", "teacher", "--config", str(config), "--workdir", str(tmp / "work-teacher")],
+            tmp / "scratch")
+    return tmp / "work-teacher" / "teacher"
+
+
+def _available_ram_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def bench_pool_scale(sizes=QUICK_SIZES, formats=FORMATS, arch: str = "tiny-cnn", pool_batch: int = 1024,
+                     bare_images: int = 20_000, mart_epochs: int = 3, mart_epoch_size: int = 2048,
+                     tmp_dir: str | None = None) -> dict:
+    """Rows per (format, size) and the sizes skipped for want of disk, with why. The mart stage's best
+    epoch of `mart_epochs` x `mart_epoch_size` examples gives its images/s."""
+    result = {"rows": [], "skipped": {}, "arch": arch}
+    with tempfile.TemporaryDirectory(prefix="bench-pool-scale-", dir=tmp_dir) as tmp:
+        tmp = Path(tmp)
+        teacher_dir = train_teacher(tmp, arch, pool_batch, mart_epochs, mart_epoch_size)
+        for n in sizes:
+            needed, free = int(2.2 * n * ROW_BYTES) + (1 << 30), shutil.disk_usage(tmp).free
+            if free < needed:
+                result["skipped"][n] = (f"needs {needed / 2**30:.1f} GiB free in {tmp} (the pool and pseudolabels.h5), "
+                                        f"has {free / 2**30:.1f} GiB")
+                print(f"pool_scale: skipping {n} images: {result['skipped'][n]}", flush=True)
+                continue
+            for fmt in formats:
+                row = measure(fmt, n, tmp, arch, pool_batch, bare_images, mart_epochs, mart_epoch_size, teacher_dir)
+                result["rows"].append(row)
+                print(f"pool_scale: {fmt} {n}: " + json.dumps({k: round(v, 2) if isinstance(v, float) else v
+                                                              for k, v in row.items()}), flush=True)
+    return result
+
+
+def comparisons(result: dict) -> list:
+    from benchmarks.common import Comparison
+
+    rows, out = result["rows"], []
+    for row in rows:
+        what, note = f"{row['format']} {row['images']:,}", f"pool {row['pool_mib']:.0f} MiB, {result['arch']}"
+        out += [Comparison("pool_scale", f"status seconds, {what}", "status", row["status_s"], "2 s", 2.0, "s",
+                           "<=", 1.0, note=note, extra=row),
+                Comparison("pool_scale", f"status peak RSS, {what}", "status", row["status_peak_mib"], "400 MiB", 400.0,
+                           "MiB", "<=", 1.0, note=note, extra=row),
+                Comparison("pool_scale", f"pseudolabel vs bare forward, {what}", "stage",
+                           row["pseudolabel_images_per_s"], "bare", row["bare_images_per_s"], "img/s", ">=", 0.9,
+                           note=note, extra=row)]
+        if row["mart_memory_images_per_s"]:
+            out.append(Comparison("pool_scale", f"mart pool from h5 vs in memory, {what}", "h5",
+                                  row["mart_h5_images_per_s"], "memory", row["mart_memory_images_per_s"], "img/s",
+                                  ">=", 0.95, note=note, extra=row))
+    for fmt in dict.fromkeys(row["format"] for row in rows):
+        sized = sorted((row for row in rows if row["format"] == fmt), key=lambda row: row["images"])
+        if len(sized) >= 2:
+            small, large = sized[0], sized[-1]
+            name = f"pseudolabel peak RSS {large['images']:,} vs {small['images']:,}, {fmt}"
+            out.append(Comparison("pool_scale", name, "large", large["pseudolabel_peak_mib"], "small",
+                                  small["pseudolabel_peak_mib"], "MiB", "<=", 1.2, note=f"pools {small['pool_mib']:.0f} and {large['pool_mib']:.0f} MiB"))
+    return out
+
+
+def run(quick: bool = False, tmp_dir: str | None = None) -> list:
+    from benchmarks.common import print_comparisons, print_header
+
+    print_header("pool_scale: status, pseudolabel and mart through the CLI, per pool format and size")
+    if quick:
+        result = bench_pool_scale(QUICK_SIZES, mart_epochs=2, mart_epoch_size=512, tmp_dir=tmp_dir)
+    else:
+        result = bench_pool_scale(FULL_SIZES, tmp_dir=tmp_dir)
+    for n, why in result["skipped"].items():
+        print(f"pool_scale: {n:,} images skipped: {why}")
+    return print_comparisons(comparisons(result))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"pools of {QUICK_SIZES[0]:,} and {QUICK_SIZES[1]:,} images")
+    parser.add_argument("--tmp-dir", default=None,
+                        help="where the pools and work dirs go (default: the system's temp dir)")
+    args = parser.parse_args()
+    run(quick=args.quick, tmp_dir=args.tmp_dir)

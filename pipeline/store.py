@@ -5,6 +5,7 @@
 <store>/<stage>/<fingerprint>.partial/   an entry being built (its resume state belongs to that fingerprint)
 <store>/<stage>/<fingerprint>.lock       held while the entry is built, so two processes never build one twice
 <store>/workdirs/<hash>                  the work dirs that link into the store (for gc)
+<store>/sources/                         derived copies of data sources (an RST pickle converted to .npy)
 <workdir>/<stage> -> <store>/<stage>/<fingerprint>    a relative symlink to the entry the config selects
 ```
 
@@ -176,7 +177,7 @@ class Store:
         """Finished entries that no work dir links to (partial directories are resume state: kept)."""
         used = self.referenced()
         found = []
-        for stage_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name != "workdirs"):
+        for stage_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name not in ("workdirs", "sources")):
             for entry in sorted(stage_dir.iterdir()):
                 if entry.is_dir() and not entry.name.endswith(".partial") and entry.resolve() not in used:
                     found.append(entry)

@@ -9,36 +9,44 @@ which also draws the class-balanced labeled subset), with 2,000 labels (200 per 
 58,000 training images as the unlabeled pool, labels hidden (RST's setting, Carmon et al. 2019). Every
 run trains on the same number of examples (mart.epochs x mart.epoch_size, set explicitly, so a
 labels-only run makes more passes over its 2,000 labels and a pool run sees half labeled, half
-pseudo-labeled examples per batch), then the eval stage attacks the first `eval.n` test images:
-clean, PGD-20 and CW-30 on n = 500, and AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square) on the
-first 32 of them, in a second eval in its own work dir (AutoAttack costs ~3 s per image here, mostly
-Square's 5,000 queries and FAB-T's 900 steps on small batches: on 500 images for 12 models it alone
-would take hours). The claims tested: MART is more robust than TRADES and PGD-AT at the same budget
-(Wang et al. 2020), and pseudo-labeled unlabeled data adds robust accuracy to each loss (Carmon et
-al. 2019; MART + unlabeled data in Wang et al. 2020). AutoAttack close to PGD-20 says the PGD-20
-numbers are not gradient masking; on 32 images one image is 3.1 points.
+pseudo-labeled examples per batch). The claims tested: MART is more robust than TRADES and PGD-AT at
+the same budget (Wang et al. 2020), and pseudo-labeled unlabeled data adds robust accuracy to each loss
+(Carmon et al. 2019; MART + unlabeled data in Wang et al. 2020).
 
-Everything else is configs/demo.toml (small-cnn, run.precision auto, channels_last, SGD lr 0.05
-cosine, no augmentation in the adversarial stage, beta 6) except the training attack, PGD-3 with step
-0.05 (the demo's PGD-2 is tuned for its clock; one more step here for the comparison), and a
-10-epoch teacher. The teacher and
-pseudolabel stages run once per seed and are copied (hard links) into each pool run's work dir, where
-the runner finds them fresh; labels-only runs need neither. Everything is cached: a rerun with the
-same settings reprints the table in seconds, and a killed run resumes.
+How: two `pipeline.sweep` grids over configs/demo.toml plus the Budget's overrides, sharing one stage
+store (`<workdir>/.store`, or $RST_MART_STORE), so every stage whose fingerprint agrees is built once:
+the teacher and its pseudo-labels once per seed (labels-only runs need neither), each MART model once.
+1. `<workdir>/attacks/`: stages mart and eval, clean, PGD-20 and CW-30 on the first `eval.n` = 500 test
+   images.
+2. `<workdir>/autoattack/`: the same variants with eval.attacks = [autoattack] (standard: APGD-CE, APGD-T,
+   FAB-T, Square) on the first 32 test images; its MART models come from the store, so only eval runs.
+   AutoAttack costs ~3 s per image here (mostly Square's 5,000 queries and FAB-T's 900 steps on small
+   batches): on 500 images for 12 models it alone would take hours. AutoAttack close to PGD-20 says the
+   PGD-20 numbers are not gradient masking; on 32 images one image is 3.1 points.
+The table is read from each variant's eval/results.csv. A rerun with the same settings reprints the
+table in seconds (every stage cached); a killed run resumes.
+
+Everything else is configs/demo.toml (small-cnn, run.precision auto, channels_last, SGD lr 0.05 cosine,
+no augmentation in the adversarial stage, beta 6) except the training attack, PGD-3 with step 0.05 (the
+demo's PGD-2 is tuned for its clock; one more step here for the comparison), and a 10-epoch teacher.
 
 Budget (default): mart.epochs 8 x mart.epoch_size 3072 = 24,576 training examples per run (12 passes
 over the 2,000 labels for a labels-only run; 6 passes plus 12,288 pool draws for a pool run), 12 runs;
 eval.sweep and eval.checks off (they would add a 6-point PGD-20 sweep and PGD-100 per model).
 `--quick`: 500 labels, a 2,000-image pool, tiny-cnn, one epoch of 256 examples with PGD-3, clean and
-PGD-20 on 64 images, one seed: a smoke test of this script (~15 s), numbers meaningless.
+PGD-20 on 64 images, AutoAttack on 4, one seed: a smoke test of this script (under a minute on an idle
+2-core CPU), numbers meaningless.
 
-Runtime (default): 39 min 46 s on 2026-11-25 on an idle 2-core AMD EPYC (AVX2, so fp32; torch 2.14.1,
-2 threads): per run ~80 s of MART training (8 x 3,072 examples), ~15 s of clean + PGD-20 + CW-30 on 500
-images and ~75 s of AutoAttack on 32, x 12, plus ~1 minute of teacher and pseudo-labels per seed.
-With other jobs on the cores everything is 2-5x slower (AutoAttack's many small batches suffer most).
+Runtime (default): about 40 minutes on an idle 2-core AMD EPYC (AVX2, so fp32; torch 2.14.1, 2 threads):
+per run ~80 s of MART training (8 x 3,072 examples), ~15 s of clean + PGD-20 + CW-30 on 500 images and
+~75 s of AutoAttack on 32, x 12, plus ~1 minute of teacher and pseudo-labels per seed. With other jobs on
+the cores everything is 2-5x slower (AutoAttack's many small batches suffer most).
 
-Results last seen: the README's table ("Reproducing the papers' claims"), rows in
-benchmarks/reproduce_fashion.csv; `--quick` gives 6 rows in ~15 s.
+Accuracy (the README's table, "Reproducing the papers' claims"; per-seed rows in
+benchmarks/reproduce_fashion.csv): MART with the pool is the most robust row under PGD-20 (66.2%, +2.1
+points over MART on labels only), clean accuracy 76-80% throughout, AutoAttack 50-59% on 32 images.
+Those rows were measured before PGD-AT's training attack took Madry's uniform random start, so their PGD-AT rows
+are stale until the benchmark is rerun; the TRADES and MART rows stand.
 """
 from __future__ import annotations
 
@@ -47,7 +55,7 @@ import contextlib
 import json
 import os
 import platform
-import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,14 +64,16 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from data.sources import open_sources
+from pipeline.atomic import atomic_write_csv
 from pipeline.config import CONFIG_DIR, load_config
-from pipeline.runner import Runner, results_table
+from pipeline.errors import UserError
+from pipeline.sweep import SEED_KEY, run_sweep
 
 BASE_CONFIG = CONFIG_DIR / "demo.toml"
 LOSSES = ("pgd-at", "trades", "mart")
 DATA_SETTINGS = {"labels only": 0.0, "+ pseudo-labeled pool": 0.5}  # -> mart.unsup_fraction
-SHARED_STAGES = ("teacher", "pseudolabel")  # depend on data, seed and teacher keys only: one copy per seed
+GRID = [f"mart.loss={','.join(LOSSES)}", f"mart.unsup_fraction={','.join(map(str, DATA_SETTINGS.values()))}"]
+ATTACKS_SWEEP, AUTOATTACK_SWEEP = "attacks", "autoattack"  # sweep dirs under the work dir, one store beside them
 
 
 @dataclass(frozen=True)
@@ -81,12 +91,12 @@ class Budget:
     step_size: float  # PGD step of the training attack, on [0, 1] pixels
     eval_n: int  # first n test images for `attacks`
     attacks: tuple[str, ...]  # eval attacks on eval_n images
-    autoattack_n: int  # first n test images for AutoAttack (a second eval); 0 = no AutoAttack
+    autoattack_n: int  # first n test images for AutoAttack (a second sweep); 0 = no AutoAttack
     mart_eval_n: int  # test images for the mart stage's own clean/PGD-20 report (a sanity check, not the table)
     seeds: tuple[int, ...]  # run.seed values
 
     def overrides(self) -> list[str]:
-        """`section.key=value` overrides of demo.toml shared by every run."""
+        """`section.key=value` overrides of demo.toml shared by every run (one value each: not swept)."""
         return [
             f"data.num_labeled={self.num_labeled}",
             f"pool.limit={self.pool_limit}",
@@ -109,106 +119,65 @@ DEFAULT = Budget(num_labeled=2000, pool_limit=0, arch="small-cnn", teacher_epoch
                  batch_size=128, steps=3, step_size=0.05, eval_n=500, attacks=("clean", "pgd20", "cw30"),
                  autoattack_n=32, mart_eval_n=100, seeds=(0, 1))
 QUICK = Budget(num_labeled=500, pool_limit=2000, arch="tiny-cnn", teacher_epochs=1, epochs=1, epoch_size=256,
-               batch_size=64, steps=3, step_size=0.04, eval_n=64, attacks=("clean", "pgd20"), autoattack_n=0,
+               batch_size=64, steps=3, step_size=0.04, eval_n=64, attacks=("clean", "pgd20"), autoattack_n=4,
                mart_eval_n=16, seeds=(0,))
 
 
-# -- work dirs ---------------------------------------------------------------------------------------
-def _link_or_copy(src: str, dst: str) -> str:
-    """Hard links: stages replace files atomically and never write in place, so sharing inodes is safe."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-    return dst
-
-
-def copy_stages(src: Path, dst: Path, stages) -> None:
-    """Put `src`'s finished stage directories into `dst`, replacing any whose stage.json differs."""
-    for stage in stages:
-        record = src / stage / "stage.json"
-        if not record.exists():
-            raise RuntimeError(f"{src / stage} has no stage.json; run that stage there first")
-        target = dst / stage
-        if (target / "stage.json").exists() and (target / "stage.json").read_bytes() == record.read_bytes():
-            continue
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(src / stage, target, copy_function=_link_or_copy)
-
-
-def _stage_record(workdir: Path, stage: str) -> dict:
-    return json.loads((workdir / stage / "stage.json").read_text())
-
-
-def _accuracies(workdir: Path) -> dict[str, tuple[float, int]]:
-    """attack -> (accuracy in percent, n) from an eval stage's results.csv."""
-    table = results_table(workdir, ["eval"])
-    table = table[(table["model"] == "mart") & (table["split"] == "test")]
-    return {row.attack: (100.0 * row.accuracy, int(row.n)) for row in table.itertuples()}
-
-
-# -- the runs ------------------------------------------------------------------------------------------
-def run_one(budget: Budget, workdir: Path, *, seed: int, loss: str, unsup_fraction: float, data,
-            log: Callable[[str], None]) -> dict:
-    """Train and evaluate one (seed, loss, data setting); returns its raw row (accuracies in percent)."""
-    overrides = budget.overrides() + [f"run.seed={seed}", f'mart.loss="{loss}"',
-                                      f"mart.unsup_fraction={unsup_fraction}"]
-    seed_dir = workdir / f"seed{seed}"
-    run_dir = seed_dir / f"{loss}-{'pool' if unsup_fraction > 0 else 'labels'}"
-    if unsup_fraction > 0:
-        copy_stages(seed_dir / "shared", run_dir, SHARED_STAGES)
-    config = load_config(BASE_CONFIG, overrides + [f"eval.attacks={','.join(budget.attacks)}",
-                                                   f"eval.n={budget.eval_n}"])
-    Runner(config, run_dir, log=log, data=data).run(["mart", "eval"])
-    accuracies = _accuracies(run_dir)
-    mart_record, eval_record = _stage_record(run_dir, "mart"), _stage_record(run_dir, "eval")
-    row = {"seed": seed, "loss": loss, "unsup_fraction": unsup_fraction,
-           "epochs": mart_record["params"]["mart"]["epochs"],
-           "epoch_size": mart_record["params"]["mart"]["epoch_size"],
-           "mart_seconds": mart_record["seconds"], "eval_seconds": eval_record["seconds"]}
-    row.update({attack: accuracies[attack][0] for attack in budget.attacks})
-    row["n"] = accuracies[budget.attacks[0]][1]
-
-    if budget.autoattack_n:
-        # Its own work dir (the upstream stages hard-linked in), so both evals stay cached side by side.
-        aa_dir = run_dir.with_name(run_dir.name + "-autoattack")
-        copy_stages(run_dir, aa_dir, Runner(config, run_dir).closure(["mart"]))
-        aa_config = load_config(BASE_CONFIG, overrides + ['eval.attacks=["autoattack"]',
-                                                          f"eval.n={budget.autoattack_n}"])
-        Runner(aa_config, aa_dir, log=log, data=data).run(["eval"])
-        row["autoattack"], row["n_autoattack"] = _accuracies(aa_dir)["autoattack"]
-        row["eval_seconds"] += _stage_record(aa_dir, "eval")["seconds"]
-    return row
+# -- the sweeps ------------------------------------------------------------------------------------------
+def _toml_list(names) -> str:
+    """A TOML list, so the sweep's comma splitting leaves it one value."""
+    return "[" + ",".join(f'"{name}"' for name in names) + "]"
 
 
 def run(budget: Budget = DEFAULT, workdir: Path | str = "runs/reproduce_fashion", *, seeds=None,
         log: Callable[[str], None] = print) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """All runs (cached where done); returns (summary table, raw per-seed rows)."""
+    """Both sweeps (cached where done); returns (summary table, raw per-seed rows)."""
     workdir = Path(workdir)
-    rows = []
-    for seed in seeds if seeds is not None else budget.seeds:
-        # The teacher and its pseudo-labels, once per seed; each pool run gets a copy. The data sources
-        # (labeled set, split, pool) depend only on the data and pool sections and the seed: opened once.
-        shared = load_config(BASE_CONFIG, budget.overrides() + [f"run.seed={seed}"])
-        data = open_sources(shared, need_pool=False)
-        Runner(shared, workdir / f"seed{seed}" / "shared", log=_tagged(log, f"seed {seed}"), data=data).run(
-            list(SHARED_STAGES))
-        for loss in LOSSES:
-            for setting, unsup_fraction in DATA_SETTINGS.items():
-                tag = f"seed {seed} {loss} {setting}"
-                start = time.perf_counter()
-                row = run_one(budget, workdir, seed=seed, loss=loss, unsup_fraction=unsup_fraction, data=data,
-                              log=_tagged(log, tag))
-                log(f"[{tag}] done in {time.perf_counter() - start:.0f}s: "
-                    + ", ".join(f"{a} {row[a]:.1f}" for a in (*budget.attacks, "autoattack") if a in row))
-                rows.append({"data": setting, **row})
-    raw = pd.DataFrame(rows)
+    seed_list = ",".join(str(s) for s in (budget.seeds if seeds is None else seeds))
+    common = budget.overrides() + GRID
+    sweep_csv = run_sweep(BASE_CONFIG, common + [f"eval.attacks={_toml_list(budget.attacks)}",
+                                                 f"eval.n={budget.eval_n}"],
+                          ["mart", "eval"], workdir / ATTACKS_SWEEP, seeds=seed_list, log=log)
+    raw = variant_rows(sweep_csv, budget.attacks)
+    if budget.autoattack_n:
+        sweep_csv = run_sweep(BASE_CONFIG, common + [f"eval.attacks={_toml_list(['autoattack'])}",
+                                                     f"eval.n={budget.autoattack_n}"],
+                              ["eval"], workdir / AUTOATTACK_SWEEP, seeds=seed_list, log=log)
+        autoattack = variant_rows(sweep_csv, ["autoattack"])
+        keys = ["seed", "loss", "unsup_fraction"]
+        autoattack = autoattack[keys + ["autoattack", "n", "eval_seconds"]].rename(
+            columns={"n": "n_autoattack", "eval_seconds": "autoattack_seconds"})
+        raw = raw.merge(autoattack, on=keys, how="left", validate="one_to_one")
+        raw["eval_seconds"] += raw.pop("autoattack_seconds")
+        raw = raw[[c for c in raw.columns if c != "n_autoattack"] + ["n_autoattack"]]
     return summarize(raw, budget), raw
 
 
-def _tagged(log: Callable[[str], None], tag: str) -> Callable[[str], None]:
-    return lambda message: log(f"[{tag}] {message}")
+def variant_rows(sweep_csv: Path, attacks) -> pd.DataFrame:
+    """One row per variant of a sweep: its settings, stage seconds and the eval accuracies (percent)."""
+    sweep = pd.read_csv(sweep_csv)
+    settings = {fraction: name for name, fraction in DATA_SETTINGS.items()}
+    rows = []
+    for row in sweep.to_dict("records"):
+        workdir = sweep_csv.parent / row["variant"]
+        mart, evaluation = _stage_record(workdir, "mart"), _stage_record(workdir, "eval")
+        results = pd.read_csv(workdir / "eval" / "results.csv")
+        results = results[(results["model"] == "mart") & (results["split"] == "test")].set_index("attack")
+        rows.append({"data": settings[float(row["mart.unsup_fraction"])], "seed": int(row[SEED_KEY]),
+                     "loss": row["mart.loss"], "unsup_fraction": float(row["mart.unsup_fraction"]),
+                     "epochs": mart["params"]["mart"]["epochs"], "epoch_size": mart["params"]["mart"]["epoch_size"],
+                     "mart_seconds": mart["seconds"], "eval_seconds": evaluation["seconds"],
+                     **{attack: 100.0 * float(results.loc[attack, "accuracy"]) for attack in attacks},
+                     "n": int(results.loc[attacks[0], "n"])})
+    frame = pd.DataFrame(rows)
+    # The table's order: seed, then loss, then data setting, as LOSSES and DATA_SETTINGS list them.
+    order = frame.assign(_loss=frame["loss"].map(LOSSES.index),
+                         _data=frame["data"].map(list(DATA_SETTINGS).index))
+    return frame.loc[order.sort_values(["seed", "_loss", "_data"]).index].reset_index(drop=True)
+
+
+def _stage_record(workdir: Path, stage: str) -> dict:
+    return json.loads((workdir / stage / "stage.json").read_text())
 
 
 # -- the table -------------------------------------------------------------------------------------------
@@ -247,9 +216,9 @@ def machine() -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one seed: a smoke test (< 1 minute)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one seed: a smoke test (~1 minute)")
     parser.add_argument("--seeds", type=int, nargs="+", help="run.seed values (default: 0 1; --quick: 0)")
-    parser.add_argument("--workdir", help="work dirs root (default runs/reproduce_fashion[_quick])")
+    parser.add_argument("--workdir", help="sweeps and their store (default runs/reproduce_fashion[_quick])")
     parser.add_argument("--out", help="CSV of the per-seed rows (default benchmarks/reproduce_fashion.csv; "
                                       "--quick: <workdir>/reproduce_fashion.csv)")
     args = parser.parse_args(argv)
@@ -260,11 +229,15 @@ def main(argv=None) -> int:
     print(f"machine: {machine()}")
     print(f"budget: {budget}", flush=True)
     start = time.perf_counter()
-    table, raw = run(budget, workdir, seeds=args.seeds)
+    try:
+        table, raw = run(budget, workdir, seeds=args.seeds)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     seconds = time.perf_counter() - start
     out.parent.mkdir(parents=True, exist_ok=True)
-    raw.assign(num_labeled=budget.num_labeled, arch=budget.arch,
-               eps=load_config(BASE_CONFIG).mart.epsilon).to_csv(out, index=False)
+    atomic_write_csv(out, raw.assign(num_labeled=budget.num_labeled, arch=budget.arch,
+                                     eps=load_config(BASE_CONFIG).mart.epsilon))
 
     autoattack = " (AutoAttack on the first n_autoattack)" if budget.autoattack_n else ""
     print(f"\nFashion-MNIST, {budget.num_labeled} labels, L-inf eps 0.1, {budget.arch}, "

@@ -1,5 +1,6 @@
 """L-inf attacks in pixel space: PGD (CE / TRADES-KL / CW-margin objectives), FGSM, and the
-input-gradient norms the evaluation uses to spot gradient masking.
+input-gradient norms the evaluation uses to spot gradient masking; and the two attacks the stages
+share: each method's training attack and the PGD-20 evaluation attack.
 
 Pure and model-agnostic: the caller chooses train/eval mode and the device, inputs are images in
 [0, 1], and every function returns a detached tensor in [0, 1] within eps of `x` (L-inf).
@@ -8,12 +9,17 @@ touched and an attack can run between a training step's zero_grad and backward.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from stages.losses import ATTACK_LOSS
+
 ATTACK_LOSSES = ("ce", "kl", "cw")
 RANDOM_STARTS = ("uniform", "normal", None)
+EVAL_STEPS = 20  # PGD-20, the papers' headline white-box attack
 
 
 def _attack_objective(logits: torch.Tensor, y: torch.Tensor, loss: str,
@@ -99,3 +105,19 @@ def input_gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
         objective = _attack_objective(model(x), y, "ce", None)
         (grad,) = torch.autograd.grad(objective, x)
     return grad.flatten(1).abs().sum(dim=1).detach()
+
+
+def eval_attack(eps: float, steps: int = EVAL_STEPS) -> Callable:
+    """PGD with a uniform random start and Madry's step rule (2.5 eps / steps): the stages' robust accuracy."""
+    return lambda model, x, y, generator: pgd_linf(
+        model, x, y, eps=eps, step_size=2.5 * eps / steps, steps=steps, loss="ce", random_start="uniform",
+        generator=generator)
+
+
+def training_attack(method: str, *, eps: float, step_size: float, steps: int) -> Callable:
+    """`attack(model, x, y, generator) -> x_adv` of a training method ([mart] loss): PGD on the method's
+    objective (stages.losses.ATTACK_LOSS). MART and TRADES start at x + 0.001 N(0, 1), as their official code."""
+    def attack(model, x, y, generator):
+        return pgd_linf(model, x, y, eps=eps, step_size=step_size, steps=steps, loss=ATTACK_LOSS[method],
+                        random_start="normal", init_std=0.001, generator=generator)
+    return attack

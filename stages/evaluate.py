@@ -19,9 +19,9 @@ import torch
 
 from pipeline.atomic import atomic_path, atomic_write_csv
 from pipeline.errors import UserError
-from stages import loops
-from stages.attacks import cw_linf, fgsm, input_gradient_norms
-from stages.mart import eval_attack
+from stages.attacks import cw_linf, eval_attack, fgsm, input_gradient_norms
+from stages.devices import resolve_device
+from stages.evaluation import evaluate, to_tensor_images, write_results
 from stages.models import load_model
 
 OUTPUTS = ("results.csv", "checks.csv", "robustness.png")
@@ -136,7 +136,7 @@ class Scorer:
         eps = 0.0 if attack == "clean" else float(eps)
         key = (attack, round(eps, 9), count)
         if key not in self.scores:
-            self.scores[key] = loops.evaluate(
+            self.scores[key] = evaluate(
                 self.model, self.images[:count], self.labels[:count], device=self.device,
                 batch_size=self.batch_size, attack=build_attack(attack, eps, seed=self.seed, log=self.log),
                 seed=self.seed, desc=f"{self.desc} {attack} eps={eps:.4g}".strip(), rank=self.rank,
@@ -201,7 +201,7 @@ def _nonzero_gradient_fraction(score: Scorer, count: int) -> float:
     nonzero = 0
     for start in range(0, count, score.batch_size):
         stop = min(start + score.batch_size, count)
-        x = loops.to_tensor_images(score.images[start:stop], score.device)
+        x = to_tensor_images(score.images[start:stop], score.device)
         y = torch.from_numpy(np.asarray(score.labels[start:stop], dtype=np.int64)).to(score.device)
         nonzero += int((input_gradient_norms(score.model, x, y) > 0).sum())
     return nonzero / max(1, count)
@@ -243,7 +243,7 @@ def run(ctx) -> None:
     cfg, run_cfg = ctx.config.eval, ctx.config.run
     # Always fp32 and eval mode, whatever run.precision: low-precision gradients underflow to zero and
     # make the attacks look weaker, overstating robustness (load_model gives fp32 in eval mode; no autocast).
-    device = loops.resolve_device(run_cfg.device, ctx.dist.local_rank)
+    device = resolve_device(run_cfg.device, ctx.dist.local_rank)
     eps = cfg.eps or ctx.config.mart.epsilon
     labeled = ctx.data.labeled
     n = cfg.n if 0 < cfg.n <= len(labeled.test_labels) else len(labeled.test_labels)
@@ -268,7 +268,7 @@ def run(ctx) -> None:
 
     if not ctx.dist.is_main:
         return
-    loops.write_results(ctx.out_dir / "results.csv", results)
+    write_results(ctx.out_dir / "results.csv", results)
     atomic_write_csv(ctx.out_dir / "checks.csv", pd.DataFrame(checks, columns=CHECK_COLUMNS))
     plot_robustness(ctx.out_dir / "robustness.png", results, eps=eps)
     if cfg.checks:

@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from data.h5store import PseudoLabelReader, PseudoLabelWriter
 from pipeline import distributed
-from stages import loops
+from stages.devices import autocast, resolve_device
+from stages.evaluation import to_tensor_images, write_results
 from stages.models import load_model
 
 OUTPUTS = ("pseudolabels.h5", "results.csv")
@@ -56,7 +57,7 @@ def run(ctx) -> None:
     takes one writer), and rank 0 concatenates the shards in pool order into the one pseudolabels.h5
     that readers expect. A single process writes pseudolabels.h5 directly."""
     cfg, run_cfg = ctx.config.pseudolabel, ctx.config.run
-    device = loops.resolve_device(run_cfg.device, ctx.dist.local_rank)
+    device = resolve_device(run_cfg.device, ctx.dist.local_rank)
     pool = ctx.data.pool
     labeled = ctx.data.labeled
     total = len(pool)
@@ -118,8 +119,8 @@ def label_rows(ctx, pool, path: Path, start: int, stop: int, *, total: int, devi
                 images = next_block.result()
                 if block_stop < stop:
                     next_block = reader.submit(pool.read, block_stop, min(block_stop + cfg.batch_size, stop))
-                with torch.inference_mode(), loops.autocast(device, run_cfg.precision):
-                    logits = teacher(loops.to_tensor_images(images, device)).float()
+                with torch.inference_mode(), autocast(device, run_cfg.precision):
+                    logits = teacher(to_tensor_images(images, device)).float()
                 confidence, labels = torch.softmax(logits, dim=1).max(dim=1)
                 keep = ~dedup.duplicates(images) if dedup is not None else np.ones(len(images), dtype=bool)
                 if pending_write is not None:
@@ -186,6 +187,6 @@ def _write_results(ctx, pool) -> None:
         precision = float((truth[mask] == k).mean()) if truth is not None and mask.any() else float("nan")
         rows.append({"model": "teacher", "split": f"pool[label={name}]", "attack": attack, "eps": 0.0,
                      "accuracy": precision, "n": int(mask.sum())})
-    loops.write_results(ctx.out_dir / "results.csv", rows)
+    write_results(ctx.out_dir / "results.csv", rows)
     if truth is not None:
         ctx.log(f"  pseudo-labels: {rows[0]['accuracy']:.4f} {attack} on {len(labels)} pool images")

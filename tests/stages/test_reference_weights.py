@@ -34,31 +34,19 @@ def data(seed: int = 0):
                 pool_images=rng.integers(0, 256, (32, 28, 28, 1), dtype=np.uint8), pool_labels=rng.integers(0, 10, 32))
 
 
-def run_scenario(name: str, state_path: Path, interrupt_at_step: int | None = None) -> dict[str, torch.Tensor]:
-    """Train tiny-cnn for 2 epochs of 3 batches of 16 (CPU, fp32, seed 0); returns the final weights
-    (and the EMA's, prefixed "ema."). `interrupt_at_step` raises Interrupted inside that step, after
-    a checkpoint at every step, as a kill would."""
-    from data.mixed import MixedBatchLoader, MixedBatchSampler
-    from stages import loops
-    from stages.losses import ATTACK_LOSS, LOSSES
-    from stages.mart import _training_attack
-    from stages.models import build_model
-    from stages.teacher import augmenter
+def run_scenario(name: str, out_dir: Path, interrupt_at_step: int | None = None) -> dict[str, torch.Tensor]:
+    """Train tiny-cnn for 2 epochs of 3 batches of 16 (CPU, fp32, seed 0) through stages.training.train;
+    returns the final weights (and the EMA's, prefixed "ema."). `interrupt_at_step` raises Interrupted
+    inside that step, after a checkpoint at every step, as a kill would."""
+    from pipeline.config import RunConfig
+    from pipeline.distributed import DistInfo
+    from stages import training
+    from stages.attacks import training_attack
+    from stages.losses import LOSSES
 
     d = data()
     mart = name == "mart"
-    torch.manual_seed(0)
-    model = build_model("tiny-cnn", num_classes=10, in_channels=1)
-    ema = loops.WeightEMA(model, 0.9) if mart else None
-    sampler = MixedBatchSampler(48, 32 if mart else 0, batch_size=16, unsup_fraction=0.5 if mart else 0.0,
-                                epoch_size=48, seed=0)
-    loader = MixedBatchLoader(sampler, d["images"], d["labels"], d["pool_images"] if mart else d["images"][:0],
-                              d["pool_labels"] if mart else d["labels"][:0], augment=augmenter(True, 28), seed=0)
-    optimizer = loops.make_optimizer(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
-    scheduler = loops.make_scheduler(optimizer, schedule="cosine", epochs=2, steps_per_epoch=len(sampler))
-    loss_fn = functools.partial(LOSSES["mart"], beta=6.0) if mart else loops.natural_loss
-    attack = functools.partial(_training_attack, eps=0.1, step_size=0.04, steps=3,
-                               loss=ATTACK_LOSS["mart"]) if mart else None
+    loss_fn = functools.partial(LOSSES["mart"], beta=6.0) if mart else training.natural_loss
     steps = {"n": 0}
 
     def counted_loss(*args):
@@ -67,14 +55,22 @@ def run_scenario(name: str, state_path: Path, interrupt_at_step: int | None = No
             raise Interrupted
         return loss_fn(*args)
 
-    loops.fit(model=model, sampler=sampler, loader=loader, optimizer=optimizer, scheduler=scheduler, epochs=2,
-              loss_fn=counted_loss, attack=attack, device=torch.device("cpu"), precision="fp32", seed=0,
-              state_path=state_path, metrics_path=state_path.with_name("metrics.csv"),
-              checkpoint_every_s=0.0 if interrupt_at_step else 60.0, ema=ema,
-              log=lambda message: None)
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if ema is not None:
-        weights.update({f"ema.{k}": v.detach().clone() for k, v in ema.model.state_dict().items()})
+    recipe = training.Recipe(
+        arch="tiny-cnn", epochs=2, batch_size=16, epoch_size=48, lr=0.05, momentum=0.9, weight_decay=5e-4,
+        schedule="cosine", loss=counted_loss, augment=True,
+        attack=training_attack("mart", eps=0.1, step_size=0.04, steps=3) if mart else None,
+        unsup_fraction=0.5 if mart else 0.0, ema_decay=0.9 if mart else 0.0)
+    train_data = training.TrainData(
+        images=d["images"], labels=d["labels"], num_classes=10, class_names=[str(k) for k in range(10)],
+        dataset="synthetic", pool_images=d["pool_images"] if mart else None,
+        pool_labels=d["pool_labels"] if mart else None)
+    run_cfg = RunConfig(device="cpu", precision="fp32", seed=0, checkpoint_every_s=0.0 if interrupt_at_step else 60.0)
+    out_dir.mkdir(exist_ok=True)
+    training.train(recipe, train_data, run_cfg=run_cfg, dist=DistInfo(), out_dir=out_dir, log=lambda message: None)
+    state = torch.load(out_dir / training.STATE_FILE, weights_only=True)  # the epoch-end checkpoint
+    weights = dict(state["model"])
+    if state["ema"] is not None:
+        weights.update({f"ema.{k}": v for k, v in state["ema"]["model"].items()})
     return weights
 
 
@@ -112,14 +108,14 @@ def assert_matches_reference(weights: dict[str, torch.Tensor], scenario: str) ->
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_weights_equal_the_reference(tmp_path, one_thread, scenario):
-    assert_matches_reference(run_scenario(scenario, tmp_path / "state.pt"), scenario)
+    assert_matches_reference(run_scenario(scenario, tmp_path / "run"), scenario)
 
 
 def test_a_killed_and_resumed_run_equals_the_reference(tmp_path, one_thread):
     with pytest.raises(Interrupted):
-        run_scenario("mart", tmp_path / "state.pt", interrupt_at_step=5)  # epoch 2, its second batch
-    assert (tmp_path / "state.pt").exists()
-    assert_matches_reference(run_scenario("mart", tmp_path / "state.pt"), "mart")
+        run_scenario("mart", tmp_path / "run", interrupt_at_step=5)  # epoch 2, its second batch
+    assert (tmp_path / "run" / "train_state.pt").exists()
+    assert_matches_reference(run_scenario("mart", tmp_path / "run"), "mart")
 
 
 if __name__ == "__main__":
@@ -127,6 +123,6 @@ if __name__ == "__main__":
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        scenarios = {s: digest(run_scenario(s, Path(tmp) / f"{s}.pt")) for s in SCENARIOS}
+        scenarios = {s: digest(run_scenario(s, Path(tmp) / s)) for s in SCENARIOS}
     REFERENCE.write_text(json.dumps({"environment": environment(), "scenarios": scenarios}, indent=1) + "\n")
     print(f"wrote {REFERENCE}")

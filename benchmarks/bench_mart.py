@@ -91,7 +91,7 @@ class StageLoop:
                  channels_last: bool = False, compile: bool = False, device: str = "cpu", attack_model=None,
                  prefetch: int | None = None, augment: bool = True):
         from data.augment import augmenter
-        from data.mixed import MixedBatchLoader, MixedBatchSampler
+        from data.mixed import MixedBatchLoader, MixedBatchSampler, prefetch_depth
         from pipeline.config import RunConfig
         from stages import training
         from stages.attacks import training_attack
@@ -108,7 +108,7 @@ class StageLoop:
                                     unsup_fraction=unsup_fraction, epoch_size=batch_size * batches_per_epoch, seed=seed)
         loader = MixedBatchLoader(sampler, images, labels, pool_images, pool_labels, device=self.device,
                                   augment=augmenter(augment, images.shape[1]), seed=seed,
-                                  prefetch=run_cfg.num_workers if prefetch is None else prefetch)
+                                  prefetch=prefetch_depth(run_cfg.num_workers, self.device) if prefetch is None else prefetch)
         optimizer = make_optimizer(model, lr=0.01, momentum=0.9, weight_decay=3.5e-3)
         scheduler = make_scheduler(optimizer, schedule="constant", epochs=1, steps_per_epoch=len(sampler))
         attack = training_attack("mart", eps=EPSILON, step_size=STEP_SIZE, steps=steps)

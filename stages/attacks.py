@@ -9,7 +9,7 @@ touched and an attack can run between a training step's zero_grad and backward.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -39,6 +39,31 @@ def _attack_objective(logits: torch.Tensor, y: torch.Tensor, loss: str,
     return (wrong.amax(dim=1) - true_logit).sum()
 
 
+class ExampleSeeds:
+    """Random starts drawn per example: row i's noise comes from a generator seeded by seeds[i], so an
+    example's start depends on its seed (e.g. its index in the evaluated set), never on the batch it falls
+    in. Pass it as an attack's `generator`."""
+
+    def __init__(self, seeds: Sequence[int], device: torch.device):
+        self.seeds = list(seeds)
+        self.generator = torch.Generator(device=device)  # re-seeded per row
+
+    def draw(self, fn, x: torch.Tensor) -> torch.Tensor:
+        if len(self.seeds) != len(x):
+            raise ValueError(f"{len(self.seeds)} seeds for a batch of {len(x)}")
+        out = torch.empty_like(x)
+        for i, seed in enumerate(self.seeds):
+            out[i] = fn(x.shape[1:], generator=self.generator.manual_seed(seed), device=x.device, dtype=x.dtype)
+        return out
+
+
+def _noise(fn, x: torch.Tensor, generator) -> torch.Tensor:
+    """torch.rand / torch.randn shaped like x, from one generator or per example (ExampleSeeds)."""
+    if isinstance(generator, ExampleSeeds):
+        return generator.draw(fn, x)
+    return fn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
 def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
 
@@ -51,7 +76,7 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, 
 
     random_start: "uniform" adds U(-eps, eps) (Madry et al., evaluation); "normal" adds
     init_std * N(0, 1) (the MART/TRADES training attack); None starts at x. `generator` (on x's
-    device) makes the start reproducible. For "kl", `logits_natural` are the clean logits the
+    device; or ExampleSeeds, one stream per example) makes the start reproducible. For "kl", `logits_natural` are the clean logits the
     divergence is measured from; they are computed here without gradient when not given.
     """
     if loss not in ATTACK_LOSSES:
@@ -68,10 +93,9 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, 
         natural_probs = F.softmax(logits_natural.detach().float(), dim=1)
 
     if random_start == "uniform":
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_adv = x + (2.0 * noise - 1.0) * eps
+        x_adv = x + (2.0 * _noise(torch.rand, x, generator) - 1.0) * eps
     elif random_start == "normal":
-        x_adv = x + init_std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_adv = x + init_std * _noise(torch.randn, x, generator)
     else:
         x_adv = x.clone()
     x_adv = _project(x_adv, x, eps)
@@ -114,10 +138,15 @@ def eval_attack(eps: float, steps: int = EVAL_STEPS) -> Callable:
         generator=generator)
 
 
+# Method -> the random start of its training attack: MART and TRADES start at x + 0.001 N(0, 1) as their
+# official code does; Madry et al.'s PGD-AT starts uniformly in the eps-ball.
+TRAINING_START = {"mart": "normal", "trades": "normal", "pgd-at": "uniform"}
+
+
 def training_attack(method: str, *, eps: float, step_size: float, steps: int) -> Callable:
     """`attack(model, x, y, generator) -> x_adv` of a training method ([mart] loss): PGD on the method's
-    objective (stages.losses.ATTACK_LOSS). MART and TRADES start at x + 0.001 N(0, 1), as their official code."""
+    objective (stages.losses.ATTACK_LOSS) from the method's start (TRAINING_START)."""
     def attack(model, x, y, generator):
         return pgd_linf(model, x, y, eps=eps, step_size=step_size, steps=steps, loss=ATTACK_LOSS[method],
-                        random_start="normal", init_std=0.001, generator=generator)
+                        random_start=TRAINING_START[method], init_std=0.001, generator=generator)
     return attack

@@ -2,7 +2,8 @@
 and sanity checks that flag gradient masking and evaluation bugs.
 
 Every number is measured on the first `eval.n` test images in dataset order, in fp32 and eval mode,
-with random starts drawn from generators seeded by (run.seed, batch index): a rerun reproduces it, and
+with random starts drawn per image from generators seeded by (run.seed, image index): a rerun reproduces
+it, batch size and sharding do not change it, and
 the same (attack, eps, images) asked twice (a headline attack that is also a sweep point) is run once.
 """
 from __future__ import annotations
@@ -130,6 +131,7 @@ class Scorer:
         self.device, self.batch_size, self.seed, self.log, self.desc = device, batch_size, seed, log, desc
         self.rank, self.world_size = rank, world_size  # under torchrun each rank attacks a shard of batches
         self.scores: dict[tuple[str, float, int], float] = {}
+        self.output_dtypes: set[torch.dtype] = set()  # of the logits of every evaluation: fp32 is the promise
 
     def __call__(self, attack: str, eps: float, count: int | None = None) -> float:
         count = len(self.labels) if count is None else min(count, len(self.labels))
@@ -140,7 +142,7 @@ class Scorer:
                 self.model, self.images[:count], self.labels[:count], device=self.device,
                 batch_size=self.batch_size, attack=build_attack(attack, eps, seed=self.seed, log=self.log),
                 seed=self.seed, desc=f"{self.desc} {attack} eps={eps:.4g}".strip(), rank=self.rank,
-                world_size=self.world_size)
+                world_size=self.world_size, output_dtypes=self.output_dtypes)
         return self.scores[key]
 
 
@@ -170,8 +172,7 @@ def run_checks(score: Scorer, name: str, rows: list[dict], *, eps: float) -> lis
     clean = score("clean", 0.0)
     stronger = [f"{r['attack']} {r['accuracy']:.3f}" for r in rows
                 if r["attack"] not in ("clean", SWEEP_ATTACK) and r["accuracy"] > clean + TOLERANCE]
-    dtype = next(score.model.parameters(), torch.empty(0)).dtype
-    autocast_on = torch.is_autocast_enabled(score.device.type)
+    dtypes = sorted(str(d).removeprefix("torch.") for d in score.output_dtypes)
     on = f"on {subset} images at eps {eps:.4g}"
     checks = [
         ("iterative_stronger_than_fgsm", pgd20 <= fgsm_acc + TOLERANCE,
@@ -185,8 +186,10 @@ def run_checks(score: Scorer, name: str, rows: list[dict], *, eps: float) -> lis
          f"{nonzero:.3f} of {subset} images have a non-zero input gradient (expected >= {MIN_NONZERO_GRADIENTS})"),
         ("robust_below_clean", not stronger,
          f"above clean {clean:.3f}: " + ", ".join(stronger) if stronger else f"all attacks <= clean {clean:.3f}"),
-        ("evaluated_in_fp32", dtype == torch.float32 and not autocast_on,
-         f"parameters {str(dtype).removeprefix('torch.')}, autocast {'on' if autocast_on else 'off'}"),
+        # What the evaluations computed, not how the model looks now: a model scored under autocast (or
+        # loaded in half precision) gives bf16/fp16 logits.
+        ("evaluated_in_fp32", score.output_dtypes == {torch.float32},
+         f"logits {', '.join(dtypes) or 'none'} in this model's evaluations"),
     ]
     return [{"model": name, "check": c, "passed": bool(ok), "detail": d} for c, ok, d in checks]
 

@@ -13,9 +13,10 @@ from tqdm import tqdm
 
 from pipeline import distributed
 from pipeline.atomic import atomic_write_csv
+from stages.attacks import ExampleSeeds
 from stages.devices import resolve_device
 from stages.models import load_model
-from stages.train_state import seeded_generator
+from stages.train_state import seed_from
 
 RESULT_COLUMNS = ["model", "split", "attack", "eps", "accuracy", "n"]
 
@@ -27,26 +28,31 @@ def to_tensor_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, device: torch.device,
              batch_size: int = 256, attack: Callable | None = None, seed: int = 0, desc: str = "eval",
-             rank: int = 0, world_size: int = 1) -> float:
+             rank: int = 0, world_size: int = 1, output_dtypes: set | None = None) -> float:
     """Accuracy on (images, labels), optionally under `attack(model, x, y, generator)`.
 
-    Always fp32 and eval mode, whatever the training precision: low-precision gradients can vanish and
-    overstate robustness. With `world_size` > 1 every rank calls this with the same arguments: each
-    scores a contiguous run of whole batches and the correct counts are summed, so every image counts
-    exactly once (no DistributedSampler padding) and each batch keeps its single-process seed
-    (seed, batch index): the accuracy is the single-process one, on every rank.
+    Meant for fp32 and eval mode, whatever the training precision: low-precision gradients can vanish and
+    overstate robustness (`output_dtypes` collects the logits' dtypes, for a check that it was fp32). An
+    attack's random start for image i comes from a stream seeded by (seed, i) (attacks.ExampleSeeds), so
+    neither the batch size nor the sharding changes an accuracy. With `world_size` > 1 every rank calls
+    this with the same arguments: each scores a contiguous run of whole batches and the correct counts
+    are summed, so every image counts exactly once (no DistributedSampler padding) and the accuracy is
+    the single-process one, on every rank.
     """
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
     first, stop = distributed.shard_range(len(images), rank, world_size, block=batch_size)
     starts = range(first, stop, batch_size)
-    for i, start in enumerate(tqdm(starts, desc=desc, leave=False, disable=rank != 0), start=first // batch_size):
+    for start in tqdm(starts, desc=desc, leave=False, disable=rank != 0):
         x = to_tensor_images(images[start:start + batch_size], device)
         y = torch.from_numpy(np.asarray(labels[start:start + batch_size], dtype=np.int64)).to(device)
         if attack is not None:
-            x = attack(model, x, y, seeded_generator(device, seed, i))
+            x = attack(model, x, y, ExampleSeeds([seed_from(seed, i) for i in range(start, start + len(y))], device))
         with torch.no_grad():
-            correct += (model(x).argmax(1) == y).sum()
+            logits = model(x)
+        correct += (logits.argmax(1) == y).sum()
+        if output_dtypes is not None:
+            output_dtypes.add(logits.dtype)
     if world_size > 1:
         distributed.all_reduce_sum(correct)
     return correct.item() / max(1, len(images))

@@ -175,3 +175,15 @@ def test_stage_writes_its_outputs(trained, test_set, tmp_path):
     config.eval.checks = False
     evaluate.run(ctx)
     assert len(pd.read_csv(ctx.out_dir / "checks.csv")) == 0
+
+
+def test_the_fp32_check_fails_for_a_model_evaluated_under_autocast(trained, test_set):
+    verdicts = {}
+    for name, context in (("fp32", torch.autocast("cpu", enabled=False)), ("bf16", torch.autocast("cpu", torch.bfloat16))):
+        score = scorer(trained, test_set)
+        with context:
+            rows = evaluate.evaluate_model(score, name, attacks=["clean", "pgd20"], eps=EPS, sweep=[])
+            checks = evaluate.run_checks(score, name, rows, eps=EPS)
+        verdicts[name] = next(c for c in checks if c["check"] == "evaluated_in_fp32")
+    assert verdicts["fp32"]["passed"] and verdicts["fp32"]["detail"].startswith("logits float32")
+    assert not verdicts["bf16"]["passed"] and "bfloat16" in verdicts["bf16"]["detail"]

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks.common import Comparison, median_step_rates, print_header, synthetic_images, timed_iter
-from stages.loops import native_bf16
+from stages.devices import native_bf16
 
 EPSILON = 8 / 255  # the CIFAR-10 training radius of MART
 STEP_SIZE = 0.007  # MART's PGD step for CIFAR-10
@@ -82,66 +82,65 @@ def reference_step(model: nn.Module, optimizer, x, y, *, steps: int, eps: float 
 
 # -- the stage's loop ------------------------------------------------------------------------------------
 class StageLoop:
-    """The mart stage's objects (sampler, loader, model, optimizer, scheduler, attack, loss) for one
-    precision; `epoch(n)` trains one epoch of n batches through loops.train_one_epoch."""
+    """The mart stage's training objects (sampler, loader, placed model, optimizer, schedule, training attack,
+    loss) for one setting, built as stages.training.set_up builds them around a given model; `epoch()`
+    trains one epoch through stages.training.train_one_epoch, the stage's step."""
 
     def __init__(self, model: nn.Module, *, images, labels, pool_images, pool_labels, batch_size: int,
                  batches_per_epoch: int, steps: int, precision: str, seed: int = 0, unsup_fraction: float = 0.5,
-                 channels_last: bool = False, compile: bool = False, device: str = "cpu", attack_model=None):
-        from data.mixed import MixedBatchLoader, MixedBatchSampler
+                 channels_last: bool = False, compile: bool = False, device: str = "cpu", attack_model=None,
+                 prefetch: int | None = None, augment: bool = True):
+        from data.augment import augmenter
+        from data.mixed import MixedBatchLoader, MixedBatchSampler, prefetch_depth
         from pipeline.config import RunConfig
-        from stages import loops
-        from stages.losses import ATTACK_LOSS, LOSSES
-        from stages.mart import _training_attack
-        from stages.teacher import augmenter
+        from stages import training
+        from stages.attacks import training_attack
+        from stages.devices import prepare_for_training, resolve_precision
+        from stages.losses import LOSSES
+        from stages.optim import make_optimizer, make_scheduler
 
-        self.loops = loops
+        self.training = training
         self.device = torch.device(device)
-        self.precision, self.seed, self.batch_size = precision, seed, batch_size
+        self.batch_size = batch_size
         run_cfg = RunConfig(device=device, precision=precision, channels_last=channels_last, compile=compile)
-        self.model, self.scaler = loops.prepare_for_training(model, run_cfg=run_cfg, device=self.device,
-                                                             distributed=False)
-        self.sampler = MixedBatchSampler(len(images), len(pool_labels), batch_size=batch_size,
-                                         unsup_fraction=unsup_fraction, epoch_size=batch_size * batches_per_epoch,
-                                         seed=seed)
-        self.loader = MixedBatchLoader(self.sampler, images, labels, pool_images, pool_labels, device=self.device,
-                                       augment=augmenter(True, images.shape[1]), seed=seed, prefetch=2,
-                                       pin_memory=False)  # as the mart stage builds it
-        self.optimizer = loops.make_optimizer(model, lr=0.01, momentum=0.9, weight_decay=3.5e-3)
-        self.scheduler = loops.make_scheduler(self.optimizer, schedule="constant", epochs=1,
-                                              steps_per_epoch=len(self.sampler))
-        attack = functools.partial(_training_attack, eps=EPSILON, step_size=STEP_SIZE, steps=steps,
-                                   loss=ATTACK_LOSS["mart"])
+        train_model, scaler = prepare_for_training(model, run_cfg=run_cfg, device=self.device, distributed=False)
+        sampler = MixedBatchSampler(len(images), len(pool_labels), batch_size=batch_size,
+                                    unsup_fraction=unsup_fraction, epoch_size=batch_size * batches_per_epoch, seed=seed)
+        loader = MixedBatchLoader(sampler, images, labels, pool_images, pool_labels, device=self.device,
+                                  augment=augmenter(augment, images.shape[1]), seed=seed,
+                                  prefetch=prefetch_depth(run_cfg.num_workers, self.device) if prefetch is None else prefetch)
+        optimizer = make_optimizer(model, lr=0.01, momentum=0.9, weight_decay=3.5e-3)
+        scheduler = make_scheduler(optimizer, schedule="constant", epochs=1, steps_per_epoch=len(sampler))
+        attack = training_attack("mart", eps=EPSILON, step_size=STEP_SIZE, steps=steps)
         if attack_model is not None:  # e.g. a compiled module for the attack too (bench_gpu)
             attack = functools.partial(lambda model, x, y, generator, _attack: _attack(attack_model, x, y, generator),
                                        _attack=attack)
-        self.attack = attack
-        self.loss_fn = functools.partial(LOSSES["mart"], beta=BETA)
+        self.t = training.Training(model=train_model, optimizer=optimizer, scheduler=scheduler, loader=loader,
+                                   loss=functools.partial(LOSSES["mart"], beta=BETA), attack=attack, device=self.device,
+                                   precision=resolve_precision(precision, self.device), seed=seed, scaler=scaler)
         self._epoch = 0
 
     def _train(self, batches) -> dict:
-        return self.loops.train_one_epoch(
-            self.model, batches, self.optimizer, self.scheduler, loss_fn=self.loss_fn, attack=self.attack,
-            device=self.device, precision=self.precision, epoch=self._epoch, start_batch=0, seed=self.seed,
-            scaler=self.scaler, progress_bar=False)
+        return self.training.train_one_epoch(self.t, self._epoch, batches=batches, progress_bar=False)
 
     def warm_up(self, batches: int = 1) -> None:
-        self.sampler.set_epoch(self._epoch)
-        self._train(itertools.islice(iter(self.loader), batches))
-        self.loader.close()
+        self.t.loader.sampler.set_epoch(self._epoch)
+        self._train(itertools.islice(iter(self.t.loader), batches))
+        self.t.loader.close()
         self._epoch += 1
 
     def epoch(self, step_seconds: list | None = None) -> int:
         """One epoch through the real loader; returns the images trained on. With `step_seconds`, each
         step's seconds (its batch's wait + its compute; CPU only: CUDA steps are asynchronous) go there."""
-        self.sampler.set_epoch(self._epoch)
-        stats = self._train(self.loader if step_seconds is None else timed_iter(self.loader, step_seconds))
+        self.t.loader.sampler.set_epoch(self._epoch)
+        loader = self.t.loader
+        stats = self._train(loader if step_seconds is None else timed_iter(loader, step_seconds))
         self._epoch += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         if not np.isfinite(stats["loss"]):
             raise FloatingPointError(f"MART loss is {stats['loss']}")
-        return len(self.sampler) * self.batch_size
+        return len(loader) * self.batch_size
 
 
 def synthetic_training_data(shape, num_labeled: int, num_pool: int, seed: int = 0):

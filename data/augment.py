@@ -1,9 +1,20 @@
 """Batch augmentations as tensor ops on the batch's device (airbench style: no per-image Python loop)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def augmenter(enabled: bool, image_size: int) -> Callable[[Tensor, torch.Generator], Tensor] | None:
+    """The training augmentation of both training stages: random crop after zero padding of image_size // 8
+    (4 at 32 px as in the references; 3 at 28 px) and a horizontal flip; None when disabled."""
+    if not enabled:
+        return None
+    padding = max(1, image_size // 8)
+    return lambda x, generator: random_crop_flip(x, padding=padding, flip=True, generator=generator)
 
 
 def _draw(generator: torch.Generator | None, device: torch.device, fn, *args, **kwargs) -> Tensor:

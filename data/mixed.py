@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 from typing import Callable, Iterator
@@ -125,44 +126,41 @@ def _seed_for(*words: int) -> int:
 
 
 class _BatchBuilder:
-    """Everything the worker thread needs, and nothing that references the loader (so an abandoned
-    loader can be garbage collected and its __del__ stop the thread)."""
+    """Gathers one batch's rows in numpy (no torch op, so a worker thread running it never starts a second
+    OpenMP team next to the training step's), and holds nothing that references the loader (so an
+    abandoned loader can be garbage collected and its __del__ stop the thread)."""
 
-    def __init__(self, labeled_images, labeled_targets, pool_images, pool_targets, device, augment,
-                 seed, rank, pin_memory):
+    def __init__(self, labeled_images, labeled_targets, pool_images, pool_targets, seed, rank):
         self.labeled_images, self.labeled_targets = labeled_images, labeled_targets
         self.pool_images, self.pool_targets = pool_images, pool_targets
-        self.device, self.augment, self.seed, self.rank = device, augment, seed, rank
-        self.pin_memory = pin_memory
+        self.seed, self.rank = seed, rank
 
-    def __call__(self, epoch: int, batch: int, lab: np.ndarray, pool: np.ndarray):
+    def __call__(self, epoch: int, batch: int, lab: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         images = [self.labeled_images[lab]]
         targets = [self.labeled_targets[lab]]
         if len(pool):
             pool_images = self.pool_images
             images.append(pool_images[pool] if isinstance(pool_images, np.ndarray) else pool_images.gather(pool))
             targets.append(self.pool_targets[pool])
-        is_pool = np.r_[np.zeros(len(lab), bool), np.ones(len(pool), bool)]
 
         # Shuffle within the batch so labeled and pool rows are not in blocks (BatchNorm statistics,
         # anything order-dependent); seeded by (seed, epoch, batch, rank) so a resumed run matches.
-        order = np.random.default_rng([self.seed, epoch, batch, self.rank, 0]).permutation(len(is_pool))
+        order = np.random.default_rng([self.seed, epoch, batch, self.rank, 0]).permutation(len(lab) + len(pool))
         x = np.concatenate(images)[order]
         y = np.concatenate(targets).astype(np.int64, copy=False)[order]
-        is_pool = is_pool[order]
+        return x, y
 
-        # Move uint8 first (4x less traffic than float), then convert to NCHW float32 on the device.
-        x = torch.from_numpy(x)
-        if self.pin_memory:
-            x = x.pin_memory()
-        x = x.to(self.device, non_blocking=self.pin_memory)
-        x = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255)
-        if self.augment is not None:
-            generator = torch.Generator().manual_seed(_seed_for(self.seed, epoch, batch, self.rank, 1))
-            x = self.augment(x, generator)
-        y = torch.from_numpy(y).to(self.device)
-        is_pool = torch.from_numpy(is_pool).to(self.device)
-        return x, y, is_pool
+
+def prefetch_depth(requested: int, device) -> int:
+    """Batches to gather ahead in a thread: `requested` on a GPU, or on a CPU with a core left over from
+    torch's compute threads; else 0. When every core runs the step's OpenMP team, the gathering thread
+    preempts a team member and each of the step's barriers waits for it: on 2 shared cores, tiny-cnn
+    MART steps ran at 0.57-0.79x the bare loop's speed with 1 or 2 batches prefetched, 0.82-0.91x with none
+    (benchmarks/README.md has the current figures)."""
+    if torch.device(device).type != "cpu":
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return requested if cores > torch.get_num_threads() else 0
 
 
 _DONE = object()
@@ -190,32 +188,36 @@ def _produce(batches, build, epoch, out: queue.Queue, stop: threading.Event) -> 
 
 
 class MixedBatchLoader:
-    """Turns sampler batches into training tensors in a background thread (prefetch), so reading,
-    gathering and converting overlap compute.
+    """Turns sampler batches into training tensors. A background thread gathers the next `prefetch`
+    batches' rows (numpy only: it never competes with the compute threads for OpenMP) while the
+    consumer converts each batch to float on `device` and augments it there; prefetch=0 gathers in the
+    consumer's thread, with no thread at all.
 
-    Yields (x float32 NCHW in [0, 1] on `device`, y int64, is_pool bool). `pool_images` is an
-    in-memory uint8 NHWC array or a PseudoLabelReader (read with .gather). `augment(x, generator)`
-    runs on `device` on the whole batch. The sampler runs ahead of the consumer by up to `prefetch`
-    batches, so checkpoint the loader's state_dict (batches consumed), not the sampler's.
+    Yields (x float32 NCHW in [0, 1] on `device`, y int64). `pool_images` is an in-memory uint8 NHWC
+    array or a PseudoLabelReader (read with .gather). `augment(x, generator)` runs on `device` on the
+    whole batch. The sampler runs ahead of the consumer by up to `prefetch` batches, so checkpoint the
+    loader's state_dict (batches consumed), not the sampler's.
     """
 
     def __init__(self, sampler: MixedBatchSampler, labeled_images: np.ndarray, labeled_targets: np.ndarray,
                  pool_images, pool_targets: np.ndarray | None, *, device="cpu",
                  augment: Callable[[Tensor, torch.Generator], Tensor] | None = None, prefetch: int = 2,
-                 seed: int = 0, pin_memory: bool = False):
+                 seed: int = 0):
         if labeled_images.ndim != 4 or labeled_images.dtype != np.uint8:
             raise ValueError(f"labeled_images must be uint8 NHWC, got {labeled_images.dtype} {labeled_images.shape}")
         if sampler.num_pool and (pool_images is None or pool_targets is None):
             raise ValueError("the sampler draws from a pool but no pool_images/pool_targets were given")
-        if prefetch < 1:
-            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         self.sampler = sampler
-        device = torch.device(device)
+        self.device = torch.device(device)
         self.prefetch = int(prefetch)
+        self.augment, self.seed = augment, int(seed)
         self._build = _BatchBuilder(labeled_images, np.asarray(labeled_targets), pool_images,
-                                    None if pool_targets is None else np.asarray(pool_targets), device,
-                                    augment, int(seed), sampler.rank,
-                                    pin_memory and device.type == "cuda")
+                                    None if pool_targets is None else np.asarray(pool_targets), self.seed,
+                                    sampler.rank)
+        # One generator re-seeded per batch with (seed, epoch, batch, rank): building one costs more than seeding it.
+        self._generator = torch.Generator()
         self._thread: threading.Thread | None = None
         self._stop: threading.Event | None = None
         self._consumed = sampler.state_dict()
@@ -231,11 +233,21 @@ class MixedBatchLoader:
         self.sampler.load_state_dict(d)
         self._consumed = self.sampler.state_dict()
 
+    def _tensors(self, epoch: int, batch: int, x: np.ndarray, y: np.ndarray) -> tuple[Tensor, Tensor]:
+        # Move uint8 first (4x less traffic than float), then convert to NCHW float32 on the device.
+        x = torch.from_numpy(x).to(self.device)
+        x = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255)
+        if self.augment is not None:
+            x = self.augment(x, self._generator.manual_seed(_seed_for(self.seed, epoch, batch, self.sampler.rank, 1)))
+        return x, torch.from_numpy(y).to(self.device)
+
     def __iter__(self):
         self.close()  # a previous, abandoned iteration must not keep its thread
         epoch = self.sampler.epoch
         batches = self.sampler.iter_batches()
         self._consumed = self.sampler.state_dict()  # the resume point, before the worker runs ahead
+        if self.prefetch == 0:
+            return self._gather_here(batches, epoch)
         items: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         thread = threading.Thread(target=_produce, name="MixedBatchLoader-worker", daemon=True,
@@ -243,6 +255,12 @@ class MixedBatchLoader:
         self._thread, self._stop = thread, stop
         thread.start()
         return self._consume(items, stop, thread, epoch)
+
+    def _gather_here(self, batches, epoch: int):
+        for b, lab, pool in batches:
+            tensors = self._tensors(epoch, b, *self._build(epoch, b, lab, pool))
+            self._consumed = {"epoch": epoch, "batch": b + 1}
+            yield tensors
 
     def _consume(self, items: queue.Queue, stop: threading.Event, thread: threading.Thread, epoch: int):
         try:
@@ -257,7 +275,8 @@ class MixedBatchLoader:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                b, tensors = item
+                b, rows = item
+                tensors = self._tensors(epoch, b, *rows)
                 self._consumed = {"epoch": epoch, "batch": b + 1}
                 yield tensors
         finally:

@@ -273,7 +273,7 @@ _CHOICES = {
     "mart.loss": ("mart", "trades", "pgd-at"),
 }
 
-# The names stages/evaluate.py accepts (it imports torch, so they are repeated here; a test keeps them equal).
+# The names the eval stage accepts (stages.robustness imports torch, so they are repeated here; a test keeps them equal).
 EVAL_MODELS = ("mart", "mart-last", "teacher")
 EVAL_ATTACK = re.compile(r"clean|fgsm|autoattack|apgd-ce|apgd-dlr|apgd-t|fab|fab-t|square|(pgd|cw)[1-9][0-9]*")
 

@@ -1,5 +1,6 @@
 """L-inf attacks in pixel space: PGD (CE / TRADES-KL / CW-margin objectives), FGSM, and the
-input-gradient norms the evaluation uses to spot gradient masking.
+input-gradient norms the evaluation uses to spot gradient masking; and the two attacks the stages
+share: each method's training attack and the PGD-20 evaluation attack.
 
 Pure and model-agnostic: the caller chooses train/eval mode and the device, inputs are images in
 [0, 1], and every function returns a detached tensor in [0, 1] within eps of `x` (L-inf).
@@ -8,12 +9,17 @@ touched and an attack can run between a training step's zero_grad and backward.
 """
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from stages.losses import ATTACK_LOSS
+
 ATTACK_LOSSES = ("ce", "kl", "cw")
 RANDOM_STARTS = ("uniform", "normal", None)
+EVAL_STEPS = 20  # PGD-20, the papers' headline white-box attack
 
 
 def _attack_objective(logits: torch.Tensor, y: torch.Tensor, loss: str,
@@ -33,6 +39,31 @@ def _attack_objective(logits: torch.Tensor, y: torch.Tensor, loss: str,
     return (wrong.amax(dim=1) - true_logit).sum()
 
 
+class ExampleSeeds:
+    """Random starts drawn per example: row i's noise comes from a generator seeded by seeds[i], so an
+    example's start depends on its seed (e.g. its index in the evaluated set), never on the batch it falls
+    in. Pass it as an attack's `generator`."""
+
+    def __init__(self, seeds: Sequence[int], device: torch.device):
+        self.seeds = list(seeds)
+        self.generator = torch.Generator(device=device)  # re-seeded per row
+
+    def draw(self, fn, x: torch.Tensor) -> torch.Tensor:
+        if len(self.seeds) != len(x):
+            raise ValueError(f"{len(self.seeds)} seeds for a batch of {len(x)}")
+        out = torch.empty_like(x)
+        for i, seed in enumerate(self.seeds):
+            out[i] = fn(x.shape[1:], generator=self.generator.manual_seed(seed), device=x.device, dtype=x.dtype)
+        return out
+
+
+def _noise(fn, x: torch.Tensor, generator) -> torch.Tensor:
+    """torch.rand / torch.randn shaped like x, from one generator or per example (ExampleSeeds)."""
+    if isinstance(generator, ExampleSeeds):
+        return generator.draw(fn, x)
+    return fn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
 def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
 
@@ -45,7 +76,7 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, 
 
     random_start: "uniform" adds U(-eps, eps) (Madry et al., evaluation); "normal" adds
     init_std * N(0, 1) (the MART/TRADES training attack); None starts at x. `generator` (on x's
-    device) makes the start reproducible. For "kl", `logits_natural` are the clean logits the
+    device; or ExampleSeeds, one stream per example) makes the start reproducible. For "kl", `logits_natural` are the clean logits the
     divergence is measured from; they are computed here without gradient when not given.
     """
     if loss not in ATTACK_LOSSES:
@@ -62,10 +93,9 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, 
         natural_probs = F.softmax(logits_natural.detach().float(), dim=1)
 
     if random_start == "uniform":
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_adv = x + (2.0 * noise - 1.0) * eps
+        x_adv = x + (2.0 * _noise(torch.rand, x, generator) - 1.0) * eps
     elif random_start == "normal":
-        x_adv = x + init_std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_adv = x + init_std * _noise(torch.randn, x, generator)
     else:
         x_adv = x.clone()
     x_adv = _project(x_adv, x, eps)
@@ -99,3 +129,24 @@ def input_gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
         objective = _attack_objective(model(x), y, "ce", None)
         (grad,) = torch.autograd.grad(objective, x)
     return grad.flatten(1).abs().sum(dim=1).detach()
+
+
+def eval_attack(eps: float, steps: int = EVAL_STEPS) -> Callable:
+    """PGD with a uniform random start and Madry's step rule (2.5 eps / steps): the stages' robust accuracy."""
+    return lambda model, x, y, generator: pgd_linf(
+        model, x, y, eps=eps, step_size=2.5 * eps / steps, steps=steps, loss="ce", random_start="uniform",
+        generator=generator)
+
+
+# Method -> the random start of its training attack: MART and TRADES start at x + 0.001 N(0, 1) as their
+# official code does; Madry et al.'s PGD-AT starts uniformly in the eps-ball.
+TRAINING_START = {"mart": "normal", "trades": "normal", "pgd-at": "uniform"}
+
+
+def training_attack(method: str, *, eps: float, step_size: float, steps: int) -> Callable:
+    """`attack(model, x, y, generator) -> x_adv` of a training method ([mart] loss): PGD on the method's
+    objective (stages.losses.ATTACK_LOSS) from the method's start (TRAINING_START)."""
+    def attack(model, x, y, generator):
+        return pgd_linf(model, x, y, eps=eps, step_size=step_size, steps=steps, loss=ATTACK_LOSS[method],
+                        random_start=TRAINING_START[method], init_std=0.001, generator=generator)
+    return attack

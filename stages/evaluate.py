@@ -1,51 +1,26 @@
 """Stage 4, eval: the trained checkpoints under a suite of white-box attacks, an accuracy-vs-eps curve,
-and sanity checks that flag gradient masking and evaluation bugs.
+and sanity checks that flag gradient masking and evaluation bugs (the machinery is stages.robustness).
 
-Every number is measured on the first `eval.n` test images in dataset order, in fp32 and eval mode,
-with random starts drawn from generators seeded by (run.seed, batch index): a rerun reproduces it, and
-the same (attack, eps, images) asked twice (a headline attack that is also a sweep point) is run once.
+Writes results.csv (one accuracy per model, attack and eps), robustness.csv (the PGD-20 curve over
+eval.sweep multiples of eps), robustness.png (that curve) and checks.csv.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
-import re
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
-import pandas as pd
-import torch
 
 from data.sources import LABELED
-from pipeline.atomic import atomic_path, atomic_write_csv
 from pipeline.errors import UserError
-from pipeline.stage import Stage
-from stages import loops
-from stages.attacks import cw_linf, fgsm, input_gradient_norms
-from stages.mart import eval_attack
-from stages.models import load_model
+from pipeline.stage import Stage, StageInput
 
-OUTPUTS = ("results.csv", "checks.csv", "robustness.png")
+OUTPUTS = ("results.csv", "robustness.csv", "checks.csv", "robustness.png")
 MODEL_FILES = {"mart": ("mart", "model.pt"), "mart-last": ("mart", "last.pt"), "teacher": ("teacher", "model.pt")}
-AUTOATTACK_PARTS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
-ATTACK_FORMS = ("clean, fgsm, pgdN (PGD-CE with N steps, e.g. pgd20), cwN (PGD on the CW margin, e.g. cw30), "
-                f"autoattack (the standard suite), or one AutoAttack part ({', '.join(AUTOATTACK_PARTS)})")
-SWEEP_ATTACK = "pgd20-sweep"
-CHECK_COLUMNS = ["model", "check", "passed", "detail"]
-CHECK_IMAGES = 256  # the checks' extra attack runs use at most this many images
-TOLERANCE = 0.01  # accuracy slack in the comparisons (one image in a hundred)
-LARGE_EPS = 0.5  # half the pixel range: every image can be pushed to mid-grey, so nothing should survive
-LARGE_EPS_MAX_ACCURACY = 0.15
-DLR_MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
-MIN_NONZERO_GRADIENTS = 0.9  # fraction of images whose input gradient must be non-zero
 
 
 def inputs(config) -> tuple:
     return (LABELED, "mart", "teacher") if "teacher" in config.eval.models else (LABELED, "mart")
 
 
-def model_path(inputs: dict[str, Path], name: str) -> Path:
+def model_path(inputs: dict[str, StageInput], name: str) -> Path:
     if name not in MODEL_FILES:
         raise UserError(f"unknown eval model {name!r} in eval.models; choose from {', '.join(MODEL_FILES)} "
                         f"(mart = the checkpoint selected on validation PGD accuracy, mart-last = the last epoch).")
@@ -53,199 +28,22 @@ def model_path(inputs: dict[str, Path], name: str) -> Path:
     return inputs[stage].path / filename
 
 
-# -- attacks -----------------------------------------------------------------------------------------
-def build_attack(name: str, eps: float, *, seed: int = 0, log: Callable[[str], None] = print) -> Callable | None:
-    """`attack(model, x, y, generator) -> x_adv` for `name`, or None for "clean"; UserError when unknown."""
-    steps = re.fullmatch(r"(pgd|cw)([1-9][0-9]*)", name)
-    if name == "clean":
-        return None
-    if name == "fgsm":
-        return lambda model, x, y, generator: fgsm(model, x, y, eps=eps)
-    if steps and steps[1] == "pgd":
-        return eval_attack(eps, int(steps[2]))
-    if steps:
-        n = int(steps[2])
-        return lambda model, x, y, generator: cw_linf(model, x, y, eps=eps, step_size=2.5 * eps / n, steps=n,
-                                                      generator=generator)
-    if name == "autoattack" or name in AUTOATTACK_PARTS:
-        forwarded: set[str] = set()  # AutoAttack warnings already logged, shared by this attack's batches
-        return lambda model, x, y, generator: _autoattack(model, x, y, name=name, eps=eps, seed=seed, log=log,
-                                                          forwarded=forwarded)
-    raise UserError(f"unknown attack {name!r} in eval.attacks; the forms are {ATTACK_FORMS}.")
-
-
-def _autoattack(model, x, y, *, name: str, eps: float, seed: int, log, forwarded: set) -> torch.Tensor:
-    """The reference implementation (pyautoattack), one batch at a time; its own seed makes it repeatable."""
-    from pyautoattack import AutoAttack
-
-    with torch.no_grad():
-        num_classes = model(x[:1]).shape[1]
-    if name == "autoattack":
-        adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=x.device, seed=seed)
-        # The DLR losses read the 3rd and 4th largest logits: with fewer classes the standard suite keeps
-        # its other parts (CIFAR-10 and Fashion-MNIST, 10 classes, get it unchanged).
-        adversary.attacks_to_run = [a for a in adversary.attacks_to_run if num_classes >= DLR_MIN_CLASSES.get(a, 2)]
-    elif num_classes < DLR_MIN_CLASSES.get(name, 2):
-        raise UserError(f"eval attack {name} needs at least {DLR_MIN_CLASSES[name]} classes (its DLR loss reads "
-                        f"the runner-up logits); the model has {num_classes}. Use autoattack or apgd-ce instead.")
-    else:
-        adversary = AutoAttack(model, norm="Linf", eps=eps, version="custom", attacks=[name], device=x.device,
-                               seed=seed)
-    # Targeted parts aim at the 9 runner-up classes of a 10-class problem; fewer classes, fewer targets.
-    adversary.apgd_targeted.n_target_classes = min(9, num_classes - 1)
-    adversary.fab.n_target_classes = min(9, num_classes - 1)
-    adversary.verbose = False
-    with _forward_warnings(logging.getLogger("auto-attack"), log, forwarded):
-        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
-    return x_adv.detach()
-
-
-@contextlib.contextmanager
-def _forward_warnings(logger: logging.Logger, log: Callable[[str], None], forwarded: set):
-    """AutoAttack's warnings ("points with zero gradient", "randomized defense") are masking evidence:
-    pass each distinct one to the stage log once instead of letting them scroll past on stderr."""
-    class Forward(logging.Handler):
-        def emit(self, record):
-            message = record.getMessage()
-            if message not in forwarded:
-                forwarded.add(message)
-                log(f"eval: autoattack: {message}")
-
-    handler, propagate = Forward(logging.WARNING), logger.propagate
-    logger.addHandler(handler)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = propagate
-
-
-class Scorer:
-    """One model's accuracy under named attacks, memoised on (attack, eps, images): the sweep point or
-    check that repeats a measurement gets the same number (same images, same seeded starts) for free."""
-
-    def __init__(self, model, images: np.ndarray, labels: np.ndarray, *, device: torch.device,
-                 batch_size: int = 256, seed: int = 0, log: Callable[[str], None] = print, desc: str = "",
-                 rank: int = 0, world_size: int = 1):
-        self.model, self.images, self.labels = model, images, labels
-        self.device, self.batch_size, self.seed, self.log, self.desc = device, batch_size, seed, log, desc
-        self.rank, self.world_size = rank, world_size  # under torchrun each rank attacks a shard of batches
-        self.scores: dict[tuple[str, float, int], float] = {}
-
-    def __call__(self, attack: str, eps: float, count: int | None = None) -> float:
-        count = len(self.labels) if count is None else min(count, len(self.labels))
-        eps = 0.0 if attack == "clean" else float(eps)
-        key = (attack, round(eps, 9), count)
-        if key not in self.scores:
-            self.scores[key] = loops.evaluate(
-                self.model, self.images[:count], self.labels[:count], device=self.device,
-                batch_size=self.batch_size, attack=build_attack(attack, eps, seed=self.seed, log=self.log),
-                seed=self.seed, desc=f"{self.desc} {attack} eps={eps:.4g}".strip(), rank=self.rank,
-                world_size=self.world_size)
-        return self.scores[key]
-
-
-def evaluate_model(score: Scorer, name: str, *, attacks, eps: float, sweep) -> list[dict]:
-    """results.csv rows: each attack at eps (clean at 0), then PGD-20 at eps * m for m in the sweep."""
-    n = len(score.labels)
-    rows = [{"model": name, "split": "test", "attack": a, "eps": 0.0 if a == "clean" else eps,
-             "accuracy": score(a, eps), "n": n} for a in attacks]
-    for sweep_eps in [0.0] + sorted({eps * m for m in sweep if m > 0}):
-        accuracy = score("clean", 0.0) if sweep_eps == 0 else score("pgd20", sweep_eps)
-        rows.append({"model": name, "split": "test", "attack": SWEEP_ATTACK, "eps": sweep_eps,
-                     "accuracy": accuracy, "n": n})
-    return rows
-
-
-# -- checks --------------------------------------------------------------------------------------------
-def run_checks(score: Scorer, name: str, rows: list[dict], *, eps: float) -> list[dict]:
-    """checks.csv rows for one model: each compares numbers that gradient masking or an evaluation bug
-    would put in the wrong order. Extra attacks run on the first CHECK_IMAGES images only."""
-    subset = min(len(score.labels), CHECK_IMAGES)
-    fgsm_acc, pgd20, pgd100 = (score(a, eps, subset) for a in ("fgsm", "pgd20", "pgd100"))
-    large = score("pgd20", LARGE_EPS, subset)
-    sweep = [r for r in rows if r["attack"] == SWEEP_ATTACK]
-    increases = [f"{a['eps']:.4g}->{b['eps']:.4g}: {a['accuracy']:.3f}->{b['accuracy']:.3f}"
-                 for a, b in zip(sweep, sweep[1:]) if b["accuracy"] > a["accuracy"] + TOLERANCE]
-    nonzero = _nonzero_gradient_fraction(score, subset)
-    clean = score("clean", 0.0)
-    stronger = [f"{r['attack']} {r['accuracy']:.3f}" for r in rows
-                if r["attack"] not in ("clean", SWEEP_ATTACK) and r["accuracy"] > clean + TOLERANCE]
-    dtype = next(score.model.parameters(), torch.empty(0)).dtype
-    autocast_on = torch.is_autocast_enabled(score.device.type)
-    on = f"on {subset} images at eps {eps:.4g}"
-    checks = [
-        ("iterative_stronger_than_fgsm", pgd20 <= fgsm_acc + TOLERANCE,
-         f"PGD-20 {pgd20:.3f} vs FGSM {fgsm_acc:.3f} {on}"),
-        ("more_steps_not_weaker", pgd100 <= pgd20 + TOLERANCE, f"PGD-100 {pgd100:.3f} vs PGD-20 {pgd20:.3f} {on}"),
-        ("eps_sweep_monotone", not increases,
-         "accuracy rises with eps at " + "; ".join(increases) if increases else "non-increasing in eps"),
-        ("large_eps_near_zero", large < LARGE_EPS_MAX_ACCURACY,
-         f"PGD-20 {large:.3f} at eps {LARGE_EPS} on {subset} images (expected < {LARGE_EPS_MAX_ACCURACY})"),
-        ("input_gradients_nonzero", nonzero >= MIN_NONZERO_GRADIENTS,
-         f"{nonzero:.3f} of {subset} images have a non-zero input gradient (expected >= {MIN_NONZERO_GRADIENTS})"),
-        ("robust_below_clean", not stronger,
-         f"above clean {clean:.3f}: " + ", ".join(stronger) if stronger else f"all attacks <= clean {clean:.3f}"),
-        ("evaluated_in_fp32", dtype == torch.float32 and not autocast_on,
-         f"parameters {str(dtype).removeprefix('torch.')}, autocast {'on' if autocast_on else 'off'}"),
-    ]
-    return [{"model": name, "check": c, "passed": bool(ok), "detail": d} for c, ok, d in checks]
-
-
-def _nonzero_gradient_fraction(score: Scorer, count: int) -> float:
-    """A masked model (quantised input, shattered gradients) has an input gradient of exactly zero, which
-    sign-gradient attacks read as "no direction to move" and report as robustness.
-
-    Exactly zero, AutoAttack's own criterion, rather than "small": an honest model's cross-entropy
-    gradient on an image it classifies with a margin of 30 logits is ~1e-13, and sign() still follows it.
-    """
-    nonzero = 0
-    for start in range(0, count, score.batch_size):
-        stop = min(start + score.batch_size, count)
-        x = loops.to_tensor_images(score.images[start:stop], score.device)
-        y = torch.from_numpy(np.asarray(score.labels[start:stop], dtype=np.int64)).to(score.device)
-        nonzero += int((input_gradient_norms(score.model, x, y) > 0).sum())
-    return nonzero / max(1, count)
-
-
-# -- plot ----------------------------------------------------------------------------------------------
-def plot_robustness(path: Path, rows: list[dict], *, eps: float) -> None:
-    """Accuracy vs eps per model (the PGD-20 sweep) with the headline attacks marked at eps; PNG, atomic."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry to leak
-
-    frame = pd.DataFrame(rows)
-    figure = Figure(figsize=(6.4, 4.4), layout="constrained")
-    axes = figure.add_subplot()
-    markers = "osD^vP*Xh<>"
-    headline = sorted(set(frame["attack"]) - {"clean", SWEEP_ATTACK})
-    for i, (model, group) in enumerate(frame.groupby("model", sort=False)):
-        color = f"C{i % 10}"
-        curve = group[group["attack"] == SWEEP_ATTACK].sort_values("eps")
-        axes.plot(curve["eps"], curve["accuracy"], "-", color=color, label=f"{model}: PGD-20")
-        for marker, attack in zip(markers * 3, headline):
-            point = group[group["attack"] == attack]
-            if len(point):
-                axes.plot(point["eps"], point["accuracy"], marker, color=color, linestyle="none",
-                          label=f"{model}: {attack}")
-    axes.axvline(eps, color="grey", linestyle=":", linewidth=1)
-    axes.set(title=f"Robust accuracy vs L-inf radius (eval eps {eps:.4g}, n={int(frame['n'].max())})",
-             xlabel="eps (L-inf, pixels in [0, 1])", ylabel="test accuracy", ylim=(-0.02, 1.02))
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=120)
-
-
-# -- the stage -----------------------------------------------------------------------------------------
 def run(ctx) -> None:
     """Under torchrun every rank runs this: each attacks its shard of the test batches (the accuracies
     are summed across ranks, so every rank sees the same numbers and takes the same path through the
     checks), and rank 0 writes the files."""
+    import pandas as pd
+
+    from pipeline.atomic import atomic_write_csv
+    from stages import robustness
+    from stages.devices import resolve_device
+    from stages.evaluation import write_results
+    from stages.models import load_model
+
     cfg, run_cfg = ctx.config.eval, ctx.config.run
     # Always fp32 and eval mode, whatever run.precision: low-precision gradients underflow to zero and
     # make the attacks look weaker, overstating robustness (load_model gives fp32 in eval mode; no autocast).
-    device = loops.resolve_device(run_cfg.device, ctx.dist.local_rank)
+    device = resolve_device(run_cfg.device, ctx.dist.local_rank)
     eps = cfg.eps or ctx.config.mart.epsilon
     labeled = ctx.sources["labeled"].dataset
     n = cfg.n if 0 < cfg.n <= len(labeled.test_labels) else len(labeled.test_labels)
@@ -253,37 +51,33 @@ def run(ctx) -> None:
     # Validate every name before minutes of attacks, so a typo fails at once.
     paths = {name: model_path(ctx.inputs, name) for name in cfg.models}
     for attack in cfg.attacks:
-        build_attack(attack, eps)
+        robustness.build_attack(attack, eps)
 
     results, checks = [], []
     for name, path in paths.items():
         model = load_model(path, device=device, channels_last=run_cfg.channels_last)
-        score = Scorer(model, images, labels, device=device, batch_size=cfg.batch_size, seed=run_cfg.seed,
-                       log=ctx.log, desc=name, rank=ctx.dist.rank, world_size=ctx.dist.world_size)
-        rows = evaluate_model(score, name, attacks=cfg.attacks, eps=eps, sweep=cfg.sweep)
+        score = robustness.Scorer(model, images, labels, device=device, batch_size=cfg.batch_size,
+                                  seed=run_cfg.seed, log=ctx.log, desc=name, rank=ctx.dist.rank,
+                                  world_size=ctx.dist.world_size)
+        rows = robustness.evaluate_model(score, name, attacks=cfg.attacks, eps=eps, sweep=cfg.sweep)
         results += rows
         for row in rows:
-            if row["attack"] != SWEEP_ATTACK:
+            if row["attack"] != robustness.SWEEP_ATTACK:
                 ctx.log(f"  {name} {row['attack']} eps={row['eps']:.4g}: {row['accuracy']:.4f}")
         if cfg.checks:
-            checks += run_checks(score, name, rows, eps=eps)
+            checks += robustness.run_checks(score, name, rows, eps=eps)
 
     if not ctx.dist.is_main:
         return
-    loops.write_results(ctx.out_dir / "results.csv", results)
-    atomic_write_csv(ctx.out_dir / "checks.csv", pd.DataFrame(checks, columns=CHECK_COLUMNS))
-    plot_robustness(ctx.out_dir / "robustness.png", results, eps=eps)
+    curve = [row for row in results if row["attack"] == robustness.SWEEP_ATTACK]
+    write_results(ctx.out_dir / "results.csv", [row for row in results if row["attack"] != robustness.SWEEP_ATTACK])
+    write_results(ctx.out_dir / "robustness.csv", curve)
+    atomic_write_csv(ctx.out_dir / "checks.csv", pd.DataFrame(checks, columns=robustness.CHECK_COLUMNS))
+    robustness.plot_robustness(ctx.out_dir / "robustness.png", results, eps=eps)
     if cfg.checks:
-        report_checks(checks, ctx.log)
-
-
-def report_checks(checks: list[dict], log: Callable[[str], None]) -> None:
-    for check in checks:
-        if not check["passed"]:
-            log(f"eval: WARNING check {check['check']} failed for {check['model']}: {check['detail']}")
-    log(f"checks: {sum(c['passed'] for c in checks)}/{len(checks)} passed")
+        robustness.report_checks(checks, ctx.log)
 
 
 STAGE = Stage(
-    name="eval", version=2, section="eval", run=run, inputs=inputs, outputs=OUTPUTS,
+    name="eval", version=3, section="eval", run=run, inputs=inputs, outputs=OUTPUTS,
     insignificant=("batch_size",), extra_params=("mart.epsilon",))

@@ -1,78 +1,77 @@
-"""Stage 1, teacher: natural (non-robust) training on the labeled set.
+"""Stage 1, teacher: natural (non-robust) training on the labeled set, or an imported classifier.
 
 RST pseudo-labels its pool with a standard classifier: a natural teacher is more accurate than a
-robust one, and pseudo-label accuracy bounds what the pool can teach the robust student.
+robust one, and pseudo-label accuracy bounds what the pool can teach the robust student. A user who
+already has one names it with `teacher.checkpoint`; the stage then imports it instead of training
+(its fingerprint is the file's digest) and still reports its test accuracy.
 """
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
-from data.augment import random_crop_flip
-from data.mixed import MixedBatchLoader, MixedBatchSampler
 from data.sources import LABELED
-from pipeline import distributed
-from pipeline.stage import Stage
-from stages import loops
-from stages.models import build_model, load_model, save_model
-
-
-
-def augmenter(enabled: bool, image_size: int):
-    """Random crop (padding 4 at 32 px, 2 at 28 px, as in the references) and horizontal flip."""
-    if not enabled:
-        return None
-    padding = max(1, image_size // 8)
-    return lambda x, generator: random_crop_flip(x, padding=padding, flip=True, generator=generator)
+from pipeline.fingerprint import file_digest
+from pipeline.stage import Source, Stage
 
 
 def run(ctx) -> None:
+    # Heavy modules are imported here, not at module level: `status` reads this module's declaration.
+    from stages import training
+    from stages.evaluation import score_checkpoints
+
     cfg, run_cfg = ctx.config.teacher, ctx.config.run
-    device = loops.resolve_device(run_cfg.device, ctx.dist.local_rank)
     split = ctx.sources["labeled"]
     labeled = split.dataset
-    images = labeled.train_images[split.labeled_index]
-    labels = labeled.train_labels[split.labeled_index]
-    height, width, channels = labeled.image_shape
-    mean, std = loops.channel_stats(images)
-
-    torch.manual_seed(run_cfg.seed)
-    model = build_model(cfg.arch, num_classes=labeled.num_classes, in_channels=channels, mean=mean, std=std)
-    train_model, scaler = loops.prepare_for_training(model, run_cfg=run_cfg, device=device,
-                                                     distributed=ctx.dist.enabled)
-    sampler = MixedBatchSampler(len(images), 0, batch_size=cfg.batch_size, unsup_fraction=0.0,
-                                epoch_size=max(len(images), cfg.batch_size), seed=run_cfg.seed,
-                                rank=ctx.dist.rank, world_size=ctx.dist.world_size)
-    loader = MixedBatchLoader(sampler, images, labels, images[:0], labels[:0], device=device,
-                              augment=augmenter(cfg.augment, height), seed=run_cfg.seed,
-                              prefetch=max(1, run_cfg.num_workers))
-    optimizer = loops.make_optimizer(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = loops.make_scheduler(optimizer, schedule=cfg.schedule, epochs=cfg.epochs,
-                                     steps_per_epoch=len(sampler), milestones=cfg.milestones)
-    loops.fit(model=train_model, sampler=sampler, loader=loader, optimizer=optimizer, scheduler=scheduler,
-              epochs=cfg.epochs, loss_fn=loops.natural_loss, attack=None, device=device,
-              precision=run_cfg.precision, seed=run_cfg.seed, state_path=ctx.out_dir / "train_state.pt",
-              metrics_path=ctx.out_dir / "metrics.csv", checkpoint_every_s=run_cfg.checkpoint_every_s,
-              is_main=ctx.dist.is_main, scaler=scaler, log=ctx.log, rank=ctx.dist.rank,
-              world_size=ctx.dist.world_size)
-
+    if cfg.checkpoint:
+        if ctx.dist.is_main:
+            import_teacher(ctx.out_dir, cfg, labeled)
+    else:
+        images = labeled.train_images[split.labeled_index]
+        data = training.TrainData(images=images, labels=labeled.train_labels[split.labeled_index],
+                                  num_classes=labeled.num_classes, class_names=labeled.class_names,
+                                  dataset=labeled.name)
+        recipe = training.Recipe(arch=cfg.arch, epochs=cfg.epochs, batch_size=cfg.batch_size, epoch_size=len(images),
+                                 lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                 schedule=cfg.schedule, milestones=cfg.milestones, loss=training.natural_loss,
+                                 augment=cfg.augment)
+        training.train(recipe, data, run_cfg=run_cfg, dist=ctx.dist, out_dir=ctx.out_dir, log=ctx.log)
+    score_checkpoints(ctx.out_dir, {"teacher": "model.pt"}, {"clean": (None, 0.0)}, labeled.test_images,
+                      labeled.test_labels, run_cfg=run_cfg, dist=ctx.dist, log=ctx.log)
     if ctx.dist.is_main:
-        save_model(ctx.out_dir / "model.pt", model, arch=cfg.arch, num_classes=labeled.num_classes,
-                   in_channels=channels, mean=mean, std=std, class_names=list(labeled.class_names),
-                   dataset=labeled.name)
-    distributed.barrier()  # under torchrun every rank scores a shard of the test set with rank 0's file
-    # Evaluate the saved checkpoint, not the live module: what users load is what gets measured.
-    saved = load_model(ctx.out_dir / "model.pt", device=device, channels_last=run_cfg.channels_last)
-    accuracy = loops.evaluate(saved, labeled.test_images, labeled.test_labels, device=device,
-                              desc="teacher test", rank=ctx.dist.rank, world_size=ctx.dist.world_size)
-    if ctx.dist.is_main:
-        loops.write_results(ctx.out_dir / "results.csv", [
-            {"model": "teacher", "split": "test", "attack": "clean", "eps": 0.0, "accuracy": accuracy,
-             "n": len(labeled.test_labels)}])
-        ctx.log(f"  teacher test accuracy {accuracy:.4f}")
-        (ctx.out_dir / "train_state.pt").unlink(missing_ok=True)
+        (ctx.out_dir / training.STATE_FILE).unlink(missing_ok=True)
+
+
+def import_teacher(out_dir: Path, cfg, labeled) -> None:
+    """model.pt from `teacher.checkpoint` (weights_only load), and a metrics.csv with no epochs."""
+    from stages.checkpoint_io import import_checkpoint, normalization_stats
+    from stages.models import save_model
+    from stages.training import write_metrics
+
+    channels = labeled.image_shape[2]
+    model = import_checkpoint(cfg.checkpoint, arch=cfg.arch, num_classes=labeled.num_classes, in_channels=channels,
+                              input_normalization=cfg.input_normalization)
+    mean, std = normalization_stats(model)
+    save_model(out_dir / "model.pt", model, arch=cfg.arch, num_classes=labeled.num_classes, in_channels=channels,
+               mean=mean, std=std, class_names=list(labeled.class_names), dataset=labeled.name,
+               imported_from=str(Path(cfg.checkpoint).resolve()), imported_sha256=file_digest(cfg.checkpoint))
+    write_metrics(out_dir / "metrics.csv", [])  # nothing was trained
+
+
+def _checkpoint_fingerprint(config) -> str:
+    from stages.checkpoint_io import checkpoint_digest
+
+    return checkpoint_digest(config.teacher.checkpoint)
+
+
+CHECKPOINT = Source("teacher_checkpoint", _checkpoint_fingerprint, lambda config, cache_dir: config.teacher.checkpoint)
+
+
+def inputs(config) -> tuple:
+    return (LABELED, CHECKPOINT) if config.teacher.checkpoint else (LABELED,)
 
 
 STAGE = Stage(
-    name="teacher", version=2, section="teacher", run=run, inputs=lambda config: (LABELED,),
+    name="teacher", version=2, section="teacher", run=run, inputs=inputs,
     outputs=("model.pt", "metrics.csv", "results.csv"),
-    extra_params=("data.num_labeled", "run.seed", "run.precision"))
+    # The file is known by its digest (an input), so moving it does not re-import it.
+    insignificant=("checkpoint",), extra_params=("data.num_labeled", "run.seed", "run.precision"))

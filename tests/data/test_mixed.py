@@ -112,18 +112,18 @@ def encoded_images(n, source, shape=(6, 6, 3)):
 
 def check_loader_output(loader, lab_x, lab_y, pool_x, pool_y):
     seen = 0
-    for x, y, is_pool in loader:
+    for x, y in loader:
         assert x.dtype == torch.float32 and x.shape[1:] == (3, 6, 6) and x.is_contiguous()
-        assert y.dtype == torch.int64 and is_pool.dtype == torch.bool
+        assert y.dtype == torch.int64
         assert 0 <= x.min() and x.max() <= 1
         raw = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        for row, target, from_pool in zip(raw, y.tolist(), is_pool.tolist()):
+        from_pool = raw[:, 0, 0, 1] == 1  # the source each row encodes (encoded_images)
+        for row, target, pooled in zip(raw, y.tolist(), from_pool):
             i = int(row[0, 0, 0])
-            src_x, src_y = (pool_x, pool_y) if from_pool else (lab_x, lab_y)
-            assert row[0, 0, 1] == (1 if from_pool else 0)
+            src_x, src_y = (pool_x, pool_y) if pooled else (lab_x, lab_y)
             np.testing.assert_array_equal(row, src_x[i])
             assert target == src_y[i]
-        assert int(is_pool.sum()) == 3 and len(y) == 10
+        assert int(from_pool.sum()) == 3 and len(y) == 10
         seen += 1
     assert seen == len(loader)
 
@@ -203,3 +203,23 @@ def test_early_break_does_not_hang():
     thread.join(timeout=5)
     assert not thread.is_alive()
     assert not any(t.name == "MixedBatchLoader-worker" and t.is_alive() for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 3])
+def test_prefetch_depth_does_not_change_the_batches(prefetch):
+    """prefetch=0 gathers in the consumer's thread (no worker): same batches, augmentation included."""
+    lab_x, pool_x = encoded_images(70, 0), encoded_images(30, 1)
+    lab_y, pool_y = np.arange(70) % 10, (np.arange(30) * 3) % 10
+    flip = lambda x, generator: torch.where(torch.rand(len(x), generator=generator)[:, None, None, None] < 0.5,
+                                            x.flip(3), x)
+
+    def batches(depth):
+        loader = MixedBatchLoader(sampler(), lab_x, lab_y, pool_x, pool_y, seed=1, augment=flip, prefetch=depth)
+        return [(x, y) for x, y in loader], loader
+
+    expected, _ = batches(2)
+    got, loader = batches(prefetch)
+    assert len(got) == len(expected) and loader.state_dict()["batch"] == len(expected)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, expected))
+    if prefetch == 0:
+        assert loader._thread is None

@@ -177,7 +177,8 @@ def test_eval_names_are_checked_before_any_stage():
 
 
 def test_eval_names_agree_with_the_eval_stage():
-    from stages.evaluate import AUTOATTACK_PARTS, MODEL_FILES, build_attack
+    from stages.evaluate import MODEL_FILES
+    from stages.robustness import AUTOATTACK_PARTS, build_attack
 
     assert EVAL_MODELS == tuple(MODEL_FILES)
     for name in ("clean", "fgsm", "pgd1", "pgd20", "cw30", "autoattack", *AUTOATTACK_PARTS,

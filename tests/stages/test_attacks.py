@@ -150,3 +150,19 @@ def test_unknown_options_are_refused(trained):
         pgd_linf(model, x, y, eps=0.1, step_size=0.01, steps=1, loss="hinge")
     with pytest.raises(ValueError, match="random_start"):
         pgd_linf(model, x, y, eps=0.1, step_size=0.01, steps=1, random_start="gaussian")
+
+
+@pytest.mark.parametrize("method, start", [("mart", "normal"), ("trades", "normal"), ("pgd-at", "uniform")])
+def test_each_methods_training_attack_starts_where_its_paper_does(method, start):
+    """MART/TRADES: x + 0.001 N(0, 1) (their official code); PGD-AT: U(-eps, eps) (Madry et al.)."""
+    from stages.attacks import TRAINING_START, training_attack
+
+    assert TRAINING_START[method] == start
+    x = torch.full((64, 1, 8, 8), 0.5)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    attack = training_attack(method, eps=0.1, step_size=0.02, steps=0)  # no step: the start itself
+    delta = attack(model, x, torch.zeros(64, dtype=torch.int64), torch.Generator().manual_seed(0)) - x
+    if start == "normal":
+        assert 0.0005 < delta.std() < 0.002
+    else:
+        assert delta.abs().max() > 0.099 and abs(delta.std() - 0.1 / 3 ** 0.5) < 0.005

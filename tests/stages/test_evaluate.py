@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pipeline.config import Config
 from pipeline.distributed import DistInfo
 from pipeline.errors import UserError
-from stages import evaluate
+from stages import evaluate, robustness
 from stages.models import build_model, save_model
 
 EPS = 0.3  # images whose brightness is within 0.3 of the 0.5 boundary can be flipped
@@ -78,7 +78,7 @@ def test_set():
 
 def scorer(model, test_set, n=64, batch_size=32):
     images, labels = test_set
-    return evaluate.Scorer(model, images[:n], labels[:n], device=DEVICE, batch_size=batch_size, seed=0,
+    return robustness.Scorer(model, images[:n], labels[:n], device=DEVICE, batch_size=batch_size, seed=0,
                            log=lambda message: None)
 
 
@@ -94,16 +94,16 @@ def test_checks_flag_the_masked_model_and_pass_the_honest_one(trained, test_set)
     verdicts, checks = {}, []
     for name, model in (("honest", trained), ("masked", Rounded(trained))):
         score = scorer(model, test_set)
-        rows = evaluate.evaluate_model(score, name, attacks=["clean", "fgsm", "pgd20"], eps=EPS,
+        rows = robustness.evaluate_model(score, name, attacks=["clean", "fgsm", "pgd20"], eps=EPS,
                                        sweep=[0.5, 1.0, 2.0])
-        checks += evaluate.run_checks(score, name, rows, eps=EPS)
+        checks += robustness.run_checks(score, name, rows, eps=EPS)
         verdicts[name] = {c["check"]: c["passed"] for c in checks if c["model"] == name}
     assert all(verdicts["honest"].values()), verdicts["honest"]
     assert not verdicts["masked"]["input_gradients_nonzero"]
     assert not verdicts["masked"]["large_eps_near_zero"]
     assert verdicts["masked"]["evaluated_in_fp32"]
     lines = []
-    evaluate.report_checks(checks, lines.append)
+    robustness.report_checks(checks, lines.append)
     assert any(line.startswith("eval: WARNING check input_gradients_nonzero failed for masked: 0.000 of 64")
                for line in lines), lines
     assert lines[-1] == f"checks: {sum(c['passed'] for c in checks)}/14 passed"
@@ -111,11 +111,11 @@ def test_checks_flag_the_masked_model_and_pass_the_honest_one(trained, test_set)
 
 def test_results_rows_and_monotone_sweep(trained, test_set):
     score = scorer(trained, test_set)
-    rows = evaluate.evaluate_model(score, "mart", attacks=["clean", "pgd20"], eps=EPS, sweep=[0.25, 0.5, 1.0, 2.0])
+    rows = robustness.evaluate_model(score, "mart", attacks=["clean", "pgd20"], eps=EPS, sweep=[0.25, 0.5, 1.0, 2.0])
     frame = pd.DataFrame(rows)
     assert list(frame.columns) == ["model", "split", "attack", "eps", "accuracy", "n"]
     assert frame["accuracy"].between(0, 1).all() and (frame["n"] == 64).all()
-    sweep = frame[frame["attack"] == evaluate.SWEEP_ATTACK]
+    sweep = frame[frame["attack"] == robustness.SWEEP_ATTACK]
     assert sweep["eps"].tolist() == pytest.approx([0.0, 0.075, 0.15, 0.3, 0.6])
     assert (np.diff(sweep["accuracy"]) <= 0.01).all()
     # The sweep point at eps is the headline PGD-20 measurement, run once.
@@ -127,19 +127,19 @@ def test_plot_is_a_png(tmp_path):
     rows = [{"model": "mart", "split": "test", "attack": a, "eps": e, "accuracy": acc, "n": 8}
             for a, e, acc in [("clean", 0.0, 1.0), ("pgd20", 0.1, 0.5), ("pgd20-sweep", 0.0, 1.0),
                               ("pgd20-sweep", 0.1, 0.5), ("pgd20-sweep", 0.2, 0.1)]]
-    evaluate.plot_robustness(tmp_path / "robustness.png", rows, eps=0.1)
+    robustness.plot_robustness(tmp_path / "robustness.png", rows, eps=0.1)
     assert (tmp_path / "robustness.png").read_bytes()[:4] == b"\x89PNG"
     assert [p.name for p in tmp_path.iterdir()] == ["robustness.png"]  # no temp file left behind
 
 
 def test_unknown_names_are_user_errors():
     with pytest.raises(UserError, match="pgdN"):
-        evaluate.build_attack("pgd", 0.1)
+        robustness.build_attack("pgd", 0.1)
     with pytest.raises(UserError, match="pgdN"):
-        evaluate.build_attack("deepfool", 0.1)
+        robustness.build_attack("deepfool", 0.1)
     with pytest.raises(UserError, match="mart-last"):
         evaluate.model_path({"mart": "x"}, "student")
-    assert evaluate.build_attack("clean", 0.1) is None
+    assert robustness.build_attack("clean", 0.1) is None
 
 
 def test_stage_writes_its_outputs(trained, test_set, tmp_path):
@@ -167,7 +167,7 @@ def test_stage_writes_its_outputs(trained, test_set, tmp_path):
     assert set(results["model"]) == {"mart", "mart-last"} and (results["n"] == 48).all()
     assert results.loc[results["attack"] == "pgd20", "eps"].tolist() == [EPS, EPS]
     checks = pd.read_csv(ctx.out_dir / "checks.csv")
-    assert list(checks.columns) == evaluate.CHECK_COLUMNS and len(checks) == 14
+    assert list(checks.columns) == robustness.CHECK_COLUMNS and len(checks) == 14
     assert checks["passed"].all(), checks
     assert "checks: 14/14 passed" in lines
     assert (ctx.out_dir / "robustness.png").read_bytes()[:4] == b"\x89PNG"
@@ -175,3 +175,15 @@ def test_stage_writes_its_outputs(trained, test_set, tmp_path):
     config.eval.checks = False
     evaluate.run(ctx)
     assert len(pd.read_csv(ctx.out_dir / "checks.csv")) == 0
+
+
+def test_the_fp32_check_fails_for_a_model_evaluated_under_autocast(trained, test_set):
+    verdicts = {}
+    for name, context in (("fp32", torch.autocast("cpu", enabled=False)), ("bf16", torch.autocast("cpu", torch.bfloat16))):
+        score = scorer(trained, test_set)
+        with context:
+            rows = robustness.evaluate_model(score, name, attacks=["clean", "pgd20"], eps=EPS, sweep=[])
+            checks = robustness.run_checks(score, name, rows, eps=EPS)
+        verdicts[name] = next(c for c in checks if c["check"] == "evaluated_in_fp32")
+    assert verdicts["fp32"]["passed"] and verdicts["fp32"]["detail"].startswith("logits float32")
+    assert not verdicts["bf16"]["passed"] and "bfloat16" in verdicts["bf16"]["detail"]

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from stages.pseudolabel import NearDuplicateFilter
+from stages.labeling import NearDuplicateFilter
 
 
 def test_dedup_drops_a_planted_near_duplicate_and_keeps_the_rest():

@@ -1,0 +1,151 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import RunConfig
+from pipeline.distributed import DistInfo
+from pipeline.errors import UserError
+from stages import devices, optim, training
+
+
+def tiny_run(tmp_path, loss_fn):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(64, 8, 8, 1), dtype=np.uint8)
+    labels = rng.integers(0, 2, size=64).astype(np.int64)
+    recipe = training.Recipe(arch="tiny-cnn", epochs=2, batch_size=16, epoch_size=64, lr=0.05, momentum=0.9,
+                             weight_decay=0.0, schedule="cosine", loss=loss_fn)
+    data = training.TrainData(images=images, labels=labels, num_classes=2, class_names=["a", "b"], dataset="t")
+    return training.train(recipe, data, run_cfg=RunConfig(device="cpu"), dist=DistInfo(), out_dir=tmp_path,
+                          log=lambda message: None)
+
+
+def test_train_trains_and_writes_metrics(tmp_path):
+    rows = tiny_run(tmp_path, training.natural_loss)
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["step"] == 8
+    assert (tmp_path / "metrics.csv").exists() and (tmp_path / "train_state.pt").exists()
+    assert (tmp_path / "model.pt").exists() and not (tmp_path / "last.pt").exists()
+
+
+def test_a_diverged_loss_stops_with_a_user_error(tmp_path):
+    def nan_loss(logits_natural, logits_adv, targets):
+        return training.natural_loss(logits_natural, logits_adv, targets) * float("nan")
+    with pytest.raises(UserError, match="diverged"):
+        tiny_run(tmp_path, nan_loss)
+    assert not (tmp_path / "metrics.csv").exists()
+
+
+def test_piecewise_schedule_decays_after_the_milestone_epochs():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = optim.make_scheduler(optimizer, schedule="piecewise", epochs=4, steps_per_epoch=10, milestones=[2, 3])
+    lrs = []
+    for _ in range(40):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[19] == 1.0 and lrs[20] == pytest.approx(0.1) and lrs[30] == pytest.approx(0.01)
+
+
+def test_auto_precision_is_bf16_only_where_native(monkeypatch):
+    cpu = torch.device("cpu")
+    assert devices.resolve_precision("fp32", cpu) == "fp32" and devices.resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert devices.resolve_precision("auto", cpu) == "fp32"
+    assert isinstance(devices.autocast(cpu, "auto"), type(devices.autocast(cpu, "fp32")))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert devices.resolve_precision("auto", cpu) == "bf16"
+    with devices.autocast(cpu, "auto"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+
+
+class ModeSpy(torch.nn.Module):
+    """Records the mode of every forward through it."""
+
+    def __init__(self):
+        super().__init__()
+        self.modes = []
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        self.modes.append("train" if self.training else "eval")
+        return self.linear(x.flatten(1))
+
+
+def test_the_attack_runs_in_eval_mode_and_the_loss_in_train_mode():
+    from data.mixed import MixedBatchLoader, MixedBatchSampler
+
+    model, calls = ModeSpy(), []
+
+    def attack(m, x, y, generator):
+        m(x)
+        calls.append(("attack", m.modes[-1]))
+        return x + 0.01
+
+    def loss(logits_natural, logits_adv, y):
+        calls.append(("loss", model.modes[-2], model.modes[-1]))
+        return torch.nn.functional.cross_entropy(logits_natural, y) + torch.nn.functional.cross_entropy(logits_adv, y)
+
+    sampler = MixedBatchSampler(8, 0, batch_size=4, unsup_fraction=0.0, epoch_size=8, seed=0)
+    images = np.zeros((8, 2, 2, 1), np.uint8)
+    optimizer = optim.make_optimizer(model, lr=0.1, momentum=0.0, weight_decay=0.0)
+    t = training.Training(model=model, optimizer=optimizer, scheduler=optim.make_scheduler(
+        optimizer, schedule="constant", epochs=1, steps_per_epoch=2), loader=MixedBatchLoader(
+        sampler, images, np.zeros(8, np.int64), None, None, prefetch=0), loss=loss, attack=attack,
+        device=torch.device("cpu"), precision="fp32", seed=0)
+    sampler.set_epoch(0)
+    training.train_one_epoch(t, 0, progress_bar=False)
+    assert calls == [("attack", "eval"), ("loss", "train", "train")] * 2
+    assert model.modes == ["eval", "train", "train"] * 2
+
+
+def test_weight_ema_warms_up_then_averages_and_copies_buffers():
+    model = torch.nn.BatchNorm1d(2)
+    ema = optim.WeightEMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(3.0)  # the EMA started at 1.0
+        model.running_mean.fill_(7.0)
+    ema.update(model)  # warm-up: decay_1 = min(0.5, 2 / 11)
+    d1 = 2 / 11
+    assert torch.allclose(ema.model.weight, torch.full((2,), d1 * 1.0 + (1 - d1) * 3.0))
+    assert torch.equal(ema.model.running_mean, torch.full((2,), 7.0))  # copied, not averaged
+    for _ in range(20):
+        ema.update(model)
+    before = ema.model.weight.clone()
+    with torch.no_grad():
+        model.weight.fill_(5.0)
+    ema.update(model)  # past the warm-up: decay 0.5
+    assert torch.allclose(ema.model.weight, 0.5 * before + 0.5 * 5.0)
+    assert not ema.model.weight.requires_grad and not ema.model.training
+    restored = optim.WeightEMA(torch.nn.BatchNorm1d(2), decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 22 and torch.equal(restored.model.weight, ema.model.weight)
+
+
+def test_validation_picks_the_best_epoch_as_model_pt(tmp_path, monkeypatch):
+    """mart.val_size: model.pt = the epoch with the best validation PGD accuracy, last.pt = the last epoch."""
+    scripted = iter([0.2, 0.5, 0.3])  # validation PGD accuracy of epochs 1, 2, 3
+    weights = []
+
+    def fake_evaluate(model, images, labels, *, attack=None, **kwargs):
+        if attack is None:
+            return 0.9
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(scripted)
+
+    monkeypatch.setattr(training, "evaluate", fake_evaluate)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(40, 8, 8, 1), dtype=np.uint8)
+    labels = rng.integers(0, 2, size=40).astype(np.int64)
+    recipe = training.Recipe(arch="tiny-cnn", epochs=3, batch_size=16, epoch_size=32, lr=0.05, momentum=0.9,
+                             weight_decay=0.0, schedule="constant", ema_decay=0.9, select_attack=lambda *a: a[1])
+    data = training.TrainData(images=images[:32], labels=labels[:32], num_classes=2, class_names=["a", "b"],
+                              dataset="t", val_images=images[32:], val_labels=labels[32:])
+    rows = training.train(recipe, data, run_cfg=RunConfig(device="cpu"), dist=DistInfo(), out_dir=tmp_path,
+                          log=lambda message: None)
+    assert [r["val_pgd_acc"] for r in rows] == [0.2, 0.5, 0.3]
+    best = torch.load(tmp_path / "model.pt", weights_only=True)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert best["best_epoch"] == 2 and last["best_epoch"] == 3
+    for key, value in best["state_dict"].items():  # the EMA weights scored in epoch 2
+        assert torch.equal(value, weights[1][key]), key
+    assert any(not torch.equal(v, last["state_dict"][k]) for k, v in best["state_dict"].items())

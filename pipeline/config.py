@@ -66,6 +66,8 @@ class TeacherConfig:
     schedule: str = "cosine"  # cosine | piecewise (needs milestones) | constant
     milestones: list[int] = field(default_factory=list)  # piecewise: lr x0.1 after each of these epochs (1..epochs-1)
     augment: bool = True  # random crop (padding 2 at 28px, 4 at 32px) and horizontal flip
+    checkpoint: str = ""  # a classifier to import instead of training one (our model.pt, a state dict, RobustBench/MART/RST); "" = train
+    input_normalization: list = field(default_factory=list)  # for an imported checkpoint without its own: [] = [0,1] inputs, ["cifar10"], or [[means], [stds]]
 
 
 @dataclass
@@ -219,6 +221,10 @@ def _assign(config: Config, section: str, key: str, value: Any, where: str) -> N
 
 def _coerce(value: Any, kind: Any, name: str, where: str) -> Any:
     origin = typing.get_origin(kind) or kind
+    if origin is list and not typing.get_args(kind):  # a free-form list, checked by the code that reads it
+        if isinstance(value, str):
+            return [_parse_value(v.strip()) for v in value.split(",") if v.strip()]
+        return value if isinstance(value, list) else [value]
     if origin is list:
         (element,) = typing.get_args(kind)
         if isinstance(value, str):  # --set eval.attacks=clean,pgd20 (each item parsed like a TOML value)

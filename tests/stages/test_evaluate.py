@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pipeline.config import Config
 from pipeline.distributed import DistInfo
 from pipeline.errors import UserError
+from pipeline.stage import StageInput
 from stages import evaluate, robustness
 from stages.models import build_model, save_model
 
@@ -155,16 +156,19 @@ def test_stage_writes_its_outputs(trained, test_set, tmp_path):
     config.mart.epsilon = EPS
     images, labels = test_set
     lines = []
+    labeled = SimpleNamespace(test_images=images, test_labels=labels, class_names=("dark", "bright"), num_classes=2)
     ctx = SimpleNamespace(
-        config=config, out_dir=tmp_path / "eval", inputs={"mart": mart_dir}, log=lines.append, dist=DistInfo(),
-        data=SimpleNamespace(labeled=SimpleNamespace(test_images=images, test_labels=labels,
-                                                     class_names=("dark", "bright"), num_classes=2)))
+        config=config, out_dir=tmp_path / "eval", inputs={"mart": StageInput(mart_dir, "test")}, log=lines.append,
+        dist=DistInfo(), sources={"labeled": SimpleNamespace(dataset=labeled)})
     ctx.out_dir.mkdir()
     evaluate.run(ctx)
 
     assert sorted(p.name for p in ctx.out_dir.iterdir()) == sorted(evaluate.OUTPUTS)
     results = pd.read_csv(ctx.out_dir / "results.csv")
     assert set(results["model"]) == {"mart", "mart-last"} and (results["n"] == 48).all()
+    assert set(results["attack"]) == {"clean", "fgsm", "pgd20"}  # accuracies only: the curve has its own file
+    curve = pd.read_csv(ctx.out_dir / "robustness.csv")
+    assert set(curve["attack"]) == {robustness.SWEEP_ATTACK} and len(curve) == 2 * 3  # eps 0 plus 2 sweep points
     assert results.loc[results["attack"] == "pgd20", "eps"].tolist() == [EPS, EPS]
     checks = pd.read_csv(ctx.out_dir / "checks.csv")
     assert list(checks.columns) == robustness.CHECK_COLUMNS and len(checks) == 14

@@ -13,7 +13,8 @@ what shows):
 - pseudolabel images/s (pool size / the stage's seconds in its stage.json) against a bare forward of
   the same teacher (model.pt) over the pool's first images in memory, at the stage's batch size, the
   faster of NCHW and channels_last input, best of 3 rounds. Target >= 0.9x. The teacher is trained once
-  and copied into every work dir, so the measured `run --stages pseudolabel` does nothing else.
+  into a scratch stage store that every work dir shares, so the measured `run --stages pseudolabel`
+  does nothing else.
 - peak RSS of the `run` that pseudo-labels the larger pool against the smaller one's, per format.
   Target <= 1.2x.
 - mart stage images/s (the best epoch's, from the stage's log) with the pool read from pseudolabels.h5
@@ -177,7 +178,7 @@ def run_cli(args: list[str], scratch: Path) -> dict:
     peak_file = scratch / f"peak-{time.monotonic_ns()}"
     # The digest cache in the scratch dir: the temporary pools' digests do not go into the user's cache.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "RST_MART_CACHE_DIR": str(scratch / "digest-cache")}
+           "RST_MART_CACHE_DIR": str(scratch / "digest-cache"), "RST_MART_STORE": str(scratch / "store")}
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _CLI_CHILD, str(peak_file), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True)
@@ -226,11 +227,10 @@ def _read_first_rows(provider: str, pool_path: str, count: int) -> np.ndarray:
 def measure(fmt: str, n: int, tmp: Path, arch: str, pool_batch: int, bare_images: int, mart_epochs: int,
             mart_epoch_size: int, teacher_dir: Path) -> dict:
     """One format at one size: the pool written, the pipeline run through the CLI, the numbers, the files gone.
-    `teacher_dir` is a finished teacher stage, copied in (its fingerprint does not depend on the pool), so
-    the measured `run --stages pseudolabel` pseudo-labels and nothing else."""
+    `teacher_dir` is a finished teacher stage in the scratch store (its fingerprint does not depend on the
+    pool), so the measured `run --stages pseudolabel` pseudo-labels and nothing else."""
     pool_dir, workdir, scratch = tmp / f"pool-{fmt}-{n}", tmp / f"work-{fmt}-{n}", tmp / "scratch"
     scratch.mkdir(exist_ok=True)
-    shutil.copytree(teacher_dir, workdir / "teacher")
     try:
         started = time.perf_counter()
         provider, pool_path = write_pool(pool_dir, fmt, n)
@@ -240,7 +240,7 @@ def measure(fmt: str, n: int, tmp: Path, arch: str, pool_batch: int, bare_images
         common = ["--config", str(config), "--workdir", str(workdir)]
         pseudolabel = run_cli(["run", "--stages", "pseudolabel", *common], scratch)
         if "teacher: cached" not in pseudolabel["output"]:
-            raise RuntimeError(f"the copied teacher was not reused:\n{pseudolabel['output'][-3000:]}")
+            raise RuntimeError(f"the stored teacher was not reused:\n{pseudolabel['output'][-3000:]}")
         pseudolabel_s = json.loads((workdir / "pseudolabel" / "stage.json").read_text())["seconds"]
         bare = bare_forward_images_per_s(workdir / "teacher" / "model.pt",
                                          _read_first_rows(provider, pool_path, min(n, bare_images)), pool_batch)
@@ -262,6 +262,9 @@ def measure(fmt: str, n: int, tmp: Path, arch: str, pool_batch: int, bare_images
                 "mart_memory_images_per_s": in_memory and _best_epoch_images_per_s(in_memory["output"])}
     finally:
         shutil.rmtree(pool_dir, ignore_errors=True)
+        for stage in ("pseudolabel", "mart"):  # their store entries hold a copy of the pool's size
+            if (workdir / stage).is_symlink():
+                shutil.rmtree((workdir / stage).resolve(), ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -7,7 +7,9 @@ stage's training attack (PGD from x + 0.001 N(0, 1), eval mode), `LOSSES["mart"]
 weight decay, the per-step LambdaLR and the running sums; model from `devices.prepare_for_training`.
 Reference: the same algorithm written straight-line over one batch already in memory as float NCHW (no
 sampler, no loader, no scheduler): eval-mode PGD, train-mode natural and adversarial forwards, the
-official MART loss, SGD step, in fp32. Same architecture and initial weights on both sides.
+official MART loss, SGD step, in fp32. Same architecture and initial weights on both sides. With bf16
+settings the bare loop also runs in bf16 autocast on channels_last (reported in the bf16 lines' note:
+what the arithmetic allows, to tell a bf16 shortfall from stage overhead).
 
 Two models (MODELS): tiny-cnn 28x28x1 batch 64 PGD-3 (where per-step host work shows most) and small-cnn
 32x32x3 batch 128 PGD-10. Stage settings: fp32, fp32+channels_last (run.channels_last) and, on CPUs with
@@ -190,6 +192,19 @@ def bench_mart(arch: str = "small-cnn", shape=(32, 32, 3), batch_size: int = 128
         if not torch.isfinite(loss):
             raise FloatingPointError(f"reference MART loss is {loss}")
 
+    # The bare loop in bf16 autocast on channels_last too (the model and its batch): what the arithmetic
+    # allows, so a bf16 shortfall against the target can be told from stage overhead.
+    bf16_model = copy.deepcopy(initial).to(memory_format=torch.channels_last)
+    bf16_optimizer = torch.optim.SGD(bf16_model.parameters(), lr=0.01, momentum=0.9, weight_decay=3.5e-3)
+    x_nhwc = x.contiguous(memory_format=torch.channels_last)
+
+    def reference_bf16_pass(step_seconds: list) -> None:
+        for _ in range(train_steps):
+            began = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                reference_step(bf16_model, bf16_optimizer, x_nhwc, y, steps=steps)
+            step_seconds.append(time.perf_counter() - began)
+
     stage_loops = {s: StageLoop(copy.deepcopy(initial), **data, batch_size=batch_size, batches_per_epoch=train_steps,
                                 steps=steps, augment=False, **parse_setting(s))
                    for s in stage_settings}
@@ -198,6 +213,9 @@ def bench_mart(arch: str = "small-cnn", shape=(32, 32, 3), batch_size: int = 128
         loop.warm_up()
 
     passes = {"reference_fp32": reference_pass}
+    if any(parse_setting(s)["precision"] == "bf16" for s in stage_settings):
+        reference_bf16_pass([])  # warm-up
+        passes["reference_bf16+channels_last"] = reference_bf16_pass
     passes.update({f"stage_{s}": loop.epoch for s, loop in stage_loops.items()})
     started = time.perf_counter()
     rates = median_step_rates(passes, rounds, items_per_step=batch_size)
@@ -222,6 +240,15 @@ def fastest_stage_images_per_s(result: dict) -> float:
 
 def comparisons(result: dict) -> list[Comparison]:
     size = f"{result['arch']} {'x'.join(map(str, result['shape']))} batch {result['batch_size']}, PGD-{result['pgd_steps']}"
+    bare_bf16 = result.get("reference_bf16+channels_last_images_per_s")
+
+    def note(setting: str) -> str:
+        if parse_setting(setting)["precision"] != "bf16" or bare_bf16 is None:
+            return size
+        return (f"{size}; bare bf16+channels_last {bare_bf16:.1f} img/s = "
+                f"{bare_bf16 / result['reference_fp32_images_per_s']:.2f}x, stage/bare bf16 "
+                f"{result[f'stage_{setting}_images_per_s'] / bare_bf16:.2f}x")
+
     def target(setting: str) -> float | None:
         if parse_setting(setting)["precision"] == "bf16":
             return BF16_TARGET
@@ -229,7 +256,7 @@ def comparisons(result: dict) -> list[Comparison]:
 
     return [Comparison("mart", f"{result['arch']} stage {s} vs bare fp32", f"stage {s}",
                        result[f"stage_{s}_images_per_s"], "bare fp32", result["reference_fp32_images_per_s"], "img/s",
-                       ">=", target(s), note=size)
+                       ">=", target(s), note=note(s))
             for s in result["stage_settings"]]
 
 

@@ -20,7 +20,7 @@ bf16+channels_last >= 2.5x the bare fp32 loop.
 Every configuration gets one warm-up batch (oneDNN primitive creation), then `rounds` interleaved timed
 passes (bare, stage settings, bare, ...) of `train_steps` batches; images/s = batch / the median step
 time over all its passes (a stage step is timed from one batch request to the next, so gathering the
-batch counts). Runtime: about 3 minutes on 2 idle cores; --quick about 1 minute.
+batch counts). Runtime: about 2 minutes on 2 idle cores; --quick about 1 minute.
 """
 from __future__ import annotations
 

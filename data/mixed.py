@@ -154,9 +154,9 @@ class _BatchBuilder:
 def prefetch_depth(requested: int, device) -> int:
     """Batches to gather ahead in a thread: `requested` on a GPU, or on a CPU with a core left over from
     torch's compute threads; else 0. When every core runs the step's OpenMP team, the gathering thread
-    preempts a team member and each of the step's barriers waits for it: on 2 shared cores, tiny-cnn
-    MART steps ran at 0.57-0.79x the bare loop's speed with 1 or 2 batches prefetched, 0.82-0.91x with none
-    (benchmarks/README.md has the current figures)."""
+    preempts a team member and each of the step's barriers waits for it: on 2 cores, tiny-cnn MART steps
+    ran at 0.60-0.64x the bare loop's speed with 1 or 2 batches prefetched, 1.43x with none
+    (benchmarks/README.md, bench_mart)."""
     if torch.device(device).type != "cpu":
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -154,9 +154,9 @@ class _BatchBuilder:
 def prefetch_depth(requested: int, device) -> int:
     """Batches to gather ahead in a thread: `requested` on a GPU, or on a CPU with a core left over from
     torch's compute threads; else 0. When every core runs the step's OpenMP team, the gathering thread
-    preempts a team member and each of the step's barriers waits for it: on 2 shared cores, tiny-cnn
-    MART steps ran at 0.57-0.79x the bare loop's speed with 1 or 2 batches prefetched, 0.82-0.91x with none
-    (benchmarks/README.md has the current figures)."""
+    preempts a team member and each of the step's barriers waits for it: on 2 cores, tiny-cnn MART steps
+    ran at 0.60-0.64x the bare loop's speed with 1 or 2 batches prefetched, 1.43x with none
+    (benchmarks/README.md, bench_mart)."""
     if torch.device(device).type != "cpu":
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -193,7 +193,8 @@ class MixedBatchLoader:
     consumer converts each batch to float on `device` and augments it there; prefetch=0 gathers in the
     consumer's thread, with no thread at all.
 
-    Yields (x float32 NCHW in [0, 1] on `device`, y int64). `pool_images` is an in-memory uint8 NHWC
+    Yields (x float32 NCHW in [0, 1] on `device`, in channels_last memory format with `channels_last`;
+    y int64). `pool_images` is an in-memory uint8 NHWC
     array or a PseudoLabelReader (read with .gather). `augment(x, generator)` runs on `device` on the
     whole batch. The sampler runs ahead of the consumer by up to `prefetch` batches, so checkpoint the
     loader's state_dict (batches consumed), not the sampler's.
@@ -202,7 +203,7 @@ class MixedBatchLoader:
     def __init__(self, sampler: MixedBatchSampler, labeled_images: np.ndarray, labeled_targets: np.ndarray,
                  pool_images, pool_targets: np.ndarray | None, *, device="cpu",
                  augment: Callable[[Tensor, torch.Generator], Tensor] | None = None, prefetch: int = 2,
-                 seed: int = 0):
+                 seed: int = 0, channels_last: bool = False):
         if labeled_images.ndim != 4 or labeled_images.dtype != np.uint8:
             raise ValueError(f"labeled_images must be uint8 NHWC, got {labeled_images.dtype} {labeled_images.shape}")
         if sampler.num_pool and (pool_images is None or pool_targets is None):
@@ -213,6 +214,8 @@ class MixedBatchLoader:
         self.device = torch.device(device)
         self.prefetch = int(prefetch)
         self.augment, self.seed = augment, int(seed)
+        # The layout the model's convolutions take (run.channels_last), so no forward reorders its input.
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._build = _BatchBuilder(labeled_images, np.asarray(labeled_targets), pool_images,
                                     None if pool_targets is None else np.asarray(pool_targets), self.seed,
                                     sampler.rank)
@@ -236,7 +239,7 @@ class MixedBatchLoader:
     def _tensors(self, epoch: int, batch: int, x: np.ndarray, y: np.ndarray) -> tuple[Tensor, Tensor]:
         # Move uint8 first (4x less traffic than float), then convert to NCHW float32 on the device.
         x = torch.from_numpy(x).to(self.device)
-        x = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255)
+        x = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=self.memory_format).div_(255)
         if self.augment is not None:
             x = self.augment(x, self._generator.manual_seed(_seed_for(self.seed, epoch, batch, self.sampler.rank, 1)))
         return x, torch.from_numpy(y).to(self.device)

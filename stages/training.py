@@ -129,7 +129,7 @@ def set_up(recipe: Recipe, data: TrainData, *, run_cfg, dist, mean, std) -> tupl
                                 rank=dist.rank, world_size=dist.world_size)
     loader = MixedBatchLoader(sampler, data.images, data.labels, data.pool_images, data.pool_labels, device=device,
                               augment=augmenter(recipe.augment, data.images.shape[1]), seed=run_cfg.seed,
-                              prefetch=prefetch_depth(run_cfg.num_workers, device))
+                              prefetch=prefetch_depth(run_cfg.num_workers, device), channels_last=run_cfg.channels_last)
     optimizer = make_optimizer(model, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     scheduler = make_scheduler(optimizer, schedule=recipe.schedule, epochs=recipe.epochs,
                                steps_per_epoch=len(sampler), milestones=recipe.milestones)

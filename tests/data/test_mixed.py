@@ -223,3 +223,12 @@ def test_prefetch_depth_does_not_change_the_batches(prefetch):
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, expected))
     if prefetch == 0:
         assert loader._thread is None
+
+
+def test_channels_last_changes_the_layout_not_the_values():
+    lab_x, pool_x = encoded_images(70, 0), encoded_images(30, 1)
+    plain = [x for x, _ in MixedBatchLoader(sampler(), lab_x, np.zeros(70), pool_x, np.zeros(30), seed=1)]
+    nhwc = [x for x, _ in MixedBatchLoader(sampler(), lab_x, np.zeros(70), pool_x, np.zeros(30), seed=1,
+                                            channels_last=True)]
+    assert all(b.is_contiguous(memory_format=torch.channels_last) and not b.is_contiguous() for b in nhwc)
+    assert all(torch.equal(a, b) for a, b in zip(plain, nhwc))

@@ -54,7 +54,7 @@ def bench_loader(num_labeled: int = 4096, num_pool: int = 50_000, batch_size: in
     """images/s delivered by MixedBatchLoader with the pool in memory and as a PseudoLabelReader."""
     from data.h5store import PseudoLabelReader
     from data.mixed import MixedBatchLoader, MixedBatchSampler
-    from stages.teacher import augmenter
+    from data.augment import augmenter
 
     rng = np.random.default_rng(0)
     images = synthetic_images(num_labeled, SHAPE, 0)
@@ -75,7 +75,7 @@ def bench_loader(num_labeled: int = 4096, num_pool: int = 50_000, batch_size: in
             def one_pass() -> int:
                 sampler.set_epoch(next(epoch))
                 delivered = 0
-                for x, _y, _is_pool in loader:
+                for x, _y in loader:
                     delivered += len(x)
                 return delivered
             return one_pass

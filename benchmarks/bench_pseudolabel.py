@@ -7,7 +7,7 @@ read-ahead thread, uint8 -> float conversion, the teacher forward under inferenc
 HDF5 appends in a write-behind thread, results.csv. Reference: the same teacher (loaded the same way)
 over the same images already in memory as a float tensor, same block size, under inference_mode,
 nothing else; once contiguous NCHW, once in channels_last layout (what the stage's
-`loops.to_tensor_images` hands the teacher: a permuted NHWC tensor, which oneDNN runs faster), so
+`stages.evaluation.to_tensor_images` hands the teacher: a permuted NHWC tensor, which oneDNN runs faster), so
 the I/O overhead is judged against the faster bare forward too. All in images/s, best of `rounds`
 interleaved rounds. Target: the stage keeps >= 0.9 of a bare forward's throughput (the streaming
 hides its I/O).

@@ -32,7 +32,7 @@ class RunConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 where native, else fp32): training autocast only; evaluation is always fp32
     channels_last: bool = False  # NHWC memory format for convolutions (faster on GPUs, and with oneDNN on CPUs)
     compile: bool = False  # torch.compile the model (not the attack loop)
-    num_workers: int = 2  # batches prepared ahead by the loader's background thread (0 counts as 1)
+    num_workers: int = 2  # batches gathered ahead by a background thread, used on GPUs or where a CPU core is spare (data.mixed.prefetch_depth); 0 = none
     checkpoint_every_s: float = 60.0  # seconds between mid-epoch checkpoints (plus one at every epoch end); 0 = every step
     sync_bn: bool = False  # SyncBatchNorm across ranks under torchrun (GPU)
     store: str = ""  # the stage store; "" = $RST_MART_STORE, else .store beside the work dir (runs/.store)
@@ -65,7 +65,7 @@ class TeacherConfig:
     weight_decay: float = 5e-4  # L2 penalty on all parameters
     schedule: str = "cosine"  # cosine | piecewise (needs milestones) | constant
     milestones: list[int] = field(default_factory=list)  # piecewise: lr x0.1 after each of these epochs (1..epochs-1)
-    augment: bool = True  # random crop (padding 2 at 28px, 4 at 32px) and horizontal flip
+    augment: bool = True  # random crop (padding 3 at 28px, 4 at 32px) and horizontal flip
     checkpoint: str = ""  # a classifier to import instead of training one (our model.pt, a state dict, RobustBench/MART/RST); "" = train
     input_normalization: list = field(default_factory=list)  # for an imported checkpoint without its own: [] = [0,1] inputs, ["cifar10"], or [[means], [stds]]
 

@@ -7,4 +7,7 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq dataset-fashion-mnist
 fi
+# The pinned build first: pip takes it from this machine's disk (a looser request can pull GBs of CUDA wheels),
+# and the package's range (torch>=2.14,<3) is then already satisfied.
+python3 -m pip install -q torch==2.14.1 torchvision==0.29.1
 python3 -m pip install -q -e '.[test]'

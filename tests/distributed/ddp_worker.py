@@ -1,5 +1,5 @@
 """Run under torchrun by test_torchrun.py (not collected by pytest): a few MART steps of a tiny-cnn
-through stages.loops.train_one_epoch with the real mixed-batch sampler and loader, then rank 0 writes
+through stages.training.train_one_epoch with the real mixed-batch sampler and loader, then rank 0 writes
 to the JSON file named on the command line whether the ranks ended with the same parameters and
 gradients, and which labeled rows each rank trained on in each batch.
 
@@ -18,10 +18,13 @@ import torch.distributed as dist
 from data.mixed import MixedBatchLoader, MixedBatchSampler
 from pipeline import distributed
 from pipeline.config import RunConfig
-from stages import loops
-from stages.losses import ATTACK_LOSS, LOSSES
-from stages.mart import _training_attack, eval_attack
+from stages import training
+from stages.attacks import eval_attack, training_attack
+from stages.devices import prepare_for_training
+from stages.evaluation import evaluate
+from stages.losses import LOSSES
 from stages.models import build_model
+from stages.optim import make_optimizer, make_scheduler
 
 NUM_LABELED, NUM_POOL = 40, 30
 # 3 global batches of 16 per epoch, 8 pool rows each: the test rebuilds the world_size=1 batches from these.
@@ -66,28 +69,29 @@ def main(out_path: str) -> None:
 
     torch.manual_seed(info.rank)  # different weights per rank on purpose: DDP must start all from rank 0's
     model = build_model("tiny-cnn", num_classes=10, in_channels=1)
-    train_model, _ = loops.prepare_for_training(model, run_cfg=RunConfig(device="cpu"), device=device,
+    train_model, _ = prepare_for_training(model, run_cfg=RunConfig(device="cpu"), device=device,
                                                 distributed=True)
     start = flat(model.parameters()).clone()
     sampler = RecordingSampler(NUM_LABELED, NUM_POOL, **SAMPLER_ARGS, rank=info.rank, world_size=info.world_size)
     loader = MixedBatchLoader(sampler, images, labels, pool_images, pool_labels, device=device, seed=0)
-    optimizer = loops.make_optimizer(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
-    scheduler = loops.make_scheduler(optimizer, schedule="constant", epochs=EPOCHS, steps_per_epoch=len(sampler))
-    attack = functools.partial(_training_attack, eps=0.1, step_size=0.04, steps=3, loss=ATTACK_LOSS["mart"])
+    optimizer = make_optimizer(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    t = training.Training(
+        model=train_model, optimizer=optimizer, loader=loader,
+        scheduler=make_scheduler(optimizer, schedule="constant", epochs=EPOCHS, steps_per_epoch=len(sampler)),
+        loss=functools.partial(LOSSES["mart"], beta=6.0),
+        attack=training_attack("mart", eps=0.1, step_size=0.04, steps=3), device=device, precision="fp32", seed=0,
+        rank=info.rank, world_size=info.world_size)
     stats = []
     for epoch in range(EPOCHS):
         sampler.set_epoch(epoch)
-        stats.append(loops.train_one_epoch(
-            train_model, loader, optimizer, scheduler, loss_fn=functools.partial(LOSSES["mart"], beta=6.0),
-            attack=attack, device=device, precision="fp32", epoch=epoch, start_batch=0, seed=0,
-            progress_bar=False, rank=info.rank, world_size=info.world_size))
+        stats.append(training.train_one_epoch(t, epoch, progress_bar=False))
 
     params, grads = gather(flat(model.parameters())), gather(flat(p.grad for p in model.parameters()))
     # Sharded evaluation (5 batches of 8 over 2 ranks, the last one short) against this rank alone.
     distributed.broadcast_buffers(model)
     scored = dict(device=device, batch_size=8, attack=eval_attack(0.1, steps=3), seed=0)
-    sharded = loops.evaluate(model, images[:37], labels[:37], rank=info.rank, world_size=info.world_size, **scored)
-    whole = loops.evaluate(model, images[:37], labels[:37], **scored)
+    sharded = evaluate(model, images[:37], labels[:37], rank=info.rank, world_size=info.world_size, **scored)
+    whole = evaluate(model, images[:37], labels[:37], **scored)
     labeled = [None] * info.world_size
     dist.all_gather_object(labeled, sampler.labeled_batches)
     if info.is_main:

@@ -41,10 +41,11 @@ SHAPE = (32, 32, 3)
 def stage_context(config, out_dir: Path, teacher_dir: Path, pool, labeled):
     """What pipeline.runner.StageContext carries, for one stage run outside the runner."""
     from pipeline.distributed import DistInfo
+    from pipeline.stage import StageContext, StageInput
 
-    return types.SimpleNamespace(config=config, out_dir=Path(out_dir), inputs={"teacher": Path(teacher_dir)},
-                                 data=types.SimpleNamespace(pool=pool, labeled=labeled), fingerprint="bench",
-                                 dist=DistInfo(), log=lambda message: None)
+    return StageContext(config=config, out_dir=Path(out_dir), inputs={"teacher": StageInput(Path(teacher_dir), "bench")},
+                        sources={"pool": pool, "labeled": types.SimpleNamespace(dataset=labeled)},
+                        fingerprint="bench", dist=DistInfo(), log=lambda message: None)
 
 
 def pseudolabel_config(batch_size: int, precision: str = "fp32"):

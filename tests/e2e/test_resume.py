@@ -20,10 +20,11 @@ def kill_when_checkpointed(workdir, stage, timeout=120):
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--config", str(SMOKE), "--workdir",
                              str(workdir), "--set", "run.checkpoint_every_s=0"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = workdir / f"{stage}.partial" / "train_state.pt"
+    store = workdir.parent / "store" / stage  # the test's stage store (tests/conftest.py)
+    partials = lambda: list(store.glob("*.partial/train_state.pt"))  # noqa: E731
     deadline = time.monotonic() + timeout
     try:
-        while not state.exists():  # wait for the condition, not for a guessed duration
+        while not partials():  # wait for the condition, not for a guessed duration
             assert proc.poll() is None, "the run ended before its first checkpoint"
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.005)
@@ -56,7 +57,7 @@ def test_kill_9_then_resume_equals_uninterrupted(smoke_workdir, tmp_path, stage)
         with h5py.File(workdir / "pseudolabel" / "pseudolabels.h5") as f, \
                 h5py.File(smoke_workdir / "pseudolabel" / "pseudolabels.h5") as g:
             assert np.array_equal(f["labels"][:], g["labels"][:])
-    assert not list(workdir.glob("*.partial"))
+    assert not list((tmp_path / "store").glob("*/*.partial"))
 
 
 def test_pseudolabel_resumes_at_block_granularity(smoke_workdir, tmp_path, monkeypatch):

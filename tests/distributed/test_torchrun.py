@@ -112,7 +112,8 @@ def run_pseudolabel_stage(config, out_dir, teacher_dir, dist, data=None, log=lam
 
     out_dir.mkdir(parents=True, exist_ok=True)
     pseudolabel.run(StageContext(
-        config=config, out_dir=out_dir, inputs={"teacher": StageInput(teacher_dir, "test-teacher")},
+        config=config, out_dir=out_dir,
+        inputs={"teacher": StageInput(teacher_dir, json.loads((teacher_dir / "stage.json").read_text())["fingerprint"])},
         sources=data or open_sources(config, out_dir), fingerprint="test", dist=dist, log=log))
 
 

@@ -70,8 +70,9 @@ def test_checkpoints_load_with_weights_only_and_take_unit_range_inputs(smoke_wor
 
 
 def test_rerun_is_cached_and_status_is_fresh(smoke_workdir):
-    def artifacts():  # every file the stages wrote (the work dir's .lock records who ran last)
-        return {p: p.stat().st_mtime_ns for p in smoke_workdir.rglob("*") if p.is_file() and p.name != ".lock"}
+    def artifacts():  # every file the stages wrote, in the store entries the work dir links to
+        return {p: p.stat().st_mtime_ns for stage in ("teacher", "pseudolabel", "mart")
+                for p in (smoke_workdir / stage).resolve().rglob("*") if p.is_file()}
 
     before = artifacts()
     proc = run_cli("run", "--config", SMOKE, "--workdir", smoke_workdir)

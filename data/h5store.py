@@ -305,23 +305,17 @@ class PseudoLabelWriter:
 
 
 class PseudoLabelReader:
-    """Lazily opened: constructing it opens nothing; the h5py.File is opened on first access in the
-    current process and reopened after a fork (an HDF5 handle must not cross a fork), so it is safe to
-    build before DataLoader workers fork. Pickling drops the handle.
-    """
+    """Lazily opened: constructing it opens nothing; the h5py.File is opened on first access."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
         self._file: h5py.File | None = None
-        self._pid: int | None = None
         self._columns: dict[str, np.ndarray] = {}
-        self._raw: tuple[int, np.ndarray] | None = None  # (fd, byte offset of each chunk), per process
+        self._raw: tuple[int, np.ndarray] | None = None  # (fd, byte offset of each chunk)
 
     def _h5(self) -> h5py.File:
-        if self._file is None or self._pid != os.getpid():
-            # After a fork the inherited handle belongs to the parent: drop it, never use or close it.
+        if self._file is None:
             self._file = h5py.File(self.path, "r", rdcc_nbytes=_CACHE_BYTES, rdcc_nslots=10007)
-            self._pid = os.getpid()
             self._raw = None
         return self._file
 
@@ -347,20 +341,12 @@ class PseudoLabelReader:
     def _images(self) -> h5py.Dataset:
         return self._h5()["images"]
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_file"] = None
-        state["_pid"] = None
-        state["_raw"] = None
-        return state
-
     def close(self) -> None:
-        if self._file is not None and self._pid == os.getpid():
+        if self._file is not None:
             self._file.close()
             if self._raw is not None and self._raw[0] >= 0:
                 os.close(self._raw[0])
         self._file = None
-        self._pid = None
         self._raw = None
 
     def __len__(self) -> int:

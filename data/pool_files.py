@@ -175,8 +175,7 @@ def _npz_array(path: Path, key: str) -> np.ndarray:
 
 
 class Hdf5Part:
-    """A dataset of images in an HDF5 file, read slice by slice (h5py handles must not cross a fork: the
-    pool reopens its parts in each process)."""
+    """A dataset of images in an HDF5 file, read slice by slice."""
 
     def __init__(self, path: Path, dataset: str, labels_dataset: str):
         import h5py

@@ -5,7 +5,7 @@ C-contiguous) and `fingerprint() -> str`; optionally `provided_labels() -> np.nd
 one per row): labels that came with the pool, used only to report pseudo-label agreement, never to
 train. File providers take one file, a glob or a list of files read as one pool (data/pool_files.py),
 never hold the images in memory, and open files lazily so that `fingerprint()` reads no rows (file
-digests come from pipeline.fingerprint's cache) and handles never cross a fork. `open_pool` applies
+digests come from pipeline.fingerprint's cache). `open_pool` applies
 the explicit conversions and the limit, then validates a few rows eagerly so a wrong pool fails at
 startup with a fix, not hours into pseudo-labeling.
 """
@@ -46,9 +46,7 @@ class _FilePool:
 
     Construction only names and stats the files; `fingerprint()` is their digests (cached across
     processes by pipeline.fingerprint) and the options that change the rows, so it reads no rows;
-    `len()` reads the parts' headers; `read` reads just the rows asked for. Parts are opened per
-    process (a changed pid reopens them: h5py handles and zip streams must not cross a fork) and are
-    dropped on pickling, so spawned DataLoader workers reopen the files instead of receiving them."""
+    `len()` reads the parts' headers; `read` reads just the rows asked for. Parts are opened on first use."""
 
     provider = ""
 
@@ -57,7 +55,7 @@ class _FilePool:
         spec = os.fspath(path) if isinstance(path, (str, os.PathLike)) else ", ".join(map(os.fspath, path))
         self.name = f"{self.provider}:{spec}"
         self._options = options  # the ones that change rows or provided labels: part of the fingerprint
-        self._parts, self._pid = None, None
+        self._parts = None
 
     def fingerprint(self) -> str:
         return fingerprint({"provider": self.provider, **self._file_digests(), **self._options})
@@ -88,16 +86,12 @@ class _FilePool:
         return self._opened().labels()
 
     def _opened(self) -> ConcatenatedParts:
-        if self._parts is None or self._pid != os.getpid():
+        if self._parts is None:
             self._parts = ConcatenatedParts([self._open_part(p) for p in self.paths], self.provider)
-            self._pid = os.getpid()
         return self._parts
 
     def _open_part(self, path: Path):
         raise NotImplementedError
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_parts": None, "_pid": None}
 
 
 class RstPicklePool(_FilePool):

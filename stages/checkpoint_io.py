@@ -37,14 +37,13 @@ import torch.nn as nn
 from pipeline.atomic import atomic_torch_save
 from pipeline.errors import UserError
 from pipeline.fingerprint import file_digest
-from stages.models import DATASET_STATS, build_model, load_model
+from stages.models import DATASET_STATS, build_model, load_model, strip_prefixes
 
 EXPORT_FORMATS = ("robustbench",)
 
 # Keys under which checkpoints in the wild keep their weights, most specific first.
 _STATE_DICT_ENTRIES = ("state_dict", "model_state_dict")
 # DataParallel / DistributedDataParallel ("module.") and torch.compile ("_orig_mod.").
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # (normaliser prefix, network prefix) of the layouts that carry their own input normalisation:
 # ours and RobustBench's normalize_model, ours and RST's Sequential(NormalizeInput(), model).
 _NORMALIZED_LAYOUTS = (("normalize.", "net."), ("normalize.", "model."), ("0.", "1."))
@@ -172,20 +171,10 @@ def _network_weights(path: str, checkpoint: Any) -> "OrderedDict[str, torch.Tens
                         "Re-save it with torch.save(model.state_dict(), 'weights.pt').")
     cleaned = OrderedDict()
     for key, value in weights.items():
-        key = _strip_prefixes(key, _WRAPPER_PREFIXES)
-        if not any(_strip_prefixes(key, ("net.", "model.", "1.")).startswith(p) for p in _UNUSED_PREFIXES):
+        key = strip_prefixes(key)
+        if not any(strip_prefixes(key, ("net.", "model.", "1.")).startswith(p) for p in _UNUSED_PREFIXES):
             cleaned[key] = value
     return cleaned
-
-
-def _strip_prefixes(key: str, prefixes: Sequence[str]) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in prefixes:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix):], True
-    return key
 
 
 def _split_normalizer(weights: "OrderedDict[str, torch.Tensor]"):

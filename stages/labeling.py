@@ -21,7 +21,7 @@ class NearDuplicateFilter:
 
     RST removed such near-duplicates of CIFAR-10's test set from its TinyImages pool, or the robust
     accuracy measured afterwards would partly be memorisation. Distances come from blocked matrix
-    products: |a-b|^2 = |a|^2 + |b|^2 - 2 a.b, in float64 on the CPU where precision matters.
+    products: |a-b|^2 = |a|^2 + |b|^2 - 2 a.b, in float64 (on the stage's device) so the cancellation stays exact.
     """
 
     def __init__(self, test_images: np.ndarray, threshold: float, device: torch.device, block: int = 4096):

@@ -39,7 +39,7 @@ DEFAULT_STD = 0.25
 CHECKPOINT_KEYS = ("arch", "num_classes", "in_channels", "mean", "std", "state_dict")
 
 # Wrappers that rename every key: DistributedDataParallel ("module.") and torch.compile ("_orig_mod.").
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrap parameter names
 
 
 class Normalize(nn.Module):
@@ -289,11 +289,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _strip_wrapper_prefixes(key: str) -> str:
+def strip_prefixes(key: str, prefixes=WRAPPER_PREFIXES) -> str:
+    """`key` without any of `prefixes`, however they are stacked ("module._orig_mod.net.x" -> "net.x")."""
     stripped = True
     while stripped:
         stripped = False
-        for prefix in _WRAPPER_PREFIXES:
+        for prefix in prefixes:
             if key.startswith(prefix):
                 key, stripped = key[len(prefix):], True
     return key
@@ -327,7 +328,7 @@ def save_model(path: str | os.PathLike, model: nn.Module, *, arch: str, num_clas
     for key, value in extra.items():
         _check_plain(value, key)
     state_dict = OrderedDict(
-        (_strip_wrapper_prefixes(k), v.detach().cpu().clone()) for k, v in model.state_dict().items())
+        (strip_prefixes(k), v.detach().cpu().clone()) for k, v in model.state_dict().items())
     checkpoint = {
         "arch": str(arch),
         "num_classes": int(num_classes),
@@ -373,7 +374,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", chan
     if not isinstance(checkpoint["state_dict"], dict):
         raise UserError(f"Model checkpoint {path} has a {type(checkpoint['state_dict']).__name__} "
                         "where its state_dict should be.")
-    state_dict = OrderedDict((_strip_wrapper_prefixes(k), v) for k, v in checkpoint["state_dict"].items())
+    state_dict = OrderedDict((strip_prefixes(k), v) for k, v in checkpoint["state_dict"].items())
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:

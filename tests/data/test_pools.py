@@ -17,14 +17,6 @@ IMAGES = np.random.default_rng(0).integers(0, 256, size=(20, 32, 32, 3), dtype=n
 LABELS = np.arange(20, dtype=np.int64) % 10
 
 
-@pytest.fixture
-def labeled():
-    rng = np.random.default_rng(1)
-    return LabeledSet("toy", rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), np.arange(12) % 10,
-                      rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8), np.arange(2),
-                      tuple(f"c{i}" for i in range(10)))
-
-
 def _open(labeled, provider, **options):
     limit, convert = options.pop("limit", 0), options.pop("convert", ())
     return open_pool(provider, options, labeled=labeled, remainder_index=np.arange(3), limit=limit, convert=convert)

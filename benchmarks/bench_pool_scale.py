@@ -335,14 +335,14 @@ def comparisons(result: dict) -> list:
     return out
 
 
-def run(quick: bool = False, tmp_dir: str | None = None) -> list:
+def run(quick: bool = False, tmp_dir: str | None = None, sizes=None, formats=FORMATS) -> list:
     from benchmarks.common import print_comparisons, print_header
 
     print_header("pool_scale: status, pseudolabel and mart through the CLI, per pool format and size")
     if quick:
-        result = bench_pool_scale(QUICK_SIZES, mart_epochs=2, mart_epoch_size=512, tmp_dir=tmp_dir)
+        result = bench_pool_scale(sizes or QUICK_SIZES, formats, mart_epochs=2, mart_epoch_size=512, tmp_dir=tmp_dir)
     else:
-        result = bench_pool_scale(FULL_SIZES, tmp_dir=tmp_dir)
+        result = bench_pool_scale(sizes or FULL_SIZES, formats, tmp_dir=tmp_dir)
     for n, why in result["skipped"].items():
         print(f"pool_scale: {n:,} images skipped: {why}")
     return print_comparisons(comparisons(result))
@@ -354,5 +354,11 @@ if __name__ == "__main__":
                         help=f"pools of {QUICK_SIZES[0]:,} and {QUICK_SIZES[1]:,} images")
     parser.add_argument("--tmp-dir", default=None,
                         help="where the pools and work dirs go (default: the system's temp dir)")
+    parser.add_argument("--sizes", default="", help="comma-separated pool sizes instead of the defaults, e.g. 5000000")
+    parser.add_argument("--formats", default=",".join(FORMATS), help=f"a subset of {','.join(FORMATS)}")
     args = parser.parse_args()
-    run(quick=args.quick, tmp_dir=args.tmp_dir)
+    formats = tuple(f for f in args.formats.split(",") if f)
+    if not set(formats) <= set(FORMATS):
+        parser.error(f"--formats takes {', '.join(FORMATS)}")
+    run(quick=args.quick, tmp_dir=args.tmp_dir, sizes=tuple(int(n) for n in args.sizes.split(",") if n) or None,
+        formats=formats)

@@ -105,7 +105,7 @@ class MartConfig:
 
 @dataclass
 class EvalConfig:
-    models: list[str] = field(default_factory=lambda: ["mart"])  # checkpoints: mart (selected), mart-last, teacher
+    models: list[str] = field(default_factory=lambda: ["mart"])  # mart (selected), mart-last, teacher, or a checkpoint file (imported as mart.arch)
     attacks: list[str] = field(default_factory=lambda: ["clean", "fgsm", "pgd20", "cw30", "autoattack"])  # pgdN, cwN too
     n: int = 1000  # the first n test images, in dataset order
     eps: float = 0.0  # L-inf radius on [0, 1] pixels; 0 = the training radius mart.epsilon
@@ -425,11 +425,12 @@ def _check_world_size(config: Config, world_size: int, refuse) -> None:
 
 
 def _check_eval(config: Config, refuse) -> None:
-    unknown = [m for m in config.eval.models if m not in EVAL_MODELS]
+    # Anything else is a checkpoint file to import (it must exist).
+    unknown = [m for m in config.eval.models if m not in EVAL_MODELS and not Path(m).is_file()]
     if unknown or not config.eval.models:
-        raise refuse("eval.models", f"{f'{unknown[0]!r} is not a model' if unknown else 'it names no model'}; "
-                                    f"the models are {', '.join(EVAL_MODELS)}",
-                     "List some of them, e.g. --set eval.models=mart,teacher.")
+        raise refuse("eval.models", f"{f'{unknown[0]!r} is neither a model nor an existing file' if unknown else 'it names no model'}; "
+                                    f"the models are {', '.join(EVAL_MODELS)} or checkpoint files",
+                     "List some of them, e.g. --set eval.models=mart,teacher,/models/theirs.pt.")
     unknown = [a for a in config.eval.attacks if not EVAL_ATTACK.fullmatch(a)]
     if unknown:
         raise refuse("eval.attacks", f"{unknown[0]!r} is not an attack; the forms are clean, fgsm, pgdN and "

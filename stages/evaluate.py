@@ -10,14 +10,23 @@ from pathlib import Path
 
 from data.sources import LABELED
 from pipeline.errors import UserError
-from pipeline.stage import Stage, StageInput
+from pipeline.fingerprint import file_digest
+from pipeline.stage import Source, Stage, StageInput
 
 OUTPUTS = ("results.csv", "robustness.csv", "checks.csv", "robustness.png")
 MODEL_FILES = {"mart": ("mart", "model.pt"), "mart-last": ("mart", "last.pt"), "teacher": ("teacher", "model.pt")}
 
 
 def inputs(config) -> tuple:
-    return (LABELED, "mart", "teacher") if "teacher" in config.eval.models else (LABELED, "mart")
+    """The stages whose models eval.models names, and a source per checkpoint file it names (the file's
+    digest is its fingerprint, so replacing the file re-evaluates it)."""
+    stages = {MODEL_FILES[m][0] for m in config.eval.models if m in MODEL_FILES}
+    files = [m for m in config.eval.models if m not in MODEL_FILES]
+    return (LABELED, *sorted(stages), *(checkpoint_source(path) for path in files))
+
+
+def checkpoint_source(path: str) -> Source:
+    return Source(f"model {path}", lambda config: file_digest(path), lambda config, cache_dir: Path(path))
 
 
 def model_path(inputs: dict[str, StageInput], name: str) -> Path:
@@ -38,8 +47,6 @@ def run(ctx) -> None:
     from stages import robustness
     from stages.devices import resolve_device
     from stages.evaluation import write_results
-    from stages.models import load_model
-
     cfg, run_cfg = ctx.config.eval, ctx.config.run
     # Always fp32 and eval mode, whatever run.precision: low-precision gradients underflow to zero and
     # make the attacks look weaker, overstating robustness (load_model gives fp32 in eval mode; no autocast).
@@ -49,13 +56,13 @@ def run(ctx) -> None:
     n = cfg.n if 0 < cfg.n <= len(labeled.test_labels) else len(labeled.test_labels)
     images, labels = labeled.test_images[:n], labeled.test_labels[:n]
     # Validate every name before minutes of attacks, so a typo fails at once.
-    paths = {name: model_path(ctx.inputs, name) for name in cfg.models}
+    paths = {name: model_path(ctx.inputs, name) if name in MODEL_FILES else Path(name) for name in cfg.models}
     for attack in cfg.attacks:
         robustness.build_attack(attack, eps)
 
     results, checks = [], []
     for name, path in paths.items():
-        model = load_model(path, device=device, channels_last=run_cfg.channels_last)
+        model = load(name, path, ctx.config, labeled, device=device, channels_last=run_cfg.channels_last)
         score = robustness.Scorer(model, images, labels, device=device, batch_size=cfg.batch_size,
                                   seed=run_cfg.seed, log=ctx.log, desc=name, rank=ctx.dist.rank,
                                   world_size=ctx.dist.world_size)
@@ -76,6 +83,22 @@ def run(ctx) -> None:
     robustness.plot_robustness(ctx.out_dir / "robustness.png", results, eps=eps)
     if cfg.checks:
         robustness.report_checks(checks, ctx.log)
+
+
+def load(name: str, path: Path, config, labeled, *, device, channels_last: bool):
+    """One of our stages' checkpoints, or an imported file (ours, a state dict or a RobustBench/MART/RST
+    checkpoint of mart.arch taking [0, 1] inputs or carrying its normalisation)."""
+    import torch
+
+    from stages.models import load_model
+
+    if name in MODEL_FILES:
+        return load_model(path, device=device, channels_last=channels_last)
+    from stages.checkpoint_io import import_checkpoint
+
+    model = import_checkpoint(path, arch=config.mart.arch, num_classes=labeled.num_classes,
+                              in_channels=labeled.test_images.shape[-1]).to(device).eval()
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 STAGE = Stage(

@@ -168,7 +168,7 @@ def test_training_batches_must_split_across_the_torchrun_world(monkeypatch):
 def test_eval_names_are_checked_before_any_stage():
     with pytest.raises(UserError, match="'pgd0' is not an attack"):
         load_config(DEFAULT_CONFIG, ["eval.attacks=clean,pgd0"])
-    with pytest.raises(UserError, match="'best' is not a model"):
+    with pytest.raises(UserError, match="'best' is neither a model nor an existing file"):
         load_config(DEFAULT_CONFIG, ["eval.models=mart,best"])
     with pytest.raises(UserError, match="names no model"):
         load_config(DEFAULT_CONFIG, ["eval.models=[]"])

@@ -191,3 +191,27 @@ def test_the_fp32_check_fails_for_a_model_evaluated_under_autocast(trained, test
         verdicts[name] = next(c for c in checks if c["check"] == "evaluated_in_fp32")
     assert verdicts["fp32"]["passed"] and verdicts["fp32"]["detail"].startswith("logits float32")
     assert not verdicts["bf16"]["passed"] and "bfloat16" in verdicts["bf16"]["detail"]
+
+
+def test_eval_models_can_name_a_checkpoint_file(trained, test_set, tmp_path):
+    """A foreign checkpoint (here a plain state dict) is imported as mart.arch and scored like our own;
+    its digest is an input of the stage."""
+    theirs = tmp_path / "theirs.pt"
+    torch.save(trained.state_dict(), theirs)
+    config = Config()
+    config.run.device = "cpu"
+    config.mart.arch, config.mart.epsilon = "tiny-cnn", EPS
+    config.eval.models, config.eval.attacks, config.eval.sweep, config.eval.n = [str(theirs)], ["clean", "pgd20"], [], 32
+    assert [s.name for s in evaluate.STAGE.sources(config)] == ["labeled", f"model {theirs}"]
+    assert evaluate.STAGE.upstream(config) == ()
+    images, labels = test_set
+    labeled = SimpleNamespace(test_images=images, test_labels=labels, class_names=("dark", "bright"), num_classes=2)
+    ctx = SimpleNamespace(config=config, out_dir=tmp_path / "eval", inputs={}, log=lambda line: None,
+                          dist=DistInfo(), sources={"labeled": SimpleNamespace(dataset=labeled)})
+    ctx.out_dir.mkdir()
+    evaluate.run(ctx)
+    results = pd.read_csv(ctx.out_dir / "results.csv")
+    assert set(results["model"]) == {str(theirs)} and set(results["attack"]) == {"clean", "pgd20"}
+    ours = robustness.Scorer(trained, images[:32], labels[:32], device=torch.device("cpu"), batch_size=32, seed=0,
+                             log=lambda line: None, desc="ours")
+    assert results.loc[results["attack"] == "clean", "accuracy"].item() == ours("clean", 0.0)

@@ -22,7 +22,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.atomic import atomic_write_json
 from pipeline.errors import UserError
 
 STORE_ENV = "RST_MART_STORE"

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -46,3 +47,19 @@ def smoke_workdir(tmp_path_factory):
     base = tmp_path_factory.mktemp("smoke")
     run_cli("run", "--config", SMOKE, "--workdir", base / "w", env={"RST_MART_STORE": str(base / "store")})
     return base / "w"
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str):
+    """A real filesystem of `size` (a tmpfs) mounted at `path` for full-disk tests; yields a function that
+    grows it (`grow("16m")`). Skips where mounting needs root or is refused; unmounts afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("a real full disk needs root to mount a small tmpfs; other tests inject ENOSPC instead")
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mount -t tmpfs failed here: {mounted.stderr.decode().strip()}")
+    try:
+        yield lambda bigger: subprocess.run(["mount", "-o", f"remount,size={bigger}", str(path)], check=True)
+    finally:
+        subprocess.run(["umount", str(path)], check=True)

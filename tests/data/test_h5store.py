@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
+from tests.conftest import small_disk
 from data.h5store import SCHEMA_VERSION, PseudoLabelReader, PseudoLabelWriter, validate_pseudolabels
 from pipeline.errors import UserError
 
@@ -385,12 +386,6 @@ def test_real_full_disk_on_a_tmpfs_then_more_space(tmp_path, rows_per_chunk):
     (without the preallocated layout) left a file whose rerun died with "addr overflow". Needs root to
     mount a tmpfs (skipped otherwise; the injected tests above cover the logic)."""
     disk = tmp_path / "disk"
-    if os.geteuid() != 0:
-        pytest.skip("a real full disk needs root to mount a small tmpfs")
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"mount -t tmpfs failed here: {mounted.stderr.decode().strip()}")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = disk / "pseudolabels.h5"
 
@@ -398,14 +393,14 @@ def test_real_full_disk_on_a_tmpfs_then_more_space(tmp_path, rows_per_chunk):
         return subprocess.run([sys.executable, "-c", WRITE_UNTIL_FULL, str(path), str(rows_per_chunk)], cwd=root,
                               capture_output=True, text=True, timeout=120)
 
-    try:
+    with small_disk(disk, "1m") as grow:
         full = run_writer()  # 4000 rows of 784 bytes = 3 MiB on a 1 MiB disk
         assert full.returncode == 0 and full.stderr == "", (full.returncode, full.stderr[-2000:])
         assert f"writing {path} failed: no space left on the device" in full.stdout
         with h5py.File(path, "r") as f:
             done = int(f.attrs["rows_written"])
         assert 0 < done < 4000 if rows_per_chunk == 256 else done == 0
-        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        grow("8m")
         rerun = run_writer()
         assert rerun.returncode == 0 and rerun.stdout == "finished True\n", rerun.stdout + rerun.stderr
         images = np.random.default_rng(0).integers(0, 256, size=(4000, 28, 28, 1), dtype=np.uint8)
@@ -413,5 +408,3 @@ def test_real_full_disk_on_a_tmpfs_then_more_space(tmp_path, rows_per_chunk):
         np.testing.assert_array_equal(r.load_images(), images)
         np.testing.assert_array_equal(r.labels, np.arange(4000) % K)
         r.close()
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from data import pool_files, pools, rst_pickle
-from data.labeled import LabeledSet
 from data.pools import open_pool
 from pipeline.errors import UserError
 

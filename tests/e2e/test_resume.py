@@ -1,6 +1,5 @@
 """kill -9 in the middle of a stage, rerun: it resumes, says so, and ends bit-identical (CPU) to the
 uninterrupted smoke run."""
-import os
 import shutil
 import signal
 import subprocess

@@ -1,10 +1,8 @@
 """Bad input through the CLI: exit status 2, one paragraph naming the problem, no traceback, no artifact."""
-import os
-import subprocess
 
 import pytest
 
-from tests.conftest import SMOKE, run_cli
+from tests.conftest import SMOKE, run_cli, small_disk
 
 
 def assert_user_error(proc, *fragments):
@@ -109,13 +107,7 @@ def test_full_disk_during_the_teacher_then_a_rerun_completes(tmp_path):
     """A real full disk (a 64 KiB tmpfs: the first checkpoint does not fit): exit 2 with the paragraph, no
     temporary file left; after more space, the same command completes. Needs root to mount the tmpfs."""
     disk = tmp_path / "disk"
-    if os.geteuid() != 0:
-        pytest.skip("a real full disk needs root to mount a small tmpfs; tests/pipeline/test_atomic.py injects one")
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"mount -t tmpfs failed here: {mounted.stderr.decode().strip()}")
-    try:
+    with small_disk(disk, "64k") as grow:
         args = ("run", "--config", SMOKE, "--stages", "teacher", "--workdir", disk / "run")
         env = {"OMP_NUM_THREADS": "1", "RST_MART_STORE": str(disk / "store")}
         full = run_cli(*args, check=False, env=env)
@@ -125,8 +117,6 @@ def test_full_disk_during_the_teacher_then_a_rerun_completes(tmp_path):
                          "free of 64.0 KiB", "rerun the same command"):
             assert fragment in message
         assert not [p for p in (disk / "run").rglob("*.tmp")]
-        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        grow("16m")
         run_cli(*args, env=env)
         assert (disk / "run" / "teacher" / "model.pt").exists()
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)

@@ -80,7 +80,7 @@ def file_digest(path: str | os.PathLike) -> str:
     digest = _cached_digest(key)
     if digest is None:
         started_ns = time.time_ns()
-        digest = _hash_file(path, st)
+        digest = hash_file(path, st)
         if st.st_mtime_ns >= started_ns - RACY_WINDOW_NS:
             return digest  # too fresh to trust its mtime: remember nothing yet
         _store_digest(key, digest)
@@ -89,7 +89,9 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest
 
 
-def _hash_file(path: Path, st: os.stat_result) -> str:
+def hash_file(path: Path, st: os.stat_result) -> str:
+    """sha256 of the file's bytes, or above FULL_HASH_LIMIT_BYTES of its size, mtime and 64 sampled blocks;
+    never cached (the stage store verifies outputs with it)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         if st.st_size <= FULL_HASH_LIMIT_BYTES:

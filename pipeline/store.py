@@ -23,16 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.fingerprint import hash_file
 
 STORE_ENV = "RST_MART_STORE"
 RECORD = "stage.json"
-# Outputs up to this size are recorded and verified by their full sha256 (about 2 s per GB on one
-# core); larger ones by size, mtime and a sampled digest of 64 blocks spread over the file.
-FULL_DIGEST_LIMIT_BYTES = 1 << 30
-_SAMPLE_BLOCK_BYTES = 1 << 20
-_SAMPLE_BLOCKS = 64
-
-
 def store_dir(configured: str, workdir: Path) -> Path:
     """`run.store`, else $RST_MART_STORE, else `.store` beside the work dir (runs/.store for runs/demo)."""
     chosen = configured or os.environ.get(STORE_ENV, "")
@@ -40,19 +34,10 @@ def store_dir(configured: str, workdir: Path) -> Path:
 
 
 def output_digest(path: Path) -> dict:
-    """What stage.json records of an output, and what verification compares."""
+    """What stage.json records of an output, and what verification compares: its size and sha256 (above
+    pipeline.fingerprint.FULL_HASH_LIMIT_BYTES, a digest of its size, mtime and sampled blocks)."""
     st = path.stat()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if st.st_size <= FULL_DIGEST_LIMIT_BYTES:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-            return {"size": st.st_size, "sha256": h.hexdigest()}
-        stride = st.st_size // _SAMPLE_BLOCKS
-        for i in range(_SAMPLE_BLOCKS):
-            f.seek(i * stride)
-            h.update(f.read(_SAMPLE_BLOCK_BYTES))
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sampled_sha256": h.hexdigest()}
+    return {"size": st.st_size, "sha256": hash_file(path, st)}
 
 
 def read_record(entry: Path) -> dict | None:

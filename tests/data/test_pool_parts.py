@@ -140,7 +140,7 @@ def test_construct_and_fingerprint_read_no_rows(tmp_path, labeled, monkeypatch, 
             (pools, "convert_rst_pickle"), (rst_pickle, "safe_load"), (np, "load"), (zipfile, "ZipFile"),
             (h5py, "File"))
     monkeypatch.setattr("pipeline.fingerprint._memo", {})  # the next command: only the digest cache answers
-    monkeypatch.setattr("pipeline.fingerprint._hash_file", lambda *a: pytest.fail("hashed again"))
+    monkeypatch.setattr("pipeline.fingerprint.hash_file", lambda *a: pytest.fail("hashed again"))
     assert pools.BUILTIN_PROVIDERS[provider](path).fingerprint() == expected
 
 

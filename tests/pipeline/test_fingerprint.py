@@ -53,7 +53,7 @@ def test_second_process_does_not_read_the_file(cache_dir, tmp_path):
 def _forbid_reading(monkeypatch):
     def no_hash(p, st):
         raise AssertionError(f"{p} was hashed again")
-    monkeypatch.setattr(fp, "_hash_file", no_hash)
+    monkeypatch.setattr(fp, "hash_file", no_hash)
 
 
 def test_database_answers_a_fresh_memo(cache_dir, tmp_path, monkeypatch):
@@ -78,8 +78,8 @@ def test_a_changed_file_is_hashed_again(cache_dir, tmp_path, monkeypatch, change
         replacement = _write(tmp_path / "b.bin", b"b" * 1000)  # same size and mtime, new inode
         os.replace(replacement, path)
     hashed = []
-    real_hash = fp._hash_file
-    monkeypatch.setattr(fp, "_hash_file", lambda p, st: hashed.append(p) or real_hash(p, st))
+    real_hash = fp.hash_file
+    monkeypatch.setattr(fp, "hash_file", lambda p, st: hashed.append(p) or real_hash(p, st))
     after = fp.file_digest(path)
     assert hashed == [path.resolve()]
     assert (after != before) == (change != "mtime only")

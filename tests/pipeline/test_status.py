@@ -40,8 +40,8 @@ def test_planning_reads_no_pool_rows_and_hashes_the_file_once_across_commands(tm
         if isinstance(cls, type) and hasattr(cls, "read"):
             monkeypatch.setattr(cls, "read", no_rows)
     hashed = []
-    real_hash = fingerprint._hash_file
-    monkeypatch.setattr(fingerprint, "_hash_file", lambda path, st: hashed.append(path) or real_hash(path, st))
+    real_hash = fingerprint.hash_file
+    monkeypatch.setattr(fingerprint, "hash_file", lambda path, st: hashed.append(path) or real_hash(path, st))
     config = load_config(SMOKE, ["pool.provider=npy", f"pool.path={npy_pool}"])
     for _ in range(2):  # two commands: a fresh process has no in-process memo, only the digest cache
         fingerprint._memo.clear()

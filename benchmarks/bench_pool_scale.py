@@ -17,6 +17,10 @@ what shows):
   does nothing else.
 - peak RSS of the `run` that pseudo-labels the larger pool against the smaller one's, per format.
   Target <= 1.2x.
+- with --ranks 2 (the default), for the first format at the smallest size: the pseudolabel stage again
+  under `python -m pipeline.torchrun --nproc-per-node=2`, each rank's peak RSS sampled from /proc. Target:
+  the ranks' sum, less the second copy of the model, <= 1.3x one process's. Also printed: the same sum
+  above an idle interpreter that has imported what the stage imports (each process pays that once).
 - mart stage images/s (the best epoch's, from the stage's log) with the pool read from pseudolabels.h5
   (mart.pool_in_memory = 0) against the same stage with the pool loaded in memory (--force).
   Target >= 0.95x. Skipped for a size whose pool needs more than half the available RAM.
@@ -191,6 +195,69 @@ def run_cli(args: list[str], scratch: Path) -> dict:
     return {"seconds": seconds, "peak_mib": peak_mib, "output": proc.stdout + proc.stderr}
 
 
+def _rank_peaks_mib(root: int, peaks: dict[int, float]) -> None:
+    """Fold the current VmHWM of every rank below `root` (processes running `-m pipeline`, not the
+    launchers) into `peaks` (pid -> MiB). VmHWM only grows, so the last sample before a rank exits
+    is its peak up to the sampling interval."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):  # the process exited while we looked
+            continue
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        if b"pipeline" in argv and b"-m" in argv and b"torch.distributed.run" not in argv:
+            hwm = [line for line in status.splitlines() if line.startswith("VmHWM")]
+            if hwm:
+                peaks[pid] = max(peaks.get(pid, 0.0), int(hwm[0].split()[1]) / 1024)
+
+
+def run_ranks(args: list[str], scratch: Path, ranks: int) -> dict:
+    """`python -m pipeline.torchrun --standalone --nproc-per-node=ranks *args`: its output, wall seconds
+    and each rank's peak RSS (MiB), sampled from /proc every 0.1 s while it runs."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "RST_MART_CACHE_DIR": str(scratch / "digest-cache"), "RST_MART_STORE": str(scratch / "store")}
+    log, peaks = scratch / f"ranks-{time.monotonic_ns()}.log", {}
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.torchrun", "--standalone", f"--nproc-per-node={ranks}",
+                                 *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        while True:
+            _rank_peaks_mib(proc.pid, peaks)
+            try:
+                proc.wait(timeout=0.1)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    seconds, output = time.perf_counter() - started, log.read_text()
+    log.unlink()
+    if proc.returncode or len(peaks) != ranks:
+        raise RuntimeError(f"python -m pipeline.torchrun {' '.join(args)}: exit {proc.returncode}, "
+                           f"{len(peaks)} of {ranks} ranks seen:\n{output[-3000:]}")
+    return {"seconds": seconds, "peak_mib": sorted(peaks.values()), "output": output}
+
+
+def interpreter_baseline_mib(scratch: Path) -> float:
+    """Peak RSS of a python that has imported what the pseudolabel stage imports and done nothing:
+    what every process pays before it touches data (torch's own import is most of it)."""
+    peak_file = scratch / f"baseline-{time.monotonic_ns()}"
+    code = ("import sys, torch, h5py, pandas, stages.labeling, pipeline.cli\n"
+            "open(sys.argv[1], 'w').write([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
+    subprocess.run([sys.executable, "-c", code, str(peak_file)], cwd=ROOT, check=True,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+    peak = int(peak_file.read_text()) / 1024
+    peak_file.unlink()
+    return peak
+
+
 def _best_epoch_images_per_s(output: str) -> float:
     rates = [float(m) for m in re.findall(r"epoch \d+/\d+: .*?([\d.]+) img/s", output)]
     if not rates:
@@ -225,10 +292,11 @@ def _read_first_rows(provider: str, pool_path: str, count: int) -> np.ndarray:
 
 
 def measure(fmt: str, n: int, tmp: Path, arch: str, pool_batch: int, bare_images: int, mart_epochs: int,
-            mart_epoch_size: int, teacher_dir: Path) -> dict:
+            mart_epoch_size: int, teacher_dir: Path, ranks: int = 0) -> dict:
     """One format at one size: the pool written, the pipeline run through the CLI, the numbers, the files gone.
     `teacher_dir` is a finished teacher stage in the scratch store (its fingerprint does not depend on the
-    pool), so the measured `run --stages pseudolabel` pseudo-labels and nothing else."""
+    pool), so the measured `run --stages pseudolabel` pseudo-labels and nothing else. With `ranks` > 1 the
+    stage is run again (--force) under torchrun with that many processes, for their peak RSS."""
     pool_dir, workdir, scratch = tmp / f"pool-{fmt}-{n}", tmp / f"work-{fmt}-{n}", tmp / "scratch"
     scratch.mkdir(exist_ok=True)
     try:
@@ -244,6 +312,11 @@ def measure(fmt: str, n: int, tmp: Path, arch: str, pool_batch: int, bare_images
         pseudolabel_s = json.loads((workdir / "pseudolabel" / "stage.json").read_text())["seconds"]
         bare = bare_forward_images_per_s(workdir / "teacher" / "model.pt",
                                          _read_first_rows(provider, pool_path, min(n, bare_images)), pool_batch)
+        row = {}
+        if ranks > 1:
+            spread = run_ranks(["run", "--stages", "pseudolabel", "--force", *common], scratch, ranks)
+            row = {"ranks": ranks, "ranks_peak_mib": spread["peak_mib"],
+                   "model_mib": (workdir / "teacher" / "model.pt").stat().st_size / MIB}
         from_h5 = run_cli(["run", "--stages", "mart", *common, "--set", "mart.pool_in_memory=0"], scratch)
         pool_gib = n * ROW_BYTES / 2**30
         in_memory = None
@@ -254,7 +327,7 @@ def measure(fmt: str, n: int, tmp: Path, arch: str, pool_batch: int, bare_images
         status = run_cli(["status", "--stages", "mart", *common], scratch)
         if "missing" in status["output"] or "stale" in status["output"]:
             raise RuntimeError(f"status after a full run is not all fresh:\n{status['output']}")
-        return {"format": fmt, "images": n, "pool_mib": n * ROW_BYTES / MIB, "write_s": written_s,
+        return {**row, "format": fmt, "images": n, "pool_mib": n * ROW_BYTES / MIB, "write_s": written_s,
                 "status_s": status["seconds"], "status_peak_mib": status["peak_mib"],
                 "pseudolabel_images_per_s": n / pseudolabel_s, "bare_images_per_s": bare,
                 "pseudolabel_peak_mib": pseudolabel["peak_mib"],
@@ -286,13 +359,16 @@ def _available_ram_bytes() -> int:
 
 def bench_pool_scale(sizes=QUICK_SIZES, formats=FORMATS, arch: str = "tiny-cnn", pool_batch: int = 1024,
                      bare_images: int = 20_000, mart_epochs: int = 3, mart_epoch_size: int = 2048,
-                     tmp_dir: str | None = None) -> dict:
+                     tmp_dir: str | None = None, ranks: int = 2) -> dict:
     """Rows per (format, size) and the sizes skipped for want of disk, with why. The mart stage's best
-    epoch of `mart_epochs` x `mart_epoch_size` examples gives its images/s."""
+    epoch of `mart_epochs` x `mart_epoch_size` examples gives its images/s. For the first format at the
+    smallest size the pseudolabel stage also runs under torchrun with `ranks` processes (0 or 1: not)."""
     result = {"rows": [], "skipped": {}, "arch": arch}
     with tempfile.TemporaryDirectory(prefix="bench-pool-scale-", dir=tmp_dir) as tmp:
         tmp = Path(tmp)
         teacher_dir = train_teacher(tmp, arch, pool_batch, mart_epochs, mart_epoch_size)
+        if ranks > 1:
+            result["baseline_mib"] = interpreter_baseline_mib(tmp / "scratch")
         for n in sizes:
             needed, free = int(2.2 * n * ROW_BYTES) + (1 << 30), shutil.disk_usage(tmp).free
             if free < needed:
@@ -301,7 +377,8 @@ def bench_pool_scale(sizes=QUICK_SIZES, formats=FORMATS, arch: str = "tiny-cnn",
                 print(f"pool_scale: skipping {n} images: {result['skipped'][n]}", flush=True)
                 continue
             for fmt in formats:
-                row = measure(fmt, n, tmp, arch, pool_batch, bare_images, mart_epochs, mart_epoch_size, teacher_dir)
+                row = measure(fmt, n, tmp, arch, pool_batch, bare_images, mart_epochs, mart_epoch_size, teacher_dir,
+                              ranks=ranks if (n, fmt) == (min(sizes), formats[0]) else 0)
                 result["rows"].append(row)
                 print(f"pool_scale: {fmt} {n}: " + json.dumps({k: round(v, 2) if isinstance(v, float) else v
                                                               for k, v in row.items()}), flush=True)
@@ -321,6 +398,20 @@ def comparisons(result: dict) -> list:
                 Comparison("pool_scale", f"pseudolabel vs bare forward, {what}", "stage",
                            row["pseudolabel_images_per_s"], "bare", row["bare_images_per_s"], "img/s", ">=", 0.9,
                            note=note, extra=row)]
+        if row.get("ranks_peak_mib"):
+            ranks, summed = row["ranks"], sum(row["ranks_peak_mib"])
+            out.append(Comparison("pool_scale", f"pseudolabel peak RSS, {ranks} ranks summed less a model copy vs "
+                                  f"1 process, {what}", f"{ranks} ranks", summed - (ranks - 1) * row["model_mib"],
+                                  "1 process", row["pseudolabel_peak_mib"], "MiB", "<=", 1.3,
+                                  note=f"ranks {', '.join(f'{p:.0f}' for p in row['ranks_peak_mib'])} MiB; "
+                                       f"model {row['model_mib']:.2f} MiB", extra=row))
+            if result.get("baseline_mib"):
+                base = result["baseline_mib"]
+                out.append(Comparison("pool_scale", f"pseudolabel peak RSS above an idle interpreter, {ranks} ranks "
+                                      f"summed vs 1 process, {what}", f"{ranks} ranks", summed - ranks * base,
+                                      "1 process", row["pseudolabel_peak_mib"] - base, "MiB", "<=", None,
+                                      note=f"interpreter with the stage's imports: {base:.0f} MiB per process",
+                                      extra=row))
         if row["mart_memory_images_per_s"]:
             out.append(Comparison("pool_scale", f"mart pool from h5 vs in memory, {what}", "h5",
                                   row["mart_h5_images_per_s"], "memory", row["mart_memory_images_per_s"], "img/s",
@@ -335,14 +426,15 @@ def comparisons(result: dict) -> list:
     return out
 
 
-def run(quick: bool = False, tmp_dir: str | None = None, sizes=None, formats=FORMATS) -> list:
+def run(quick: bool = False, tmp_dir: str | None = None, sizes=None, formats=FORMATS, ranks: int = 2) -> list:
     from benchmarks.common import print_comparisons, print_header
 
     print_header("pool_scale: status, pseudolabel and mart through the CLI, per pool format and size")
     if quick:
-        result = bench_pool_scale(sizes or QUICK_SIZES, formats, mart_epochs=2, mart_epoch_size=512, tmp_dir=tmp_dir)
+        result = bench_pool_scale(sizes or QUICK_SIZES, formats, mart_epochs=2, mart_epoch_size=512, tmp_dir=tmp_dir,
+                                  ranks=ranks)
     else:
-        result = bench_pool_scale(sizes or FULL_SIZES, formats, tmp_dir=tmp_dir)
+        result = bench_pool_scale(sizes or FULL_SIZES, formats, tmp_dir=tmp_dir, ranks=ranks)
     for n, why in result["skipped"].items():
         print(f"pool_scale: {n:,} images skipped: {why}")
     return print_comparisons(comparisons(result))
@@ -356,9 +448,12 @@ if __name__ == "__main__":
                         help="where the pools and work dirs go (default: the system's temp dir)")
     parser.add_argument("--sizes", default="", help="comma-separated pool sizes instead of the defaults, e.g. 5000000")
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"a subset of {','.join(FORMATS)}")
+    parser.add_argument("--ranks", type=int, default=2,
+                        help="at the smallest size, also run pseudolabel under torchrun with this many processes "
+                             "for their summed peak RSS (0: skip)")
     args = parser.parse_args()
     formats = tuple(f for f in args.formats.split(",") if f)
     if not set(formats) <= set(FORMATS):
         parser.error(f"--formats takes {', '.join(FORMATS)}")
     run(quick=args.quick, tmp_dir=args.tmp_dir, sizes=tuple(int(n) for n in args.sizes.split(",") if n) or None,
-        formats=formats)
+        formats=formats, ranks=args.ranks)

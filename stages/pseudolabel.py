@@ -59,39 +59,50 @@ def run(ctx) -> None:
 
 def _write_results(ctx, pool) -> None:
     """results.csv: the teacher's accuracy on the pool where the pool's true labels are known (the
-    labeled remainder); quality.csv: per predicted class, how many, how precise, how confident."""
+    labeled remainder); quality.csv: per predicted class, how many, how precise, how confident.
+    The columns are summed a block of rows at a time: memory does not grow with the pool."""
+    import h5py
     import numpy as np
     import pandas as pd
 
-    from data.h5store import PseudoLabelReader
     from pipeline.atomic import atomic_write_csv
     from stages.evaluation import write_results
 
-    reader = PseudoLabelReader(ctx.out_dir / "pseudolabels.h5")
-    labels, confidence, pool_index = reader.labels, reader.confidence, reader.pool_index
+    class_names = list(ctx.sources["labeled"].dataset.class_names)
+    k = len(class_names)
     provided = pool.provided_labels() if hasattr(pool, "provided_labels") else None
-    truth = provided[pool_index] if provided is not None else None
     # labeled-remainder's provided labels are the dataset's own labels; any other pool's provided labels
     # (RST's extrapolated_targets) come from someone else's classifier, so they measure agreement.
     own_labels = ctx.config.pool.provider == "labeled-remainder"
-    measured_against = "" if truth is None else ("dataset labels" if own_labels else "provided labels")
+    measured_against = "" if provided is None else ("dataset labels" if own_labels else "provided labels")
+    count, hits, confidence = np.zeros(k), np.zeros(k), np.zeros(k)
+    with h5py.File(ctx.out_dir / "pseudolabels.h5", "r") as f:
+        rows = f["labels"].shape[0]
+        for a in range(0, rows, _SUM_BLOCK):
+            labels = f["labels"][a:a + _SUM_BLOCK]
+            count += np.bincount(labels, minlength=k)
+            confidence += np.bincount(labels, weights=f["confidence"][a:a + _SUM_BLOCK], minlength=k)
+            if provided is not None:
+                agree = provided[f["pool_index"][a:a + _SUM_BLOCK]] == labels
+                hits += np.bincount(labels, weights=agree, minlength=k)
 
-    def quality(name: str, mask: np.ndarray, k: int | None) -> dict:
-        hits = (truth[mask] == (labels[mask] if k is None else k)) if truth is not None and mask.any() else None
-        return {"class": name, "count": int(mask.sum()),
-                "precision": float(hits.mean()) if hits is not None else float("nan"),
-                "mean_confidence": float(confidence[mask].mean()) if mask.any() else float("nan"),
-                "measured_against": measured_against}
+    def quality(name: str, n: float, agreed: float, confidence_sum: float) -> dict:
+        return {"class": name, "count": int(n),
+                "precision": agreed / n if provided is not None and n else float("nan"),
+                "mean_confidence": confidence_sum / n if n else float("nan"), "measured_against": measured_against}
 
-    rows = [quality(name, labels == k, k) for k, name in enumerate(ctx.sources["labeled"].dataset.class_names)]
-    rows.append(quality("all", np.ones(len(labels), dtype=bool), None))
-    atomic_write_csv(ctx.out_dir / "quality.csv", pd.DataFrame(rows))
-    accuracy = rows[-1]["precision"]
+    table = [quality(name, count[c], hits[c], confidence[c]) for c, name in enumerate(class_names)]
+    table.append(quality("all", count.sum(), hits.sum(), confidence.sum()))
+    atomic_write_csv(ctx.out_dir / "quality.csv", pd.DataFrame(table))
+    accuracy = table[-1]["precision"]
     results = [{"model": "teacher", "split": "pool", "attack": "clean", "eps": 0.0, "accuracy": accuracy,
-                "n": len(labels)}] if own_labels and truth is not None else []
+                "n": rows}] if own_labels and provided is not None else []
     write_results(ctx.out_dir / "results.csv", results)
-    if truth is not None:
-        ctx.log(f"  pseudo-labels: {accuracy:.4f} agree with the {measured_against} on {len(labels)} pool images")
+    if provided is not None:
+        ctx.log(f"  pseudo-labels: {accuracy:.4f} agree with the {measured_against} on {rows} pool images")
+
+
+_SUM_BLOCK = 1 << 20  # rows of the 1-D columns summed at a time (about 20 MiB)
 
 
 STAGE = Stage(

@@ -8,16 +8,19 @@ from data.pools import BUILTIN_PROVIDERS
 
 
 def test_pool_scale_tiny(tmp_path):
-    """One size only: each size costs five CLI commands (about 8 s each on 2 shared cores, mostly importing torch)."""
+    """One size only: each size costs five CLI commands and a 2-rank torchrun (about 8 s each on 2 shared cores,
+    mostly importing torch)."""
     result = bench_pool_scale.bench_pool_scale(sizes=(300,), formats=("npz-2part",), pool_batch=128,
                                                bare_images=300, mart_epochs=1, mart_epoch_size=64,
-                                               tmp_dir=str(tmp_path))
+                                               tmp_dir=str(tmp_path), ranks=2)
     assert result["skipped"] == {} and [row["images"] for row in result["rows"]] == [300]
     row = result["rows"][0]
     for key in ("status_s", "status_peak_mib", "pseudolabel_images_per_s", "bare_images_per_s",
                 "pseudolabel_peak_mib", "mart_h5_images_per_s", "mart_memory_images_per_s"):
         assert math.isfinite(row[key]) and row[key] > 0, (key, row[key])
-    assert len(bench_pool_scale.comparisons(result)) == 4
+    # Each rank's peak is sampled; each holds at least the interpreter and its imports.
+    assert len(row["ranks_peak_mib"]) == 2 and min(row["ranks_peak_mib"]) >= result["baseline_mib"] > 0
+    assert len(bench_pool_scale.comparisons(result)) == 4 + 2
     assert not list(tmp_path.rglob("*.npz")) and not list(tmp_path.rglob("*.h5"))
 
 

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from stages.labeling import NearDuplicateFilter
@@ -25,3 +26,38 @@ def test_dedup_threshold_is_an_l2_distance_on_unit_pixels():
     pool[1, :2, 0, 0] = 255  # distance sqrt(2)
     dedup = NearDuplicateFilter(test, threshold=1.2, device=torch.device("cpu"))
     assert dedup.duplicates(pool).tolist() == [True, False]
+
+
+def test_quality_summed_in_blocks_equals_the_whole_columns(tmp_path, monkeypatch):
+    """quality.csv and results.csv from block-wise sums (3 rows a block here) match numpy over whole columns."""
+    from types import SimpleNamespace
+
+    import h5py
+    import pandas as pd
+
+    from stages import pseudolabel
+
+    rng = np.random.default_rng(1)
+    n, k = 20, 4
+    labels, confidence = rng.integers(0, k - 1, n), rng.random(n).astype(np.float32)  # class 3: never predicted
+    pool_index = np.sort(rng.choice(50, n, replace=False))
+    truth = rng.integers(0, k, 50)
+    with h5py.File(tmp_path / "pseudolabels.h5", "w") as f:
+        f["labels"], f["confidence"], f["pool_index"] = labels, confidence, pool_index
+    ctx = SimpleNamespace(out_dir=tmp_path, log=lambda message: None,
+                          config=SimpleNamespace(pool=SimpleNamespace(provider="labeled-remainder")),
+                          sources={"labeled": SimpleNamespace(dataset=SimpleNamespace(class_names=list("abcd")))})
+    monkeypatch.setattr(pseudolabel, "_SUM_BLOCK", 3)
+    pseudolabel._write_results(ctx, SimpleNamespace(provided_labels=lambda: truth))
+
+    quality = pd.read_csv(tmp_path / "quality.csv").set_index("class")
+    for c, name in enumerate("abc"):
+        mask = labels == c
+        assert quality.loc[name, "count"] == mask.sum()
+        assert quality.loc[name, "precision"] == pytest.approx((truth[pool_index][mask] == c).mean())
+        assert quality.loc[name, "mean_confidence"] == pytest.approx(confidence[mask].mean())
+    assert quality.loc["d", "count"] == 0 and np.isnan(quality.loc["d", "precision"])
+    accuracy = (truth[pool_index] == labels).mean()
+    assert quality.loc["all", "precision"] == pytest.approx(accuracy)
+    results = pd.read_csv(tmp_path / "results.csv")
+    assert results["accuracy"].tolist() == pytest.approx([accuracy]) and results["n"].tolist() == [n]

@@ -34,7 +34,7 @@ def _labeled_key(config) -> tuple:
 def open_labeled(config, cache_dir: Path | None = None) -> LabeledData:
     """Load, check and split the labeled set (once per process for the same config keys)."""
     from data.labeled import labeled_split, load_labeled
-    from pipeline.config import check_against_labeled
+    from pipeline.config_checks import check_against_labeled
 
     key = _labeled_key(config)
     if key not in _opened:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import (CONFIG_DIR, DEFAULT_CONFIG, EVAL_ATTACK, EVAL_MODELS, Config, check_against_labeled,
-                             load_config, validate)
+from pipeline.config import CONFIG_DIR, DEFAULT_CONFIG, Config, load_config
+from pipeline.config_checks import EVAL_ATTACK, EVAL_MODELS, check_against_labeled, validate
 from pipeline.errors import UserError
 
 
@@ -87,11 +87,11 @@ def test_out_of_range_values_are_refused_with_key_value_and_fix(override):
 
 
 def test_every_number_has_a_range():
-    from pipeline import config as module
+    from pipeline import config, config_checks
 
-    numbers = {f"{section}.{f.name}" for section, kind in module._SECTION_TYPES.items()
+    numbers = {f"{section}.{f.name}" for section, kind in config._SECTION_TYPES.items()
                for f in dataclasses.fields(kind) if typing.get_type_hints(kind)[f.name] in (int, float)}
-    assert numbers - set(module._RANGES) == set()
+    assert numbers - set(config_checks._RANGES) == set()
 
 
 @pytest.mark.parametrize("override", [

@@ -44,7 +44,8 @@ def run(ctx) -> None:
 
     import numpy as np
 
-    from data.h5store import PseudoLabelReader, validate_pseudolabels
+    from data.h5_reader import PseudoLabelReader
+    from data.h5store import validate_pseudolabels
     from stages import training
     from stages.attacks import EVAL_STEPS, eval_attack, training_attack
     from stages.evaluation import score_checkpoints

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import small_disk
-from data.h5store import SCHEMA_VERSION, PseudoLabelReader, PseudoLabelWriter, validate_pseudolabels
+from data.h5_reader import PseudoLabelReader
+from data.h5store import SCHEMA_VERSION, PseudoLabelWriter, validate_pseudolabels
 from pipeline.errors import UserError
 
 N, SHAPE, K = 50, (8, 8, 3), 10

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.h5store import PseudoLabelReader, PseudoLabelWriter
+from data.h5_reader import PseudoLabelReader
+from data.h5store import PseudoLabelWriter
 from data.mixed import MixedBatchLoader, MixedBatchSampler
 
 

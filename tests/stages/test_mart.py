@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from data.h5store import PseudoLabelReader
+from data.h5_reader import PseudoLabelReader
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from stages import mart

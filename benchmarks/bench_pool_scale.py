@@ -11,8 +11,8 @@ what shows):
   warm-up `status` (digests cached, files in the page cache). Targets of issue 10: under 2 s and under
   400 MiB on a pool of 1.5 GB; here reported for every size.
 - pseudolabel images/s (pool size / the stage's seconds in its stage.json) against a bare forward of
-  the same teacher (model.pt) over the pool's first images in memory, at the stage's batch size, the
-  faster of NCHW and channels_last input, best of 3 rounds. Target >= 0.9x. The teacher is trained once
+  the same teacher (model.pt) over the pool's first 100,000 images in memory, at the stage's batch size,
+  converted and scored as the stage does, one sustained pass (`bare_forward_images_per_s`). Target >= 0.9x. The teacher is trained once
   into a scratch stage store that every work dir shares, so the measured `run --stages pseudolabel`
   does nothing else.
 - peak RSS of the `run` that pseudo-labels the larger pool against the smaller one's, per format.
@@ -22,23 +22,17 @@ what shows):
   the ranks' sum, less the second copy of the model, <= 1.3x one process's. Also printed: the same sum
   above an idle interpreter that has imported what the stage imports (each process pays that once).
 - mart stage images/s (the best epoch's, from the stage's log) with the pool read from pseudolabels.h5
-  (mart.pool_in_memory = 0) against the same stage with the pool loaded in memory (--force).
-  Target >= 0.95x. Skipped for a size whose pool needs more than half the available RAM.
+  (mart.pool_in_memory = 0) against the same stage with the pool loaded in memory, alternated twice
+  (--force), the best epoch of each side. Target >= 0.95x. Skipped for a size whose pool needs more than half the available RAM.
 
 Free disk is checked before each size (the pool and pseudolabels.h5, a copy of its images: 2.2x the
 pool); a size that does not fit is skipped with the reason. Each format's files are deleted before
 the next format is written.
 
-Runtime: --quick about 10 minutes on 2 shared cores (41 CLI commands, each paying python + torch start-up);
-the default sizes about an hour on 2 cores (36 GB of pools written, 5.5M images pseudo-labeled per format)
-and 35 GB free disk for the 5M pools.
-
-Last seen (2-core AMD EPYC CPU, shared with other jobs (load average ~4), torch 2.14.1, --quick, before the
-engine opens the pool only for pseudolabel): status 2.2-2.8 s and 560-564 MiB peak RSS for every format
-and size (torch is imported by the stage modules that `status` loads: that, not the pool, is the 560 MiB);
-pseudolabel vs bare forward 0.57-1.10x (at 2,000-8,000 images the stage's fixed start-up is a large share);
-pseudolabel peak RSS 8,000 vs 2,000 images 1.02-1.04x in all four formats; mart from pseudolabels.h5 vs in
-memory 0.85-1.74x (the shared machine's swings exceed the difference). The default sizes were not run.
+Runtime on 2 cores: --quick about 10 minutes (each CLI command pays python + torch start-up); the
+default sizes about 6 minutes per layout at 0.5M and 35 minutes per layout at 5M (pseudo-labeling
+runs at ~3,000 img/s with tiny-cnn), so about 2.5 hours for all four; 35 GB free disk for the 5M pools.
+Measured figures: README.md, "Benchmarks".
 """
 from __future__ import annotations
 
@@ -265,24 +259,25 @@ def _best_epoch_images_per_s(output: str) -> float:
     return max(rates)
 
 
-def bare_forward_images_per_s(model_path: Path, pool_images: np.ndarray, batch_size: int, rounds: int = 3) -> float:
-    """The teacher alone over images already in memory: the faster of NCHW and channels_last, best round."""
+def bare_forward_images_per_s(model_path: Path, pool_images: np.ndarray, batch_size: int) -> float:
+    """The stage's arithmetic without its I/O: the teacher over uint8 images already in memory, converted
+    and scored as the stage does (stages.evaluation.to_tensor_images, softmax, max), one sustained pass
+    after a warm-up batch, images per second over the whole pass. (A best-of-rounds over short passes
+    is not comparable with a stage's sustained rate: rounds of 20,000 images ranged 3,000-3,900 img/s
+    on an idle 2-core machine, and the best of 6 ran 15-25% above a sustained pass.)"""
     import torch
 
+    from stages.evaluation import to_tensor_images
     from stages.models import load_model
 
     teacher = load_model(model_path, device="cpu")
-    nchw = torch.from_numpy(pool_images).permute(0, 3, 1, 2).float().div_(255).contiguous()
-    best = 0.0
-    for images in (nchw, nchw.contiguous(memory_format=torch.channels_last)):
-        with torch.inference_mode():
-            teacher(images[:batch_size])  # warm-up: oneDNN primitives for this layout
-            for _ in range(rounds):
-                started = time.perf_counter()
-                for first in range(0, len(images), batch_size):
-                    teacher(images[first:first + batch_size])
-                best = max(best, len(images) / (time.perf_counter() - started))
-    return best
+    with torch.inference_mode():
+        teacher(to_tensor_images(pool_images[:batch_size], torch.device("cpu")))  # oneDNN primitives made once
+        started = time.perf_counter()
+        for first in range(0, len(pool_images), batch_size):
+            logits = teacher(to_tensor_images(pool_images[first:first + batch_size], torch.device("cpu"))).float()
+            torch.softmax(logits, dim=1).max(dim=1)
+        return len(pool_images) / (time.perf_counter() - started)
 
 
 def _read_first_rows(provider: str, pool_path: str, count: int) -> np.ndarray:
@@ -317,12 +312,16 @@ def measure(fmt: str, n: int, tmp: Path, arch: str, pool_batch: int, bare_images
             spread = run_ranks(["run", "--stages", "pseudolabel", "--force", *common], scratch, ranks)
             row = {"ranks": ranks, "ranks_peak_mib": spread["peak_mib"],
                    "model_mib": (workdir / "teacher" / "model.pt").stat().st_size / MIB}
-        from_h5 = run_cli(["run", "--stages", "mart", *common, "--set", "mart.pool_in_memory=0"], scratch)
-        pool_gib = n * ROW_BYTES / 2**30
-        in_memory = None
+        # Alternated twice (h5, memory, h5, memory): a few-second epoch's rate swings by several percent.
+        sides = {"h5": "0"}
         if n * ROW_BYTES <= _available_ram_bytes() / 2:
-            in_memory = run_cli(["run", "--stages", "mart", "--force", *common,
-                                 "--set", f"mart.pool_in_memory={math.ceil(pool_gib) + 1}"], scratch)
+            sides["memory"] = str(math.ceil(n * ROW_BYTES / 2**30) + 1)
+        mart = {side: 0.0 for side in sides}
+        for _ in range(2):
+            for side, gib in sides.items():
+                out = run_cli(["run", "--stages", "mart", "--force", *common, "--set", f"mart.pool_in_memory={gib}"],
+                              scratch)
+                mart[side] = max(mart[side], _best_epoch_images_per_s(out["output"]))
         run_cli(["status", "--stages", "mart", *common], scratch)  # warm-up: digests cached, page cache
         status = run_cli(["status", "--stages", "mart", *common], scratch)
         if "missing" in status["output"] or "stale" in status["output"]:
@@ -331,8 +330,7 @@ def measure(fmt: str, n: int, tmp: Path, arch: str, pool_batch: int, bare_images
                 "status_s": status["seconds"], "status_peak_mib": status["peak_mib"],
                 "pseudolabel_images_per_s": n / pseudolabel_s, "bare_images_per_s": bare,
                 "pseudolabel_peak_mib": pseudolabel["peak_mib"],
-                "mart_h5_images_per_s": _best_epoch_images_per_s(from_h5["output"]),
-                "mart_memory_images_per_s": in_memory and _best_epoch_images_per_s(in_memory["output"])}
+                "mart_h5_images_per_s": mart["h5"], "mart_memory_images_per_s": mart.get("memory")}
     finally:
         shutil.rmtree(pool_dir, ignore_errors=True)
         for stage in ("pseudolabel", "mart"):  # their store entries hold a copy of the pool's size
@@ -358,7 +356,7 @@ def _available_ram_bytes() -> int:
 
 
 def bench_pool_scale(sizes=QUICK_SIZES, formats=FORMATS, arch: str = "tiny-cnn", pool_batch: int = 1024,
-                     bare_images: int = 20_000, mart_epochs: int = 3, mart_epoch_size: int = 2048,
+                     bare_images: int = 100_000, mart_epochs: int = 3, mart_epoch_size: int = 2048,
                      tmp_dir: str | None = None, ranks: int = 2) -> dict:
     """Rows per (format, size) and the sizes skipped for want of disk, with why. The mart stage's best
     epoch of `mart_epochs` x `mart_epoch_size` examples gives its images/s. For the first format at the

@@ -59,11 +59,16 @@ def test_kill_9_then_resume_equals_uninterrupted(smoke_workdir, tmp_path, stage)
     assert not list((tmp_path / "store").glob("*/*.partial"))
 
 
-def test_pseudolabel_resumes_at_block_granularity(smoke_workdir, tmp_path, monkeypatch):
-    """An interrupted pseudolabel stage continues after the last block written, same file in the end."""
+@pytest.mark.parametrize("threaded", [True, False], ids=["io-threads", "io-at-submit"])
+def test_pseudolabel_resumes_at_block_granularity(smoke_workdir, tmp_path, monkeypatch, threaded):
+    """An interrupted pseudolabel stage continues after the last block written, same file in the end, whether
+    it reads and writes in threads (a GPU, a spare core) or in the teacher's thread (every core busy)."""
     from data import h5store
     from pipeline.config import load_config
     from pipeline.runner import Runner
+    from stages import labeling
+
+    monkeypatch.setattr(labeling, "prefetch_depth", lambda requested, device: requested if threaded else 0)
 
     workdir = tmp_path / "w"
     shutil.copytree(smoke_workdir / "teacher", workdir / "teacher")

@@ -3,8 +3,8 @@
 The pool is read block by block (peak memory does not grow with the pool), the next block is read
 and the previous one written in background threads while the teacher runs (on a GPU, or a CPU with a
 core to spare), and the HDF5 file records how far it got after every block, so a killed run resumes
-at the next block. Under torchrun each
-rank streams a contiguous shard of the pool into a file of its own and rank 0 merges them in pool order.
+at the next block. Under torchrun each rank streams a contiguous shard of the pool into a file of its
+own and rank 0 merges them in pool order.
 """
 from __future__ import annotations
 

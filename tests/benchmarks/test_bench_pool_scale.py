@@ -49,5 +49,5 @@ def test_writers_give_the_same_rows_in_every_format(tmp_path):
 
 def test_skips_a_size_without_the_disk_for_it(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_pool_scale.shutil, "disk_usage", lambda p: type("U", (), {"free": 10 << 30})())
-    result = bench_pool_scale.bench_pool_scale(sizes=(5_000_000,), tmp_dir=str(tmp_path))
+    result = bench_pool_scale.bench_pool_scale(sizes=(5_000_000,), tmp_dir=str(tmp_path), ranks=0)
     assert result["rows"] == [] and "needs 32.5 GiB free" in result["skipped"][5_000_000]

@@ -6,5 +6,3 @@ import os
 # The stages draw tqdm bars; a benchmark's output is its table lines. Set before anything imports tqdm
 # (tqdm reads TQDM_* variables when it is imported).
 os.environ.setdefault("TQDM_DISABLE", "1")
-
-import pipeline  # noqa: E402,F401  (before torch: the references get the stages' huge-page setting)

@@ -51,6 +51,9 @@ from pathlib import Path
 
 import numpy as np
 
+# Both sides (this process's bare forward, the CLI's stages) with PyTorch's huge pages for large CPU tensors,
+# as README.md advises for pseudo-labeling on a CPU; read when torch loads, and nothing here has loaded it yet.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = (32, 32, 3)
 ROW_BYTES = int(np.prod(SHAPE))

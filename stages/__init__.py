@@ -1,5 +1,4 @@
 """The stage registry: each stage module declares its `STAGE` next to its code; the runner reads these."""
-import pipeline  # noqa: F401  (first: it sets THP_MEM_ALLOC_ENABLE before anything imports torch)
 from stages import evaluate, mart, pseudolabel, teacher
 
 STAGES = {module.STAGE.name: module.STAGE for module in (teacher, pseudolabel, mart, evaluate)}

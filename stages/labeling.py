@@ -92,7 +92,7 @@ def label_rows(ctx, pool, path: Path, start: int, stop: int, *, total: int, devi
         threaded = prefetch_depth(1, device) > 0
         with _worker("pool-read", threaded) as reader, _worker("h5-write", threaded) as write_queue:
             # Threaded: read block i+1 while the teacher runs on block i, write block i while block i+1
-            # computes (on 2 CPU cores, 100,000 images: 4,732-5,220 img/s threaded, 5,036-5,625 not).
+            # computes (2 CPU cores, huge pages, 100,000 images: 4,732-5,220 img/s threaded, 5,036-5,625 not).
             next_block = reader.submit(pool.read, starts[0], min(starts[0] + cfg.batch_size, stop)) if starts else None
             pending_write = None
             for block_start in tqdm(starts, desc="pseudolabel", unit="block", disable=not ctx.dist.is_main):

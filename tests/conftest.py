@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 
-import pipeline  # noqa: F401  (before any test module imports torch: it sets THP_MEM_ALLOC_ENABLE)
-
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.toml"
 

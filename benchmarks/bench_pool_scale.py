@@ -12,9 +12,9 @@ what shows):
   400 MiB on a pool of 1.5 GB; here reported for every size.
 - pseudolabel images/s (pool size / the stage's seconds in its stage.json) against a bare forward of
   the same teacher (model.pt) over the pool's first 100,000 images in memory, at the stage's batch size,
-  converted and scored as the stage does, one sustained pass (`bare_forward_images_per_s`). Target >= 0.9x. The teacher is trained once
-  into a scratch stage store that every work dir shares, so the measured `run --stages pseudolabel`
-  does nothing else.
+  converted and scored as the stage does, one sustained pass (`bare_forward_images_per_s`). Target
+  >= 0.9x. The teacher is trained once into a scratch stage store that every work dir shares, so the
+  measured `run --stages pseudolabel` does nothing else.
 - peak RSS of the `run` that pseudo-labels the larger pool against the smaller one's, per format.
   Target <= 1.2x.
 - with --ranks 2 (the default), for the first format at the smallest size: the pseudolabel stage again
@@ -23,15 +23,17 @@ what shows):
   above an idle interpreter that has imported what the stage imports (each process pays that once).
 - mart stage images/s (the best epoch's, from the stage's log) with the pool read from pseudolabels.h5
   (mart.pool_in_memory = 0) against the same stage with the pool loaded in memory, alternated twice
-  (--force), the best epoch of each side. Target >= 0.95x. Skipped for a size whose pool needs more than half the available RAM.
+  (--force), the best epoch of each side. Target >= 0.95x. The in-memory side is skipped for a size
+  whose pool needs more than half the available RAM.
 
 Free disk is checked before each size (the pool and pseudolabels.h5, a copy of its images: 2.2x the
 pool); a size that does not fit is skipped with the reason. Each format's files are deleted before
 the next format is written.
 
 Runtime on 2 cores: --quick about 10 minutes (each CLI command pays python + torch start-up); the
-default sizes about 6 minutes per layout at 0.5M and 35 minutes per layout at 5M (pseudo-labeling
-runs at ~3,000 img/s with tiny-cnn), so about 2.5 hours for all four; 35 GB free disk for the 5M pools.
+default sizes about 6 minutes per layout at 0.5M and 22 minutes per layout at 5M (pseudo-labeling
+runs at ~4,500 img/s with tiny-cnn and huge pages), so about 2 hours for all four; 35 GB free disk
+for the 5M pools.
 Measured figures: README.md, "Benchmarks".
 """
 from __future__ import annotations
@@ -174,14 +176,18 @@ eval_n = 64
     return path
 
 
+def _child_env(scratch: Path) -> dict:
+    """The environment of every child: this checkout importable; the digest cache and the stage store in
+    the scratch dir, so the temporary pools' digests and entries do not go into the user's."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            "RST_MART_CACHE_DIR": str(scratch / "digest-cache"), "RST_MART_STORE": str(scratch / "store")}
+
+
 def run_cli(args: list[str], scratch: Path) -> dict:
     """`python -m pipeline *args` in a fresh interpreter: its output, wall seconds and peak RSS (MiB)."""
     peak_file = scratch / f"peak-{time.monotonic_ns()}"
-    # The digest cache in the scratch dir: the temporary pools' digests do not go into the user's cache.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "RST_MART_CACHE_DIR": str(scratch / "digest-cache"), "RST_MART_STORE": str(scratch / "store")}
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _CLI_CHILD, str(peak_file), *args], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-c", _CLI_CHILD, str(peak_file), *args], cwd=ROOT, env=_child_env(scratch),
                           capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if proc.returncode:
@@ -220,13 +226,11 @@ def _rank_peaks_mib(root: int, peaks: dict[int, float]) -> None:
 def run_ranks(args: list[str], scratch: Path, ranks: int) -> dict:
     """`python -m pipeline.torchrun --standalone --nproc-per-node=ranks *args`: its output, wall seconds
     and each rank's peak RSS (MiB), sampled from /proc every 0.1 s while it runs."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "RST_MART_CACHE_DIR": str(scratch / "digest-cache"), "RST_MART_STORE": str(scratch / "store")}
     log, peaks = scratch / f"ranks-{time.monotonic_ns()}.log", {}
     started = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.torchrun", "--standalone", f"--nproc-per-node={ranks}",
-                                 *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+                                 *args], cwd=ROOT, env=_child_env(scratch), stdout=out, stderr=subprocess.STDOUT)
         while True:
             _rank_peaks_mib(proc.pid, peaks)
             try:
@@ -247,9 +251,9 @@ def interpreter_baseline_mib(scratch: Path) -> float:
     what every process pays before it touches data (torch's own import is most of it)."""
     peak_file = scratch / f"baseline-{time.monotonic_ns()}"
     code = ("import sys, torch, h5py, pandas, stages.labeling, pipeline.cli\n"
-            "open(sys.argv[1], 'w').write([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
-    subprocess.run([sys.executable, "-c", code, str(peak_file)], cwd=ROOT, check=True,
-                   env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+            "hwm = [line for line in open('/proc/self/status') if line.startswith('VmHWM')][0]\n"
+            "open(sys.argv[1], 'w').write(hwm.split()[1])")
+    subprocess.run([sys.executable, "-c", code, str(peak_file)], cwd=ROOT, check=True, env=_child_env(scratch))
     peak = int(peak_file.read_text()) / 1024
     peak_file.unlink()
     return peak
@@ -423,7 +427,8 @@ def comparisons(result: dict) -> list:
             small, large = sized[0], sized[-1]
             name = f"pseudolabel peak RSS {large['images']:,} vs {small['images']:,}, {fmt}"
             out.append(Comparison("pool_scale", name, "large", large["pseudolabel_peak_mib"], "small",
-                                  small["pseudolabel_peak_mib"], "MiB", "<=", 1.2, note=f"pools {small['pool_mib']:.0f} and {large['pool_mib']:.0f} MiB"))
+                                  small["pseudolabel_peak_mib"], "MiB", "<=", 1.2,
+                                  note=f"pools {small['pool_mib']:.0f} and {large['pool_mib']:.0f} MiB"))
     return out
 
 
@@ -450,8 +455,8 @@ if __name__ == "__main__":
     parser.add_argument("--sizes", default="", help="comma-separated pool sizes instead of the defaults, e.g. 5000000")
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"a subset of {','.join(FORMATS)}")
     parser.add_argument("--ranks", type=int, default=2,
-                        help="at the smallest size, also run pseudolabel under torchrun with this many processes "
-                             "for their summed peak RSS (0: skip)")
+                        help="for the first format at the smallest size, also run pseudolabel under torchrun with "
+                             "this many processes for their summed peak RSS (0: skip)")
     args = parser.parse_args()
     formats = tuple(f for f in args.formats.split(",") if f)
     if not set(formats) <= set(FORMATS):

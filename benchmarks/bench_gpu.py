@@ -1,8 +1,8 @@
 """MART on a GPU: WRN-28-10 training throughput and model FLOP utilisation (MFU) per precision setting.
 
 Measured (only when `torch.cuda.is_available()`; otherwise prints "skipped: no CUDA device"): the
-mart stage's loop (`stages.training.train_one_epoch` with the real `MixedBatchLoader`, PGD-10 training attack,
-MART loss, SGD; model placed by `stages.devices.prepare_for_training`) on WRN-28-10, batch 128, 32x32x3, for
+mart stage's loop (`ml.training.train_one_epoch` with the real `MixedBatchLoader`, PGD-10 training attack,
+MART loss, SGD; model placed by `ml.devices.prepare_for_training`) on WRN-28-10, batch 128, 32x32x3, for
   fp32                       (cuDNN convolutions in TF32, PyTorch's default)
   bf16                       (run.precision = "bf16")
   bf16+channels_last         (+ run.channels_last)
@@ -72,7 +72,7 @@ def bench_gpu(arch: str = "wrn-28-10", batch_size: int = 128, steps: int = 10, t
     if device == "cuda" and not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
     from benchmarks.bench_mart import synthetic_training_data
-    from stages.models import build_model
+    from ml.models import build_model
 
     settings = SETTINGS if settings is None else settings
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"

@@ -3,14 +3,14 @@
 Measured: images/s delivered by `data.mixed.MixedBatchLoader` over a `MixedBatchSampler` (batch 128,
 unsup_fraction 0.5, random crop + flip on, prefetch 2, CPU tensors) with nothing consuming but a loop
 that drops the batches, for two pools of 32x32x3 images: in memory (uint8 array) and as a
-`data.h5_reader.PseudoLabelReader` over a pseudolabels.h5 written with `PseudoLabelWriter` (uncompressed,
+`data.pseudolabel_file.PseudoLabelReader` over a pseudolabels.h5 written with `PseudoLabelWriter` (uncompressed,
 so random gathers take the reader's one-`os.pread`-per-row path; the file is in the page cache).
 Reference: the images/s MART training consumes (the stage's loop, its fastest setting, from bench_mart
 in the same run, or bf16+channels_last measured here at the quick size when run alone). Target: the
 loader delivers >= 5x what training consumes, so its background thread takes at most a fifth of the
 time it overlaps.
 
-Adopted fix: `data/h5_reader.py` `PseudoLabelReader.gather` preads uncompressed whole-row chunks (README, problem 2).
+Adopted fix: `data/pseudolabel_file.py` `PseudoLabelReader.gather` preads uncompressed whole-row chunks (README, problem 2).
 
 Runtime: default (50 batches per pass, 50,000-image pool, 2 rounds) about 30 s; --quick about 10 s
 (plus the MART measurement when run alone).
@@ -34,7 +34,7 @@ SHAPE = (32, 32, 3)
 
 def write_pseudolabels(path: Path, pool_images: np.ndarray, labels: np.ndarray, block: int = 4096) -> Path:
     """A complete pseudolabels.h5 holding `pool_images`, written the way the pseudolabel stage writes it."""
-    from data.h5store import PseudoLabelWriter
+    from data.pseudolabel_file import PseudoLabelWriter
 
     writer = PseudoLabelWriter(path, capacity=len(pool_images), image_shape=pool_images.shape[1:], num_classes=10,
                                attrs={"class_names": [f"class{k}" for k in range(10)], "pool_name": "bench",
@@ -52,7 +52,7 @@ def bench_loader(num_labeled: int = 4096, num_pool: int = 50_000, batch_size: in
                  rounds: int = 2, unsup_fraction: float = 0.5, consumer_images_per_s: float | None = None,
                  tmp_dir: str | None = None) -> dict:
     """images/s delivered by MixedBatchLoader with the pool in memory and as a PseudoLabelReader."""
-    from data.h5_reader import PseudoLabelReader
+    from data.pseudolabel_file import PseudoLabelReader
     from data.mixed import MixedBatchLoader, MixedBatchSampler
     from data.augment import augmenter
 

@@ -1,6 +1,6 @@
 """MART training throughput: the stage's training step against a bare loop of the same algorithm.
 
-Measured: `stages.training.train_one_epoch` with the objects the mart stage builds (stages.training.set_up):
+Measured: `ml.training.train_one_epoch` with the objects the mart stage builds (ml.training.set_up):
 the real `MixedBatchSampler` + `MixedBatchLoader` (labeled and pool images in memory, unsup_fraction 0.5,
 prefetch as `data.mixed.prefetch_depth` sizes it, no augmentation, as in configs/demo.toml), the
 stage's training attack (PGD from x + 0.001 N(0, 1), eval mode), `LOSSES["mart"]`, SGD with momentum and
@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks.common import Comparison, machine, median_step_rates, print_header, synthetic_images, timed_iter
-from stages.devices import native_bf16
+from ml.devices import native_bf16
 
 EPSILON = 8 / 255  # the CIFAR-10 training radius of MART
 STEP_SIZE = 0.007  # MART's PGD step for CIFAR-10
@@ -80,8 +80,8 @@ def reference_step(model: nn.Module, optimizer, x, y, *, steps: int, eps: float 
 # -- the stage's loop ------------------------------------------------------------------------------------
 class StageLoop:
     """The mart stage's training objects (sampler, loader, placed model, optimizer, schedule, training attack,
-    loss) for one setting, built as stages.training.set_up builds them around a given model; `epoch()`
-    trains one epoch through stages.training.train_one_epoch, the stage's step."""
+    loss) for one setting, built as ml.training.set_up builds them around a given model; `epoch()`
+    trains one epoch through ml.training.train_one_epoch, the stage's step."""
 
     def __init__(self, model: nn.Module, *, images, labels, pool_images, pool_labels, batch_size: int,
                  batches_per_epoch: int, steps: int, precision: str, seed: int = 0, unsup_fraction: float = 0.5,
@@ -90,11 +90,11 @@ class StageLoop:
         from data.augment import augmenter
         from data.mixed import MixedBatchLoader, MixedBatchSampler, prefetch_depth
         from pipeline.config import RunConfig
-        from stages import training
-        from stages.attacks import training_attack
-        from stages.devices import prepare_for_training, resolve_precision
-        from stages.losses import LOSSES
-        from stages.optim import make_optimizer, make_scheduler
+        from ml import training
+        from ml.attacks import training_attack
+        from ml.devices import prepare_for_training, resolve_precision
+        from ml.losses import LOSSES
+        from ml.optim import make_optimizer, make_scheduler
 
         self.training = training
         self.device = torch.device(device)
@@ -172,7 +172,7 @@ def bench_mart(arch: str = "small-cnn", shape=(32, 32, 3), batch_size: int = 128
                stage_settings=("fp32", "bf16"), fp32_target: float = 1.0, fp32_setting: str = "fp32") -> dict:
     """images/s of the stage's MART step for each of `stage_settings` ("fp32", "bf16", optionally
     "+channels_last", i.e. run.channels_last) and of the bare fp32 reference loop, side by side."""
-    from stages.models import build_model
+    from ml.models import build_model
 
     torch.manual_seed(0)
     initial = build_model(arch, num_classes=10, in_channels=shape[2])

@@ -4,7 +4,7 @@ Measured: `stages.pseudolabel.run` in a fresh subprocess per pool (so each peak 
 synthetic 32x32x3 uint8 .npy pool opened with `data.pools.open_pool("npy", ...)` (header memory-mapped),
 50,000 vs 500,000 images by default (the larger file is 1.5 GB), 5,000 vs 50,000 with --quick. The
 teacher is a benchmark-only probe (4x4 average pool + linear layer, registered in the child's
-`stages.models.ARCHS`) so the run is I/O-bound and fast; the stage's code path is unchanged. Peak
+`ml.models.ARCHS`) so the run is I/O-bound and fast; the stage's code path is unchanged. Peak
 memory: the child's VmHWM (peak resident set, which counts memory-mapped file pages the process has
 touched) and, sampled every 5 ms, its peak RssAnon (heap only) and RssFile (mapped files). Targets:
 the large pool's peak VmHWM <= 1.2x the small pool's, and the peak's growth <= 0.25x the pool's growth
@@ -74,7 +74,7 @@ class _PeakSampler(threading.Thread):
 def _register_probe_arch() -> None:
     import torch.nn as nn
 
-    from stages import models
+    from ml import models
 
     models.ARCHS[PROBE_ARCH] = lambda k, c: nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * c, k))
 

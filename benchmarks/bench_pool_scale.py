@@ -250,7 +250,7 @@ def interpreter_baseline_mib(scratch: Path) -> float:
     """Peak RSS of a python that has imported what the pseudolabel stage imports and done nothing:
     what every process pays before it touches data (torch's own import is most of it)."""
     peak_file = scratch / f"baseline-{time.monotonic_ns()}"
-    code = ("import sys, torch, h5py, pandas, stages.labeling, pipeline.cli\n"
+    code = ("import sys, torch, h5py, pandas, ml.labeling, pipeline.cli\n"
             "hwm = [line for line in open('/proc/self/status') if line.startswith('VmHWM')][0]\n"
             "open(sys.argv[1], 'w').write(hwm.split()[1])")
     subprocess.run([sys.executable, "-c", code, str(peak_file)], cwd=ROOT, check=True, env=_child_env(scratch))
@@ -268,14 +268,14 @@ def _best_epoch_images_per_s(output: str) -> float:
 
 def bare_forward_images_per_s(model_path: Path, pool_images: np.ndarray, batch_size: int) -> float:
     """The stage's arithmetic without its I/O: the teacher over uint8 images already in memory, converted
-    and scored as the stage does (stages.evaluation.to_tensor_images, softmax, max), one sustained pass
+    and scored as the stage does (ml.evaluation.to_tensor_images, softmax, max), one sustained pass
     after a warm-up batch, images per second over the whole pass. (A best-of-rounds over short passes
     is not comparable with a stage's sustained rate: rounds of 20,000 images ranged 3,000-3,900 img/s
     on an idle 2-core machine, and the best of 6 ran 15-25% above a sustained pass.)"""
     import torch
 
-    from stages.evaluation import to_tensor_images
-    from stages.models import load_model
+    from ml.evaluation import to_tensor_images
+    from ml.models import load_model
 
     teacher = load_model(model_path, device="cpu")
     with torch.inference_mode():

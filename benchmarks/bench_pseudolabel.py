@@ -7,7 +7,7 @@ read-ahead thread, uint8 -> float conversion, the teacher forward under inferenc
 HDF5 appends in a write-behind thread, results.csv. Reference: the same teacher (loaded the same way)
 over the same images already in memory as a float tensor, same block size, under inference_mode,
 nothing else; once contiguous NCHW, once in channels_last layout (what the stage's
-`stages.evaluation.to_tensor_images` hands the teacher: a permuted NHWC tensor, which oneDNN runs faster), so
+`ml.evaluation.to_tensor_images` hands the teacher: a permuted NHWC tensor, which oneDNN runs faster), so
 the I/O overhead is judged against the faster bare forward too. All in images/s, best of `rounds`
 interleaved rounds. Target: the stage keeps >= 0.9 of a bare forward's throughput (the streaming
 hides its I/O).
@@ -40,7 +40,7 @@ SHAPE = (32, 32, 3)
 
 def stage_context(config, out_dir: Path, teacher_dir: Path, pool, labeled):
     """What pipeline.runner.StageContext carries, for one stage run outside the runner."""
-    from pipeline.distributed import DistInfo
+    from pipeline.core.distributed import DistInfo
     from pipeline.stage import StageContext, StageInput
 
     return StageContext(config=config, out_dir=Path(out_dir), inputs={"teacher": StageInput(Path(teacher_dir), "bench")},
@@ -64,7 +64,7 @@ def bench_pseudolabel(num_images: int = 10_000, arch: str = "small-cnn", batch_s
     """images/s of the pseudolabel stage and of a bare teacher forward over the same pool."""
     from data.pools import open_pool
     from stages import pseudolabel
-    from stages.models import load_model
+    from ml.models import load_model
 
     with tempfile.TemporaryDirectory(prefix="bench-pseudolabel-", dir=tmp_dir) as tmp:
         tmp = Path(tmp)

@@ -161,7 +161,7 @@ def synthetic_labeled_set(shape: tuple[int, int, int], num_train: int = 512, num
 def save_teacher(directory: Path, arch: str, shape: tuple[int, int, int], num_classes: int = 10,
                  seed: int = 0) -> Path:
     """A freshly initialised teacher saved as the teacher stage would (model.pt + stage.json)."""
-    from stages.models import build_model, save_model
+    from ml.models import build_model, save_model
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

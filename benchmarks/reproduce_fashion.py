@@ -64,9 +64,9 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from pipeline.atomic import atomic_write_csv
+from pipeline.core.atomic import atomic_write_csv
 from pipeline.config import CONFIG_DIR, load_config
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.sweep import SEED_KEY, run_sweep
 
 BASE_CONFIG = CONFIG_DIR / "demo.toml"

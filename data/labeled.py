@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from data.safe_pickle import safe_load
-from pipeline.errors import UserError
-from pipeline.fingerprint import array_digest, fingerprint
+from pipeline.core.errors import UserError
+from pipeline.core.fingerprint import array_digest, fingerprint
 
 BUILTIN_DATASETS = ("fashion-mnist", "cifar10")
 

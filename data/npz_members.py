@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header: 30 bytes before name and extra field
 _LOCAL_SIGNATURE = b"PK\x03\x04"

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.errors import UserError
-from pipeline.fingerprint import fingerprint
+from pipeline.core.errors import UserError
+from pipeline.core.fingerprint import fingerprint
 
 if TYPE_CHECKING:
     from data.labeled import LabeledSet

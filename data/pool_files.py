@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from data.npz_members import NpzMember, locate_member, npz_keys, open_archive, read_npy_header
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 
 # --- naming the parts ------------------------------------------------------------------------------

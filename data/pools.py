@@ -5,7 +5,7 @@ C-contiguous) and `fingerprint() -> str`; optionally `provided_labels() -> np.nd
 one per row): labels that came with the pool, used only to report pseudo-label agreement, never to
 train. File providers take one file, a glob or a list of files read as one pool (data/pool_files.py),
 never hold the images in memory, and open files lazily so that `fingerprint()` reads no rows (file
-digests come from pipeline.fingerprint's cache). `open_pool` applies
+digests come from pipeline.core.fingerprint's cache). `open_pool` applies
 the explicit conversions and the limit, then validates a few rows eagerly so a wrong pool fails at
 startup with a fix, not hours into pseudo-labeling.
 """
@@ -24,8 +24,8 @@ from data.labeled import LabeledSet, import_object
 from data.pool_convert import CONVERSIONS, AdjustedPool, ordered_conversions, validate_pool  # noqa: F401 (CONVERSIONS re-exported)
 from data.pool_files import ConcatenatedParts, Hdf5Part, RawArrayPart, open_npy_part, open_npz_part, resolve_pool_paths
 from data.rst_pickle import convert_rst_pickle
-from pipeline.errors import UserError
-from pipeline.fingerprint import array_digest, file_digest, fingerprint, user_cache_dir
+from pipeline.core.errors import UserError
+from pipeline.core.fingerprint import array_digest, file_digest, fingerprint, user_cache_dir
 
 ENTRY_POINT_GROUP = "rst_mart.pools"
 
@@ -45,7 +45,7 @@ class _FilePool:
     """A pool in one file or several read in order (`path`: a file, a glob, or a list of either).
 
     Construction only names and stats the files; `fingerprint()` is their digests (cached across
-    processes by pipeline.fingerprint) and the options that change the rows, so it reads no rows;
+    processes by pipeline.core.fingerprint) and the options that change the rows, so it reads no rows;
     `len()` reads the parts' headers; `read` reads just the rows asked for. Parts are opened on first use."""
 
     provider = ""
@@ -280,7 +280,7 @@ def open_pool(provider: str, options: dict, *, labeled: LabeledSet, remainder_in
 
     `cache_dir` is where a provider that must convert its files before reading them (rst-pickle) keeps
     the converted copy; it goes to any provider whose factory takes a `cache_dir` keyword, unless the
-    [pool] section sets pool.cache_dir itself. None: the user cache dir (pipeline.fingerprint)."""
+    [pool] section sets pool.cache_dir itself. None: the user cache dir (pipeline.core.fingerprint)."""
     # An empty path is the config's "unset" (labeled-remainder needs none), not a path to check.
     options = {k: v for k, v in options.items() if not (k == "path" and v in ("", None))}
     factory = _resolve_provider(provider)

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from data.safe_pickle import safe_load
-from pipeline.atomic import atomic_path
-from pipeline.errors import UserError
-from pipeline.fingerprint import file_digest
+from pipeline.core.atomic import atomic_path
+from pipeline.core.errors import UserError
+from pipeline.core.fingerprint import file_digest
 
 
 def converted_paths(pickle_path: Path, cache_dir: Path) -> tuple[Path, Path]:

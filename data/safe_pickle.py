@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 try:  # numpy >= 2 moved the internals to numpy._core; numpy.core still works but warns on access
     from numpy._core import multiarray as _multiarray

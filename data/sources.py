@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.fingerprint import file_digest, fingerprint
+from pipeline.core.fingerprint import file_digest, fingerprint
 from pipeline.stage import Source
 
 

@@ -1,6 +1,6 @@
 """rst-mart's engine. Public API: `load_model(path)` and `build_model(arch, num_classes, in_channels)`.
 
-They are re-exported lazily from `stages.models`, so importing the engine (for the CLI or `status`)
+They are re-exported lazily from `ml.models`, so importing the engine (for the CLI or `status`)
 does not pay for torch.
 """
 
@@ -9,7 +9,7 @@ __all__ = ["load_model", "build_model"]
 
 def __getattr__(name):
     if name in __all__:
-        from stages import models
+        from ml import models
 
         return getattr(models, name)
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

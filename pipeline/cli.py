@@ -11,7 +11,7 @@ import textwrap
 import traceback
 from pathlib import Path
 
-from pipeline.errors import UserError, storage_error
+from pipeline.core.errors import UserError, storage_error
 
 EXIT_OK, EXIT_BUG, EXIT_USER = 0, 1, 2
 ERROR_DIR_ENV = "RST_MART_ERROR_DIR"  # set by pipeline.torchrun: where ranks leave their user errors
@@ -130,7 +130,7 @@ def _status(config, workdir: Path, names: list[str], *, verify: bool) -> int:
 
 
 def _run(config, workdir: Path, names: list[str], *, force: bool) -> int:
-    from pipeline import distributed
+    from pipeline.core import distributed
     from pipeline.runner import Runner
 
     info = distributed.dist_info()
@@ -198,7 +198,7 @@ def _registered_workdirs(store) -> list[Path]:
 
 
 def _export(args) -> int:
-    from stages.checkpoint_io import export_checkpoint
+    from ml.checkpoints import export_checkpoint
 
     note = export_checkpoint(Path(args.model), Path(args.output), format=args.format)
     print(f"wrote {args.output}" + (f"\n{note}" if note else ""))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config_checks import validate
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "demo.toml"
@@ -55,7 +55,7 @@ class PoolConfig:
 
 @dataclass
 class TeacherConfig:
-    arch: str = "small-cnn"  # see stages.models.ARCHS
+    arch: str = "small-cnn"  # see ml.models.ARCHS
     epochs: int = 10  # passes over the labeled set
     batch_size: int = 128  # images per optimizer step
     lr: float = 0.05  # SGD learning rate at the start of the schedule
@@ -79,7 +79,7 @@ class PseudolabelConfig:
 @dataclass
 class MartConfig:
     loss: str = "mart"  # mart | trades | pgd-at
-    arch: str = "small-cnn"  # see stages.models.ARCHS
+    arch: str = "small-cnn"  # see ml.models.ARCHS
     epochs: int = 10  # training epochs of epoch_size examples each
     epoch_size: int = 0  # examples per epoch (labeled and pool together); 0 = the number of labeled images, as RST
     batch_size: int = 128  # images per optimizer step (labeled and pool together)

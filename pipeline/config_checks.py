@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.distributed import dist_info
-from pipeline.errors import UserError
+from pipeline.core.distributed import dist_info
+from pipeline.core.errors import UserError
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -23,7 +23,7 @@ _CHOICES = {
     "mart.loss": ("mart", "trades", "pgd-at"),
 }
 
-# The names the eval stage accepts (stages.robustness imports torch, so they are repeated here; a test keeps them equal).
+# The names the eval stage accepts (ml.robustness imports torch, so they are repeated here; a test keeps them equal).
 EVAL_MODELS = ("mart", "mart-last", "teacher")
 EVAL_ATTACK = re.compile(r"clean|fgsm|autoattack|apgd-ce|apgd-dlr|apgd-t|fab|fab-t|square|(pgd|cw)[1-9][0-9]*")
 

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.atomic import atomic_write_text
-from pipeline.errors import UserError
+from pipeline.core.atomic import atomic_write_text
+from pipeline.core.errors import UserError
 
 STAGE_ORDER = ("teacher", "pseudolabel", "mart", "eval")
 REPORT_NAME = "report.html"

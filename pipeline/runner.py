@@ -16,11 +16,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline import distributed, locks
-from pipeline.atomic import atomic_write_json
+from pipeline.core import distributed, locks
+from pipeline.core.atomic import atomic_write_json
 from pipeline.config import Config
-from pipeline.errors import UserError, storage_errors
-from pipeline.fingerprint import fingerprint
+from pipeline.core.errors import UserError, storage_errors
+from pipeline.core.fingerprint import fingerprint
 from pipeline.stage import Source, Stage, StageContext, StageInput
 from pipeline.store import Store, check_outputs, output_digest, read_record, store_dir
 

@@ -75,5 +75,5 @@ class StageContext:
     inputs: dict[str, StageInput]  # upstream stage name -> its finished entry
     sources: dict[str, Any]  # data source name -> the opened source
     fingerprint: str
-    dist: Any  # pipeline.distributed.DistInfo
+    dist: Any  # pipeline.core.distributed.DistInfo
     log: Callable[[str], None] = print

@@ -22,8 +22,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import UserError
-from pipeline.fingerprint import hash_file
+from pipeline.core.errors import UserError
+from pipeline.core.fingerprint import hash_file
 
 STORE_ENV = "RST_MART_STORE"
 RECORD = "stage.json"
@@ -35,7 +35,7 @@ def store_dir(configured: str, workdir: Path) -> Path:
 
 def output_digest(path: Path) -> dict:
     """What stage.json records of an output, and what verification compares: its size and sha256 (above
-    pipeline.fingerprint.FULL_HASH_LIMIT_BYTES, a digest of its size, mtime and sampled blocks)."""
+    pipeline.core.fingerprint.FULL_HASH_LIMIT_BYTES, a digest of its size, mtime and sampled blocks)."""
     st = path.stat()
     return {"size": st.st_size, "sha256": hash_file(path, st)}
 

@@ -13,9 +13,9 @@ import json
 import re
 from pathlib import Path
 
-from pipeline.atomic import atomic_path, atomic_write_csv
+from pipeline.core.atomic import atomic_path, atomic_write_csv
 from pipeline.config import load_config, parse_override
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.runner import Runner
 from pipeline.store import store_dir
 

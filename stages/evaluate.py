@@ -1,5 +1,5 @@
 """Stage 4, eval: the trained checkpoints under a suite of white-box attacks, an accuracy-vs-eps curve,
-and sanity checks that flag gradient masking and evaluation bugs (the machinery is stages.robustness).
+and sanity checks that flag gradient masking and evaluation bugs (the machinery is ml.robustness).
 
 Writes results.csv (one accuracy per model, attack and eps), robustness.csv (the PGD-20 curve over
 eval.sweep multiples of eps), robustness.png (that curve) and checks.csv.
@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from data.sources import LABELED
-from pipeline.errors import UserError
-from pipeline.fingerprint import file_digest
+from pipeline.core.errors import UserError
+from pipeline.core.fingerprint import file_digest
 from pipeline.stage import Source, Stage, StageInput
 
 OUTPUTS = ("results.csv", "robustness.csv", "checks.csv", "robustness.png")
@@ -43,10 +43,10 @@ def run(ctx) -> None:
     checks), and rank 0 writes the files."""
     import pandas as pd
 
-    from pipeline.atomic import atomic_write_csv
-    from stages import robustness
-    from stages.devices import resolve_device
-    from stages.evaluation import write_results
+    from pipeline.core.atomic import atomic_write_csv
+    from ml import robustness
+    from ml.devices import resolve_device
+    from ml.evaluation import write_results
     cfg, run_cfg = ctx.config.eval, ctx.config.run
     # Always fp32 and eval mode, whatever run.precision: low-precision gradients underflow to zero and
     # make the attacks look weaker, overstating robustness (load_model gives fp32 in eval mode; no autocast).
@@ -90,11 +90,11 @@ def load(name: str, path: Path, config, labeled, *, device, channels_last: bool)
     checkpoint of mart.arch taking [0, 1] inputs or carrying its normalisation)."""
     import torch
 
-    from stages.models import load_model
+    from ml.models import load_model
 
     if name in MODEL_FILES:
         return load_model(path, device=device, channels_last=channels_last)
-    from stages.checkpoint_io import import_checkpoint
+    from ml.checkpoints import import_checkpoint
 
     model = import_checkpoint(path, arch=config.mart.arch, num_classes=labeled.num_classes,
                               in_channels=labeled.test_images.shape[-1]).to(device).eval()

@@ -19,8 +19,8 @@ def inputs(config) -> tuple:
 
 
 def mart_loss(logits_natural, logits_adv, targets, beta=6.0):
-    """The paper's MART loss (public as stages.mart.mart_loss; the code lives in stages.losses)."""
-    from stages.losses import mart_loss as loss
+    """The paper's MART loss (public as stages.mart.mart_loss; the code lives in ml.losses)."""
+    from ml.losses import mart_loss as loss
 
     return loss(logits_natural, logits_adv, targets, beta=beta)
 
@@ -44,12 +44,12 @@ def run(ctx) -> None:
 
     import numpy as np
 
-    from data.h5_reader import PseudoLabelReader
-    from data.h5store import validate_pseudolabels
-    from stages import training
-    from stages.attacks import EVAL_STEPS, eval_attack, training_attack
-    from stages.evaluation import score_checkpoints
-    from stages.losses import LOSSES
+    from data.pseudolabel_file import PseudoLabelReader
+    from data.pseudolabel_file import validate_pseudolabels
+    from ml import training
+    from ml.attacks import EVAL_STEPS, eval_attack, training_attack
+    from ml.evaluation import score_checkpoints
+    from ml.losses import LOSSES
 
     cfg, run_cfg = ctx.config.mart, ctx.config.run
     split = ctx.sources["labeled"]

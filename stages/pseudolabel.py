@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 
 from data.sources import LABELED, POOL
-from pipeline import distributed
+from pipeline.core import distributed
 from pipeline.stage import Stage
 
 
@@ -22,8 +22,8 @@ def run(ctx) -> None:
     # Heavy modules are imported here, not at module level: `status` reads this module's declaration.
     import h5py
 
-    from stages.devices import resolve_device
-    from stages.labeling import label_rows, merge_shards, shard_path
+    from ml.devices import resolve_device
+    from ml.labeling import label_rows, merge_shards, shard_path
 
     cfg, run_cfg = ctx.config.pseudolabel, ctx.config.run
     device = resolve_device(run_cfg.device, ctx.dist.local_rank)
@@ -66,8 +66,8 @@ def _write_results(ctx, pool) -> None:
     import numpy as np
     import pandas as pd
 
-    from pipeline.atomic import atomic_write_csv
-    from stages.evaluation import write_results
+    from pipeline.core.atomic import atomic_write_csv
+    from ml.evaluation import write_results
 
     class_names = list(ctx.sources["labeled"].dataset.class_names)
     k = len(class_names)

@@ -10,14 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from data.sources import LABELED
-from pipeline.fingerprint import file_digest
+from pipeline.core.fingerprint import file_digest
 from pipeline.stage import Source, Stage
 
 
 def run(ctx) -> None:
     # Heavy modules are imported here, not at module level: `status` reads this module's declaration.
-    from stages import training
-    from stages.evaluation import score_checkpoints
+    from ml import training
+    from ml.evaluation import score_checkpoints
 
     cfg, run_cfg = ctx.config.teacher, ctx.config.run
     split = ctx.sources["labeled"]
@@ -43,9 +43,9 @@ def run(ctx) -> None:
 
 def import_teacher(out_dir: Path, cfg, labeled) -> None:
     """model.pt from `teacher.checkpoint` (weights_only load), and a metrics.csv with no epochs."""
-    from stages.checkpoint_io import import_checkpoint, normalization_stats
-    from stages.models import save_model
-    from stages.training import write_metrics
+    from ml.checkpoints import import_checkpoint, normalization_stats
+    from ml.models import save_model
+    from ml.training import write_metrics
 
     channels = labeled.image_shape[2]
     model = import_checkpoint(cfg.checkpoint, arch=cfg.arch, num_classes=labeled.num_classes, in_channels=channels,
@@ -58,7 +58,7 @@ def import_teacher(out_dir: Path, cfg, labeled) -> None:
 
 
 def _checkpoint_fingerprint(config) -> str:
-    from stages.checkpoint_io import checkpoint_digest
+    from ml.checkpoints import checkpoint_digest
 
     return checkpoint_digest(config.teacher.checkpoint)
 

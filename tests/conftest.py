@@ -24,7 +24,7 @@ def digest_cache_dir(tmp_path_factory):
     """Digests cached by the tests (and the CLI runs they start) go to a temporary directory, not ~/.cache.
 
     Session-scoped and autouse so it is in place before other session fixtures (the smoke run) start."""
-    from pipeline.fingerprint import CACHE_DIR_ENV
+    from pipeline.core.fingerprint import CACHE_DIR_ENV
 
     saved = os.environ.get(CACHE_DIR_ENV)
     os.environ[CACHE_DIR_ENV] = str(tmp_path_factory.mktemp("digest-cache"))

@@ -42,7 +42,7 @@ def test_mart():
 
 
 def test_mart_reference_loss_is_the_stage_loss():
-    from stages.losses import mart_loss
+    from ml.losses import mart_loss
 
     torch.manual_seed(0)
     natural, adv, y = torch.randn(6, 10), torch.randn(6, 10), torch.randint(0, 10, (6,))

@@ -1,7 +1,7 @@
 """A third-party pool provider for the plugin tests (found as module:factory or via an entry point)."""
 import numpy as np
 
-from pipeline.fingerprint import fingerprint
+from pipeline.core.fingerprint import fingerprint
 
 
 class ToyPool:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data.labeled import FASHION_MNIST_CLASSES, FASHION_MNIST_SYSTEM_DIR, labeled_split, load_labeled
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 CIFAR_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
 

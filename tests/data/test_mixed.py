@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.h5_reader import PseudoLabelReader
-from data.h5store import PseudoLabelWriter
+from data.pseudolabel_file import PseudoLabelReader
+from data.pseudolabel_file import PseudoLabelWriter
 from data.mixed import MixedBatchLoader, MixedBatchSampler
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from data import pool_files, pools, rst_pickle
 from data.pools import open_pool
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 IMAGES = np.random.default_rng(0).integers(0, 256, size=(23, 32, 32, 3), dtype=np.uint8)
 LABELS = (np.arange(23) * 7 % 10).astype(np.int64)
@@ -139,8 +139,8 @@ def test_construct_and_fingerprint_read_no_rows(tmp_path, labeled, monkeypatch, 
     _forbid(monkeypatch, (pools, "open_npy_part"), (pools, "open_npz_part"), (pools, "Hdf5Part"),
             (pools, "convert_rst_pickle"), (rst_pickle, "safe_load"), (np, "load"), (zipfile, "ZipFile"),
             (h5py, "File"))
-    monkeypatch.setattr("pipeline.fingerprint._memo", {})  # the next command: only the digest cache answers
-    monkeypatch.setattr("pipeline.fingerprint.hash_file", lambda *a: pytest.fail("hashed again"))
+    monkeypatch.setattr("pipeline.core.fingerprint._memo", {})  # the next command: only the digest cache answers
+    monkeypatch.setattr("pipeline.core.fingerprint.hash_file", lambda *a: pytest.fail("hashed again"))
     assert pools.BUILTIN_PROVIDERS[provider](path).fingerprint() == expected
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from data.labeled import LabeledSet
 from data.pools import open_pool
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 IMAGES = np.random.default_rng(0).integers(0, 256, size=(20, 32, 32, 3), dtype=np.uint8)
 LABELS = np.arange(20, dtype=np.int64) % 10

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data.safe_pickle import safe_load
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 
 class _RunsShell:

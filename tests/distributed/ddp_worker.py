@@ -1,5 +1,5 @@
 """Run under torchrun by test_torchrun.py (not collected by pytest): a few MART steps of a tiny-cnn
-through stages.training.train_one_epoch with the real mixed-batch sampler and loader, then rank 0 writes
+through ml.training.train_one_epoch with the real mixed-batch sampler and loader, then rank 0 writes
 to the JSON file named on the command line whether the ranks ended with the same parameters and
 gradients, and which labeled rows each rank trained on in each batch.
 
@@ -16,15 +16,15 @@ import torch
 import torch.distributed as dist
 
 from data.mixed import MixedBatchLoader, MixedBatchSampler
-from pipeline import distributed
+from pipeline.core import distributed
 from pipeline.config import RunConfig
-from stages import training
-from stages.attacks import eval_attack, training_attack
-from stages.devices import prepare_for_training
-from stages.evaluation import evaluate
-from stages.losses import LOSSES
-from stages.models import build_model
-from stages.optim import make_optimizer, make_scheduler
+from ml import training
+from ml.attacks import eval_attack, training_attack
+from ml.devices import prepare_for_training
+from ml.evaluation import evaluate
+from ml.losses import LOSSES
+from ml.models import build_model
+from ml.optim import make_optimizer, make_scheduler
 
 NUM_LABELED, NUM_POOL = 40, 30
 # 3 global batches of 16 per epoch, 8 pool rows each: the test rebuilds the world_size=1 batches from these.

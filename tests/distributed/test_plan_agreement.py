@@ -4,8 +4,8 @@ from unittest import mock
 
 import pytest
 
-from pipeline import distributed
-from pipeline.errors import UserError
+from pipeline.core import distributed
+from pipeline.core.errors import UserError
 from tests.pipeline.test_runner import make_runner, sources, stages  # noqa: F401  (spy-stage fixtures)
 
 

@@ -9,9 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
-from data.h5store import validate_pseudolabels
+from data.pseudolabel_file import validate_pseudolabels
 from data.mixed import MixedBatchSampler
-from pipeline.distributed import shard_range
+from pipeline.core.distributed import shard_range
 from tests.conftest import ROOT, SMOKE
 from tests.distributed import ddp_worker
 
@@ -128,7 +128,7 @@ def test_merged_pseudolabels_equal_the_single_process_file(torchrun_workdir, tmp
     """The file rank 0 merged from 2 shards equals the one a single process writes with the same teacher
     (shards are cut at block boundaries, so every teacher forward sees the same batch)."""
     from pipeline.config import load_config
-    from pipeline.distributed import DistInfo
+    from pipeline.core.distributed import DistInfo
 
     workdir, _ = torchrun_workdir
     run_pseudolabel_stage(load_config(SMOKE, ["run.device=cpu"]), tmp_path, workdir / "teacher", DistInfo())
@@ -145,7 +145,7 @@ def test_sharded_pseudolabel_with_dropped_rows_and_logits_merges_like_one_proces
     """The shard-and-merge path with ranks played in turn in this process: uneven shards of 3 ranks,
     rows dropped by dedup_test, logits kept."""
     from pipeline.config import load_config
-    from pipeline.distributed import DistInfo
+    from pipeline.core.distributed import DistInfo
 
     config = load_config(SMOKE, ["run.device=cpu", "pool.limit=300", "pseudolabel.batch_size=64",
                                  "pseudolabel.save_logits=true", "pseudolabel.dedup_test=true",
@@ -164,13 +164,13 @@ def test_sharded_pseudolabel_with_dropped_rows_and_logits_merges_like_one_proces
 
 
 def test_an_interrupted_shard_resumes_at_its_last_block(torchrun_workdir, tmp_path, monkeypatch):
-    from data import h5store
+    from data import pseudolabel_file
     from pipeline.config import load_config
-    from pipeline.distributed import DistInfo
+    from pipeline.core.distributed import DistInfo
 
     config = load_config(SMOKE, ["run.device=cpu", "pool.limit=1000", "pseudolabel.batch_size=100"])
     data, teacher = open_sources(config, tmp_path), torchrun_workdir[0] / "teacher"
-    original_append = h5store.PseudoLabelWriter.append
+    original_append = pseudolabel_file.PseudoLabelWriter.append
     calls = {"n": 0}
 
     def append_then_die(self, **kwargs):
@@ -179,10 +179,10 @@ def test_an_interrupted_shard_resumes_at_its_last_block(torchrun_workdir, tmp_pa
         if calls["n"] == 2:
             raise KeyboardInterrupt  # as if rank 1 were killed right after its second block reached the disk
 
-    monkeypatch.setattr(h5store.PseudoLabelWriter, "append", append_then_die)
+    monkeypatch.setattr(pseudolabel_file.PseudoLabelWriter, "append", append_then_die)
     with pytest.raises(KeyboardInterrupt):  # rank 1 of 2 owns pool rows [500, 1000)
         run_pseudolabel_stage(config, tmp_path / "sharded", teacher, DistInfo(1, 2, 1), data)
-    monkeypatch.setattr(h5store.PseudoLabelWriter, "append", original_append)
+    monkeypatch.setattr(pseudolabel_file.PseudoLabelWriter, "append", original_append)
     lines = []
     run_pseudolabel_stage(config, tmp_path / "sharded", teacher, DistInfo(1, 2, 1), data, log=lines.append)
     assert lines == ["  resumed at pool row 700 of 1000"]

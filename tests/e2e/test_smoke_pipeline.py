@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 
 import pipeline
-from data.h5store import validate_pseudolabels
+from data.pseudolabel_file import validate_pseudolabels
 from tests.conftest import SMOKE, run_cli
 
 

@@ -4,7 +4,7 @@ import json
 import pandas as pd
 import torch
 
-from stages.models import build_model, save_model
+from ml.models import build_model, save_model
 from tests.conftest import SMOKE, run_cli
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.runner import Runner
 from pipeline.stage import Stage
 

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.config import CONFIG_DIR, DEFAULT_CONFIG, Config, load_config
 from pipeline.config_checks import EVAL_ATTACK, EVAL_MODELS, check_against_labeled, validate
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 
 def test_demo_config_loads_with_defaults_for_omitted_keys():
@@ -178,7 +178,7 @@ def test_eval_names_are_checked_before_any_stage():
 
 def test_eval_names_agree_with_the_eval_stage():
     from stages.evaluate import MODEL_FILES
-    from stages.robustness import AUTOATTACK_PARTS, build_attack
+    from ml.robustness import AUTOATTACK_PARTS, build_attack
 
     assert EVAL_MODELS == tuple(MODEL_FILES)
     for name in ("clean", "fgsm", "pgd1", "pgd20", "cw30", "autoattack", *AUTOATTACK_PARTS,

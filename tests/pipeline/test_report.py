@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline import report
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.report import pseudolabel_summary, write_report
 
 CLASS_NAMES = ["shirt", "boot", "bag"]

@@ -6,7 +6,7 @@ from unittest import mock
 import pytest
 
 from pipeline.config import Config
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.runner import Runner
 from pipeline.stage import Source, Stage
 
@@ -245,7 +245,7 @@ def test_gc_keeps_what_is_referenced(tmp_path, stages):
 
 
 def test_a_second_run_on_a_locked_work_dir_is_refused(tmp_path, stages):
-    from pipeline import locks
+    from pipeline.core import locks
 
     (tmp_path / "w").mkdir()
     with locks.exclusive(tmp_path / "w" / ".lock"):

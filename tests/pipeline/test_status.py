@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import fingerprint
+from pipeline.core import fingerprint
 from pipeline.config import load_config
 from pipeline.runner import Runner
 from tests.conftest import ROOT, SMOKE

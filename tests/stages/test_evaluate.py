@@ -11,11 +11,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.config import Config
-from pipeline.distributed import DistInfo
-from pipeline.errors import UserError
+from pipeline.core.distributed import DistInfo
+from pipeline.core.errors import UserError
 from pipeline.stage import StageInput
-from stages import evaluate, robustness
-from stages.models import build_model, save_model
+from ml import robustness
+from stages import evaluate
+from ml.models import build_model, save_model
 
 EPS = 0.3  # images whose brightness is within 0.3 of the 0.5 boundary can be flipped
 DEVICE = torch.device("cpu")

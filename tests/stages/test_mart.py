@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from data.h5_reader import PseudoLabelReader
+from data.pseudolabel_file import PseudoLabelReader
 from pipeline.config import load_config
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from stages import mart
-from tests.data.test_h5store import N, SHAPE, make_pool, write_file
+from tests.data.test_pseudolabel_file import N, SHAPE, make_pool, write_file
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.labeling import NearDuplicateFilter
+from ml.labeling import NearDuplicateFilter
 
 
 def test_dedup_drops_a_planted_near_duplicate_and_keeps_the_rest():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import fingerprint as fp
+from pipeline.core import fingerprint as fp
 
 ROOT = Path(__file__).resolve().parents[2]
 OLD_NS = 1_600_000_000 * 10**9  # an mtime well outside the racy window
@@ -31,7 +31,7 @@ def _write(path: Path, data: bytes, mtime_ns: int = OLD_NS) -> Path:
 
 def _digest_in_new_process(path: Path) -> tuple[str, int]:
     """file_digest in a fresh interpreter, with the bytes that process read (Linux's /proc/self/io rchar)."""
-    code = ("import sys; from pipeline.fingerprint import file_digest\n"
+    code = ("import sys; from pipeline.core.fingerprint import file_digest\n"
             "def rchar(): return int(open('/proc/self/io').read().split('rchar:')[1].split()[0])\n"
             "before = rchar(); digest = file_digest(sys.argv[1]); print(digest, rchar() - before)")
     out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True,
@@ -152,6 +152,6 @@ def test_cache_location(monkeypatch, tmp_path):
 
 
 def test_module_stays_light():
-    code = "import sys, pipeline.fingerprint; print(sorted({'numpy', 'torch'} & set(sys.modules)))"
+    code = "import sys, pipeline.core.fingerprint; print(sorted({'numpy', 'torch'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -35,7 +35,7 @@ def dist_info() -> DistInfo:
 
 
 def device_type(run_device: str) -> str:
-    """"cuda" or "cpu" for run.device (auto|cpu|cuda), as stages.devices.resolve_device will resolve it."""
+    """"cuda" or "cpu" for run.device (auto|cpu|cuda), as ml.devices.resolve_device will resolve it."""
     if run_device == "auto":
         import torch
 

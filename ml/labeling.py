@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.h5store import PseudoLabelWriter
+from data.pseudolabel_file import PseudoLabelWriter
 from data.mixed import prefetch_depth
-from stages.devices import autocast
-from stages.evaluation import to_tensor_images
-from stages.models import load_model
+from ml.devices import autocast
+from ml.evaluation import to_tensor_images
+from ml.models import load_model
 
 
 class NearDuplicateFilter:

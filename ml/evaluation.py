@@ -11,12 +11,12 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from pipeline import distributed
-from pipeline.atomic import atomic_write_csv
-from stages.attacks import ExampleSeeds
-from stages.devices import resolve_device
-from stages.models import load_model
-from stages.train_state import seed_from
+from pipeline.core import distributed
+from pipeline.core.atomic import atomic_write_csv
+from ml.attacks import ExampleSeeds
+from ml.devices import resolve_device
+from ml.models import load_model
+from ml.resume import seed_from
 
 RESULT_COLUMNS = ["model", "split", "attack", "eps", "accuracy", "n"]
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.distributed import DistInfo
-from pipeline.errors import UserError
-from stages import devices, optim, training
+from pipeline.core.distributed import DistInfo
+from pipeline.core.errors import UserError
+from ml import devices, optim, training
 
 
 def tiny_run(tmp_path, loss_fn):

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.atomic import atomic_torch_save
-from pipeline.errors import UserError
+from pipeline.core.atomic import atomic_torch_save
+from pipeline.core.errors import UserError
 
 # Per-channel statistics of the training images in [0, 1], used as the Normalize layer's defaults.
 DATASET_STATS = {

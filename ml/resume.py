@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.atomic import atomic_torch_save
-from stages.devices import unwrap
+from pipeline.core.atomic import atomic_torch_save
+from ml.devices import unwrap
 
 STATE_FILE = "train_state.pt"  # in the stage's partial directory; removed when the stage completes
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.losses import ATTACK_LOSS, LOSSES, mart_loss, pgd_at_loss, trades_loss
+from ml.losses import ATTACK_LOSS, LOSSES, mart_loss, pgd_at_loss, trades_loss
 
 # Example 0: the adversarial top class (0) is the label, so MART boosts the runner-up (class 1).
 # Example 1: the adversarial top class (1) is wrong, so MART boosts it (label 2).

@@ -4,7 +4,7 @@ Every writer goes through a temporary name in the destination's own directory (s
 os.replace is a rename within one filesystem, which POSIX makes atomic) and fsyncs before renaming.
 The file gets the mode a plain open() would give it under the umask (not mkstemp's 0600), and a
 full disk, quota, read-only filesystem, I/O error or permission problem is a UserError naming the
-file and the free space (pipeline.errors.storage_error), with the temporary file removed.
+file and the free space (pipeline.core.errors.storage_error), with the temporary file removed.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.errors import storage_errors
+from pipeline.core.errors import storage_errors
 
 _UMASK_LOCK = threading.Lock()
 

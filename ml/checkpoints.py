@@ -34,10 +34,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from pipeline.atomic import atomic_torch_save
-from pipeline.errors import UserError
-from pipeline.fingerprint import file_digest
-from stages.models import DATASET_STATS, build_model, load_model, strip_prefixes
+from pipeline.core.atomic import atomic_torch_save
+from pipeline.core.errors import UserError
+from pipeline.core.fingerprint import file_digest
+from ml.models import DATASET_STATS, build_model, load_model, strip_prefixes
 
 EXPORT_FORMATS = ("robustbench",)
 

@@ -35,14 +35,14 @@ def data(seed: int = 0):
 
 
 def run_scenario(name: str, out_dir: Path, interrupt_at_step: int | None = None) -> dict[str, torch.Tensor]:
-    """Train tiny-cnn for 2 epochs of 3 batches of 16 (CPU, fp32, seed 0) through stages.training.train;
+    """Train tiny-cnn for 2 epochs of 3 batches of 16 (CPU, fp32, seed 0) through ml.training.train;
     returns the final weights (and the EMA's, prefixed "ema."). `interrupt_at_step` raises Interrupted
     inside that step, after a checkpoint at every step, as a kill would."""
     from pipeline.config import RunConfig
-    from pipeline.distributed import DistInfo
-    from stages import training
-    from stages.attacks import training_attack
-    from stages.losses import LOSSES
+    from pipeline.core.distributed import DistInfo
+    from ml import training
+    from ml.attacks import training_attack
+    from ml.losses import LOSSES
 
     d = data()
     mart = name == "mart"

@@ -3,8 +3,8 @@ dark vs bright); the whole file runs in a few seconds on one CPU core."""
 import pytest
 import torch
 
-from stages.attacks import cw_linf, fgsm, input_gradient_norms, pgd_linf
-from stages.models import build_model
+from ml.attacks import cw_linf, fgsm, input_gradient_norms, pgd_linf
+from ml.models import build_model
 
 EPS = 0.3  # larger than the 0.25 gap from either class's mean brightness to the boundary
 
@@ -155,7 +155,7 @@ def test_unknown_options_are_refused(trained):
 @pytest.mark.parametrize("method, start", [("mart", "normal"), ("trades", "normal"), ("pgd-at", "uniform")])
 def test_each_methods_training_attack_starts_where_its_paper_does(method, start):
     """MART/TRADES: x + 0.001 N(0, 1) (their official code); PGD-AT: U(-eps, eps) (Madry et al.)."""
-    from stages.attacks import TRAINING_START, training_attack
+    from ml.attacks import TRAINING_START, training_attack
 
     assert TRAINING_START[method] == start
     x = torch.full((64, 1, 8, 8), 0.5)

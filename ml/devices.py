@@ -59,7 +59,7 @@ def prepare_for_training(model: nn.Module, *, run_cfg, device: torch.device, dis
 
     Returns (train_model, scaler). Attacks and checkpoints go through `unwrap(train_model)`.
     """
-    from pipeline.errors import UserError
+    from pipeline.core.errors import UserError
 
     if run_cfg.precision == "fp16" and device.type != "cuda":
         raise UserError("run.precision = \"fp16\" needs a CUDA device (fp16 on CPU is slow and needs loss "

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.errors import UserError
-from stages.models import (ARCHS, DATASET_STATS, Normalize, build_model, count_parameters,
+from pipeline.core.errors import UserError
+from ml.models import (ARCHS, DATASET_STATS, Normalize, build_model, count_parameters,
                            load_model, save_model)
 
 # At 10 classes and 3 input channels. resnet18 / wrn-28-10 / wrn-34-10 are the published counts of

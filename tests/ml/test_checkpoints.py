@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.errors import UserError
-from pipeline.fingerprint import file_digest
-from stages.checkpoint_io import (checkpoint_digest, export_checkpoint, import_checkpoint,
+from pipeline.core.errors import UserError
+from pipeline.core.fingerprint import file_digest
+from ml.checkpoints import (checkpoint_digest, export_checkpoint, import_checkpoint,
                                   normalization_stats)
-from stages.models import DATASET_STATS, build_model, load_model, save_model
+from ml.models import DATASET_STATS, build_model, load_model, save_model
 
 CIFAR_MEAN, CIFAR_STD = DATASET_STATS["cifar10"]
 # RST's NormalizeInput default (the widely copied CIFAR std), not ours: the import must keep the file's.

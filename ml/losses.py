@@ -2,7 +2,7 @@
 
 Every loss has the signature (logits_natural, logits_adv, targets, beta) -> scalar mean over the
 batch, so the training loop picks one by name from LOSSES and never branches on the method. The
-attack that produced logits_adv runs elsewhere (stages.attacks); ATTACK_LOSS says which objective
+attack that produced logits_adv runs elsewhere (ml.attacks); ATTACK_LOSS says which objective
 each method's training attack ascends.
 """
 from __future__ import annotations
@@ -69,6 +69,6 @@ def pgd_at_loss(logits_natural: torch.Tensor, logits_adv: torch.Tensor, targets:
 # Method name ([mart] loss in the config) -> training objective.
 LOSSES = {"mart": mart_loss, "trades": trades_loss, "pgd-at": pgd_at_loss}
 
-# Method name -> the objective its training attack ascends (stages.attacks.pgd_linf `loss`):
+# Method name -> the objective its training attack ascends (ml.attacks.pgd_linf `loss`):
 # MART and Madry attack cross-entropy; TRADES attacks its own KL term.
 ATTACK_LOSS = {"mart": "ce", "trades": "kl", "pgd-at": "ce"}

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.atomic import atomic_path
-from pipeline.errors import UserError
-from stages.attacks import cw_linf, eval_attack, fgsm, input_gradient_norms
-from stages.evaluation import evaluate, to_tensor_images
+from pipeline.core.atomic import atomic_path
+from pipeline.core.errors import UserError
+from ml.attacks import cw_linf, eval_attack, fgsm, input_gradient_norms
+from ml.evaluation import evaluate, to_tensor_images
 
 AUTOATTACK_PARTS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 ATTACK_FORMS = ("clean, fgsm, pgdN (PGD-CE with N steps, e.g. pgd20), cwN (PGD on the CW margin, e.g. cw30), "

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stages.losses import ATTACK_LOSS
+from ml.losses import ATTACK_LOSS
 
 ATTACK_LOSSES = ("ce", "kl", "cw")
 RANDOM_STARTS = ("uniform", "normal", None)
@@ -145,7 +145,7 @@ TRAINING_START = {"mart": "normal", "trades": "normal", "pgd-at": "uniform"}
 
 def training_attack(method: str, *, eps: float, step_size: float, steps: int) -> Callable:
     """`attack(model, x, y, generator) -> x_adv` of a training method ([mart] loss): PGD on the method's
-    objective (stages.losses.ATTACK_LOSS) from the method's start (TRAINING_START)."""
+    objective (ml.losses.ATTACK_LOSS) from the method's start (TRAINING_START)."""
     def attack(model, x, y, generator):
         return pgd_linf(model, x, y, eps=eps, step_size=step_size, steps=steps, loss=ATTACK_LOSS[method],
                         random_start=TRAINING_START[method], init_std=0.001, generator=generator)

@@ -4,7 +4,7 @@ A stage states how it trains as data (a Recipe: loss, attack or None, the pool's
 EMA, best-epoch selection on a validation split) and what it trains on (TrainData); train() builds the
 model, sampler, loader, optimizer and schedule, resumes from the last checkpoint, runs the epochs and
 writes model.pt (and last.pt when validation picks model.pt) and metrics.csv. Scoring the saved
-checkpoints is stages.evaluation's job.
+checkpoints is ml.evaluation's job.
 
 Training state is saved at every epoch end and every `run.checkpoint_every_s` seconds, so a killed run
 resumes where it stopped and, on CPU, ends with the same weights as an uninterrupted one: every random
@@ -27,13 +27,13 @@ from tqdm import tqdm
 
 from data.augment import augmenter
 from data.mixed import MixedBatchLoader, MixedBatchSampler, prefetch_depth
-from pipeline import distributed
-from pipeline.atomic import atomic_write_csv
-from stages.devices import autocast, prepare_for_training, resolve_device, resolve_precision, unwrap
-from stages.evaluation import evaluate
-from stages.models import build_model, save_model
-from stages.optim import WeightEMA, make_optimizer, make_scheduler
-from stages.train_state import STATE_FILE, load_training_state, save_training_state, seed_from
+from pipeline.core import distributed
+from pipeline.core.atomic import atomic_write_csv
+from ml.devices import autocast, prepare_for_training, resolve_device, resolve_precision, unwrap
+from ml.evaluation import evaluate
+from ml.models import build_model, save_model
+from ml.optim import WeightEMA, make_optimizer, make_scheduler
+from ml.resume import STATE_FILE, load_training_state, save_training_state, seed_from
 
 METRIC_COLUMNS = ["epoch", "step", "loss", "lr", "train_acc", "train_adv_acc", "images_per_s", "seconds"]
 PROGRESS_INTERVAL_S = 1.0  # the progress bar redraws at most this often
@@ -182,7 +182,7 @@ def train(recipe: Recipe, data: TrainData, *, run_cfg, dist, out_dir: Path,
         stats = train_one_epoch(t, epoch, start_batch=start_batch, totals=totals, checkpoint=checkpoint,
                                 checkpoint_every_s=run_cfg.checkpoint_every_s, progress_bar=dist.is_main)
         if not math.isfinite(stats["loss"]):
-            from pipeline.errors import UserError
+            from pipeline.core.errors import UserError
 
             raise UserError(f"training diverged: the loss became {stats['loss']} in epoch {epoch + 1}. Lower the "
                             f"learning rate (or use run.precision = \"fp32\") and run again; the diverged state "
@@ -274,7 +274,7 @@ def train_one_epoch(t: Training, epoch: int, *, start_batch: int = 0, totals: di
         # The loss: train mode, natural and adversarial forwards kept separate (BatchNorm sees each).
         # Under DDP two forwards before one backward are correct: each parameter's gradient accumulator
         # runs once per backward (summing both uses), so DDP's hook all-reduces it once; see
-        # stages.devices.prepare_for_training for why no no_sync/static_graph/concatenation/buffer broadcast.
+        # ml.devices.prepare_for_training for why no no_sync/static_graph/concatenation/buffer broadcast.
         t.model.train()
         with amp:
             logits_natural = t.model(x)

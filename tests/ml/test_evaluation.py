@@ -1,13 +1,13 @@
-"""stages.evaluation: an accuracy under attack depends on the images and the seed only, never on the
+"""ml.evaluation: an accuracy under attack depends on the images and the seed only, never on the
 batch size or on how torchrun shards the images (the PGD random starts are seeded per image)."""
 import numpy as np
 import pytest
 import torch
 
-from pipeline import distributed
-from stages import evaluation
-from stages.attacks import ExampleSeeds, eval_attack, pgd_linf
-from stages.models import build_model
+from pipeline.core import distributed
+from ml import evaluation
+from ml.attacks import ExampleSeeds, eval_attack, pgd_linf
+from ml.models import build_model
 
 
 @pytest.fixture

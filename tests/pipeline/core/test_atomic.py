@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import atomic
-from pipeline.atomic import (atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_json, atomic_write_text,
+from pipeline.core import atomic
+from pipeline.core.atomic import (atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_json, atomic_write_text,
                              current_umask)
-from pipeline.errors import UserError, human_bytes, storage_error
+from pipeline.core.errors import UserError, human_bytes, storage_error
 
 WRITERS = {
     "text": lambda path: atomic_write_text(path, "hello\n"),
@@ -176,7 +176,7 @@ def test_real_full_disk_on_a_tmpfs(tmp_path):
     _mount_tmpfs(disk, "512k")
     try:
         # In a child process: what the pipeline would print, and no crash on the way out.
-        script = ("import torch, sys\nfrom pipeline.atomic import atomic_torch_save\nfrom pipeline.errors import "
+        script = ("import torch, sys\nfrom pipeline.core.atomic import atomic_torch_save\nfrom pipeline.core.errors import "
                   "UserError\ntry:\n    atomic_torch_save({'w': torch.zeros(1_000_000)}, sys.argv[1])\n"
                   "except UserError as e:\n    print(e)\n")
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

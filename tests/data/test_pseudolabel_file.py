@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import small_disk
-from data.h5_reader import PseudoLabelReader
-from data.h5store import SCHEMA_VERSION, PseudoLabelWriter, validate_pseudolabels
-from pipeline.errors import UserError
+from data.pseudolabel_file import PseudoLabelReader
+from data.pseudolabel_file import SCHEMA_VERSION, PseudoLabelWriter, validate_pseudolabels
+from pipeline.core.errors import UserError
 
 N, SHAPE, K = 50, (8, 8, 3), 10
 ATTRS = {"class_names": [f"c{i}" for i in range(K)], "pool_name": "toy", "pool_fingerprint": "pool-abc",
@@ -229,7 +229,7 @@ def test_resume_after_real_sigkill(tmp_path):
     path = tmp_path / "killed.h5"
     script = textwrap.dedent(f"""
         import os, signal
-        from tests.data.test_h5store import make_pool, new_writer, append_rows
+        from tests.data.test_pseudolabel_file import make_pool, new_writer, append_rows
         w = new_writer({str(path)!r})
         src = make_pool()
         append_rows(w, src, 0, 20)
@@ -361,9 +361,9 @@ def test_a_truncated_file_is_discarded_and_started_over(tmp_path):
 WRITE_UNTIL_FULL = """
 import sys
 import numpy as np
-from pipeline.errors import UserError
-from tests.data.test_h5store import K, ATTRS
-from data.h5store import PseudoLabelWriter
+from pipeline.core.errors import UserError
+from tests.data.test_pseudolabel_file import K, ATTRS
+from data.pseudolabel_file import PseudoLabelWriter
 n, shape = 4000, (28, 28, 1)
 images = np.random.default_rng(0).integers(0, 256, size=(n, *shape), dtype=np.uint8)
 w = PseudoLabelWriter(sys.argv[1], capacity=n, image_shape=shape, num_classes=K, attrs=ATTRS,

@@ -7,7 +7,7 @@ The reference holds a sha256 per tensor. Float results depend on the CPU's kerne
 AVX2 or AVX-512 code) and on the thread count, so the comparison is exact (bitwise) on the kernel set
 the reference was made with, one thread, and close (rtol 1e-4) elsewhere.
 
-Regenerate (only when a change of results is intended): python -m tests.stages.test_reference_weights
+Regenerate (only when a change of results is intended): python -m tests.ml.test_reference_weights
 """
 from __future__ import annotations
 
@@ -81,7 +81,12 @@ def digest(weights: dict[str, torch.Tensor]) -> dict:
 
 
 def environment() -> dict:
-    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__.split("+")[0]}
+    # oneDNN picks its fp32 kernels by ISA, and AMX machines get other kernels than AVX-512-only ones
+    # although torch reports "AVX512" on both, so AMX is part of the kernel set.
+    with open("/proc/cpuinfo") as cpuinfo:
+        amx = " amx_tile" in cpuinfo.read()
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "amx": amx,
+            "torch": torch.__version__.split("+")[0]}
 
 
 @pytest.fixture

@@ -142,13 +142,14 @@ def test_wandb_gets_the_run_and_its_scalars(tmp_path, monkeypatch):
         def finish(self):
             calls.append(("finish",))
 
-    fake = types.SimpleNamespace(Settings=lambda **kw: kw, init=lambda **kw: calls.append(("init", kw)) or FakeRun())
+    fake = types.SimpleNamespace(Settings=lambda **kw: kw, init=lambda **kw: calls.append(("init", kw)) or FakeRun(),
+                                 teardown=lambda: calls.append(("teardown",)))
     monkeypatch.setitem(sys.modules, "wandb", fake)
     tiny_train(tmp_path, settings(wandb=True, wandb_project="proj"))
-    (_, init), *logs, finish = calls
+    (_, init), *logs, finish, teardown = calls
     assert init["project"] == "proj" and init["mode"] == "offline" and init["name"] == "mart-test"
     assert init["dir"] == str(tmp_path) and init["config"] == {"lr": 0.05}
-    assert finish == ("finish",)
+    assert (finish, teardown) == (("finish",), ("teardown",))  # the run file complete before close returns
     assert [step for _, step, values in logs if "train/loss" in values] == [2, 4, 6, 8]
     assert [step for _, step, values in logs if "epoch/loss" in values] == [4, 8]
     assert not (tmp_path / TENSORBOARD_DIR).exists()

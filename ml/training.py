@@ -31,6 +31,7 @@ from pipeline.core import distributed
 from pipeline.core.atomic import atomic_write_csv
 from ml.devices import autocast, prepare_for_training, resolve_device, resolve_precision, unwrap
 from ml.evaluation import evaluate
+from ml.live_log import open_scalar_log
 from ml.models import build_model, save_model
 from ml.optim import WeightEMA, make_optimizer, make_scheduler
 from ml.resume import STATE_FILE, load_training_state, save_training_state, seed_from
@@ -103,6 +104,7 @@ class Training:
     scaler: Any = None  # fp16 only
     rank: int = 0
     world_size: int = 1
+    live: Any = None  # ml.live_log.ScalarLog for live curves (rank 0); None = off
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
@@ -140,13 +142,15 @@ def set_up(recipe: Recipe, data: TrainData, *, run_cfg, dist, mean, std) -> tupl
 
 
 def train(recipe: Recipe, data: TrainData, *, run_cfg, dist, out_dir: Path,
-          log: Callable[[str], None] = print) -> list[dict]:
+          log: Callable[[str], None] = print, live_log=None, run_name: str = "train",
+          run_params: Mapping[str, Any] | None = None) -> list[dict]:
     """Train per `recipe` on `data`, resuming from out_dir/train_state.pt when it exists; writes
     model.pt, metrics.csv and, when `data` has a validation split, last.pt. Returns the metrics rows.
 
     With a validation split model.pt is the epoch (EMA weights when recipe.ema_decay > 0) most
     accurate under recipe.select_attack on it, and last.pt the final one; without, model.pt is final.
-    Under torchrun every rank calls this; rank 0 writes the files.
+    Under torchrun every rank calls this; rank 0 writes the files. `live_log` (pipeline.config.LogConfig,
+    None = off) turns on live curves (ml.live_log) named `run_name`, with `run_params` as the W&B config.
     """
     out_dir = Path(out_dir)
     mean, std = channel_stats(data.images)
@@ -165,6 +169,8 @@ def train(recipe: Recipe, data: TrainData, *, run_cfg, dist, out_dir: Path,
     totals = progress["totals"] if progress else None
     if progress:
         log(f"  resumed from checkpoint at epoch {first_epoch + 1}, batch {start_batch}")
+    t.live = open_scalar_log(out_dir, live_log, run_name, dist.rank, params=run_params,
+                             start_step=t.scheduler.last_epoch if progress else None)
     # The epochs already done wrote their best model.pt; later epochs must beat it.
     best = max([r["val_pgd_acc"] for r in rows if "val_pgd_acc" in r], default=-1.0)
 
@@ -207,6 +213,8 @@ def train(recipe: Recipe, data: TrainData, *, run_cfg, dist, out_dir: Path,
 
         # -- the epoch's record, then the epoch-end checkpoint (a resume starts the next epoch at batch 0)
         rows.append(row)
+        if t.live is not None:  # NaN = not measured (train_adv_acc of natural training)
+            t.live.scalars(row["step"], {f"epoch/{k}": v for k, v in row.items() if k != "step" and v == v})
         log("  epoch {epoch}/{epochs}: loss {loss:.4f}, train acc {train_acc:.3f}, {images_per_s:.0f} img/s"
             .format(epochs=recipe.epochs, **row))
         if dist.is_main:
@@ -221,6 +229,8 @@ def train(recipe: Recipe, data: TrainData, *, run_cfg, dist, out_dir: Path,
         if data.validating:
             log(f"  model.pt is epoch {int(np.nanargmax([r['val_pgd_acc'] for r in rows])) + 1} "
                 f"(best validation PGD accuracy)")
+    if t.live is not None:
+        t.live.close()
     return rows
 
 
@@ -246,6 +256,7 @@ def train_one_epoch(t: Training, epoch: int, *, start_batch: int = 0, totals: di
     adv_correct = torch.zeros((), device=t.device, dtype=torch.float64) + totals["adv_correct"]
     seen, seconds_before = totals["seen"], totals["seconds"]
     started = last_checkpoint = time.perf_counter()
+    logged = (totals["loss"], totals["correct"], totals["adv_correct"], seen, started)  # the live curves' last write
 
     def snapshot(next_batch: int) -> dict:
         return {"loss": float(loss_sum), "correct": float(correct), "adv_correct": float(adv_correct),
@@ -302,6 +313,19 @@ def train_one_epoch(t: Training, epoch: int, *, start_batch: int = 0, totals: di
                 adv_correct += (logits_adv.argmax(1) == y).sum()
         seen += y.numel()
         bar.update()
+
+        # Live curves: the means since the last write, every live.every_steps optimizer steps (the float()
+        # calls sync the GPU once per interval). Rank 0's slice; images/s scaled to the whole job.
+        if t.live is not None and t.scheduler.last_epoch % t.live.every_steps == 0:
+            now = (float(loss_sum), float(correct), float(adv_correct), seen, time.perf_counter())
+            n = max(1, now[3] - logged[3])
+            values = {"train/loss": (now[0] - logged[0]) / n, "train/acc": (now[1] - logged[1]) / n,
+                      "train/lr": t.optimizer.param_groups[0]["lr"],
+                      "train/images_per_s": n * t.world_size / max(now[4] - logged[4], 1e-9)}
+            if logits_adv is not None:  # the training attack's success: adversarial examples misclassified
+                values["train/attack_success"] = 1 - (now[2] - logged[2]) / n
+            t.live.scalars(t.scheduler.last_epoch, values)
+            logged = now
 
         # Mid-epoch checkpoint: a kill loses at most checkpoint_every_s seconds of work.
         if checkpoint is not None and time.perf_counter() - last_checkpoint >= checkpoint_every_s:

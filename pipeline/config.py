@@ -113,6 +113,29 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    """[log]: live curves while a stage trains (ml.live_log). No key changes results, so no stage declares
+    one: they stay out of every fingerprint, and the runner hands the section to stages as ctx.live_log."""
+
+    tensorboard: bool = False  # TensorBoard event files in the stage's entry, <entry>/tensorboard/ (needs `tensorboard`)
+    wandb: bool = False  # a Weights & Biases run in <entry>/wandb/ (needs `wandb`)
+    wandb_project: str = "rst-mart"  # the W&B project the run belongs to
+    wandb_mode: str = "offline"  # online | offline (no network; upload later with `wandb sync <entry>/wandb/offline-run-*`)
+    every_steps: int = 50  # optimizer steps between interval writes (each costs one host-device sync)
+
+    def check_installed(self) -> None:
+        """Refuse before any stage runs when an option is on and its package is missing (the stage would
+        only find out when it starts training, maybe hours into a run)."""
+        import importlib.util
+
+        for option, package in (("tensorboard", "tensorboard==2.21.0"), ("wandb", "wandb==0.31.0")):
+            if getattr(self, option) and importlib.util.find_spec(option) is None:
+                raise UserError(f"log.{option} = true needs the `{option}` package, which is not installed; "
+                                f"install it with `pip install {package}` (or `pip install 'rst-mart[log]'` "
+                                f"for both), or turn the option off with --set log.{option}=false.")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -121,6 +144,7 @@ class Config:
     pseudolabel: PseudolabelConfig = field(default_factory=PseudolabelConfig)
     mart: MartConfig = field(default_factory=MartConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def section(self, name: str) -> dict[str, Any]:
         """A section as a plain dict (pool options merged in), e.g. for fingerprints and stage.json."""

@@ -21,6 +21,7 @@ _CHOICES = {
     "teacher.schedule": ("cosine", "piecewise", "constant"),
     "mart.schedule": ("cosine", "piecewise", "constant"),
     "mart.loss": ("mart", "trades", "pgd-at"),
+    "log.wandb_mode": ("online", "offline"),
 }
 
 # The names the eval stage accepts (ml.robustness imports torch, so they are repeated here; a test keeps them equal).
@@ -55,6 +56,7 @@ _RANGES = {
     "eval.n": (*_AT_LEAST_0, "0 = the whole test set"),
     "eval.eps": (*_AT_LEAST_0, "0 = the training radius mart.epsilon"),
     "eval.batch_size": (*_AT_LEAST_1, ""),
+    "log.every_steps": (*_AT_LEAST_1, "optimizer steps between live-curve writes"),
 }
 for _section in ("teacher", "mart"):
     _RANGES.update({

@@ -148,6 +148,8 @@ class Runner:
             self.store.check_writable()
         plans = self._agree(self.plan(names, verify=True))
         to_run = [p for p in plans if not p.fresh or (force and p.stage.name in names)]
+        if to_run:  # a missing tensorboard/wandb fails now, not when a stage starts training
+            self.config.log.check_installed()
         # Every source a running stage reads is opened and checked now, before the first stage starts:
         # a malformed pool fails in seconds, not after an hour of teacher training.
         for plan in to_run:
@@ -228,6 +230,7 @@ class Runner:
         by_name = {p.stage.name: p for p in plans}
         ctx = StageContext(
             config=self.config, out_dir=partial, fingerprint=plan.fingerprint, dist=dist, log=self.log,
+            live_log=self.config.log,
             inputs={up: StageInput(by_name[up].entry, by_name[up].fingerprint) for up in stage.upstream(self.config)},
             sources={s.name: self._open(s, dist) for s in stage.sources(self.config)})
         start = time.perf_counter()

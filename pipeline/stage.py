@@ -77,3 +77,4 @@ class StageContext:
     fingerprint: str
     dist: Any  # pipeline.core.distributed.DistInfo
     log: Callable[[str], None] = print
+    live_log: Any = None  # pipeline.config.LogConfig: live curves, a run-time setting outside fingerprints

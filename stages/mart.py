@@ -79,7 +79,9 @@ def run(ctx) -> None:
         augment=cfg.augment, unsup_fraction=cfg.unsup_fraction, ema_decay=cfg.ema_decay,
         select_attack=eval_attack(cfg.epsilon), eval_batch_size=cfg.eval_batch_size,
         checkpoint_info={"epsilon": cfg.epsilon, "loss": cfg.loss})
-    training.train(recipe, data, run_cfg=run_cfg, dist=ctx.dist, out_dir=ctx.out_dir, log=ctx.log)
+    training.train(recipe, data, run_cfg=run_cfg, dist=ctx.dist, out_dir=ctx.out_dir, log=ctx.log,
+                   live_log=ctx.live_log, run_name=f"mart-{ctx.fingerprint[:12]}",
+                   run_params={"fingerprint": ctx.fingerprint, **vars(cfg)})
 
     checkpoints = {"mart": "model.pt", "mart-last": "last.pt"}
     if cfg.val_size == 0:  # the last epoch is the model

@@ -34,7 +34,9 @@ def run(ctx) -> None:
                                  lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                  schedule=cfg.schedule, milestones=cfg.milestones, loss=training.natural_loss,
                                  augment=cfg.augment)
-        training.train(recipe, data, run_cfg=run_cfg, dist=ctx.dist, out_dir=ctx.out_dir, log=ctx.log)
+        training.train(recipe, data, run_cfg=run_cfg, dist=ctx.dist, out_dir=ctx.out_dir, log=ctx.log,
+                       live_log=ctx.live_log, run_name=f"teacher-{ctx.fingerprint[:12]}",
+                       run_params={"fingerprint": ctx.fingerprint, **vars(cfg)})
     score_checkpoints(ctx.out_dir, {"teacher": "model.pt"}, {"clean": (None, 0.0)}, labeled.test_images,
                       labeled.test_labels, run_cfg=run_cfg, dist=ctx.dist, log=ctx.log)
     if ctx.dist.is_main:

@@ -135,8 +135,11 @@ def _stage_names(args) -> list[str]:
 
 
 def _status(config, workdir: Path, names: list[str], *, verify: bool) -> int:
+    from pipeline.core.distributed import dist_info
     from pipeline.runner import Runner, run_in_progress
 
+    if not dist_info().is_main:  # under torchrun (to plan at its world size) every rank plans alike: one prints
+        return EXIT_OK
     holder = run_in_progress(workdir)
     if holder:
         print(f"a run is in progress in {workdir} ({holder})")

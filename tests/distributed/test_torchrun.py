@@ -225,3 +225,11 @@ def test_a_teacher_trained_by_2_ranks_is_not_the_1_process_teacher(torchrun_work
         built = json.loads((workdir / stage / "stage.json").read_text())["fingerprint"]
         assert single[stage].fingerprint != built and not single[stage].fresh
     assert "run.world_size removed" in single["teacher"].reason
+    # Asked at the world size it was built with, the work dir is fresh, and only rank 0 prints.
+    proc = subprocess.run([sys.executable, "-m", "pipeline.torchrun", "--standalone", f"--nproc-per-node={NPROC}",
+                           "status", "--config", str(SMOKE), "--workdir", str(workdir), "--set", "run.device=cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "RST_MART_STORE": str(workdir.parent / "store")})
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split()[:2] for line in proc.stdout.splitlines()] == [
+        ["teacher:", "fresh"], ["pseudolabel:", "fresh"], ["mart:", "fresh"]], proc.stdout

@@ -150,9 +150,11 @@ def _status(config, workdir: Path, names: list[str], *, verify: bool) -> int:
 
 
 def _run(config, workdir: Path, names: list[str], *, force: bool) -> int:
+    from pipeline.config_checks import check_device_here
     from pipeline.core import distributed
     from pipeline.runner import Runner
 
+    check_device_here(config)
     info = distributed.dist_info()
     log = print if info.is_main else (lambda message: None)
     try:  # under torchrun, runner.run joins the process group (device type from run.device)

@@ -117,6 +117,28 @@ def check_against_labeled(config: Config, num_labeled_images: int) -> None:
     _check_val_size(config, num_labeled_images, refuse)
 
 
+def check_device_here(config: Config) -> None:
+    """For `run` only (`status` and `report` may plan on a login node without the run's GPUs): refuse a
+    CUDA device this machine does not have before anything is created, not as a traceback once a stage
+    moves its model. Imports torch, which the run is about to import anyway."""
+    device = config.run.device
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    # Plain "cuda" is cuda:LOCAL_RANK under torchrun (ml.devices.resolve_device).
+    index = int(device.partition(":")[2] or dist_info().local_rank)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index < count:
+        return
+    have = (f"{count} CUDA device(s), cuda:0 to cuda:{count - 1}" if count else
+            "no CUDA device" + (" (this torch is a CPU-only build)" if torch.version.cuda is None else ""))
+    raise UserError(f"`run.device` is {device!r}" + ("" if ":" in device else f" (cuda:{index} for this process)")
+                    + f", but this machine has {have}. Use --set run.device=auto (CUDA when present, else the "
+                    "CPU) or --set run.device=cpu" + (f", a device index below {count}" if count else "")
+                    + ", or run it where the GPU is.")
+
+
 def _value(config: Config, key: str) -> Any:
     section, name = key.split(".")
     return getattr(getattr(config, section), name)

@@ -233,3 +233,16 @@ def test_a_teacher_trained_by_2_ranks_is_not_the_1_process_teacher(torchrun_work
     assert proc.returncode == 0, proc.stderr
     assert [line.split()[:2] for line in proc.stdout.splitlines()] == [
         ["teacher:", "fresh"], ["pseudolabel:", "fresh"], ["mart:", "fresh"]], proc.stdout
+
+
+def test_a_crashed_rank_under_the_launcher_gets_torchruns_failure_summary_and_exit_1(tmp_path):
+    # Every rank dies at start-up with status 3 (a sitecustomize that only torchrun's children run): a
+    # crash, not a user error.
+    (tmp_path / "sitecustomize.py").write_text("import os\nif 'LOCAL_RANK' in os.environ:\n    os._exit(3)\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.torchrun", "--standalone", f"--nproc-per-node={NPROC}",
+                           "run", "--config", str(SMOKE), "--workdir", str(tmp_path / "w")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tmp_path}:{ROOT}"})
+    assert proc.returncode == 1, proc.stderr
+    assert "pipeline FAILED" in proc.stderr and "exitcode  : 3" in proc.stderr
+    assert "error: " not in proc.stderr and "Traceback" not in proc.stderr

@@ -144,3 +144,16 @@ def test_a_work_dir_that_is_a_file_is_refused(tmp_path):
     assert_user_error(run_cli("run", "--config", SMOKE, "--workdir", file / "w", check=False),
                       f"the work dir {file / 'w'} is inside {file}, which is a file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"] and file.read_text() == "mine"
+
+
+def test_a_cuda_device_this_machine_lacks_is_refused_before_anything_is_created(tmp_path):
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0  # cuda:count never exists
+    proc = run_cli("run", "--config", SMOKE, "--workdir", tmp_path / "w", "--set", f"run.device=cuda:{count}",
+                   check=False)
+    assert_user_error(proc, f"`run.device` is 'cuda:{count}', but this machine has", "--set run.device=auto")
+    assert list(tmp_path.iterdir()) == []
+    # status plans without the device (a login node may lack the run's GPUs)
+    assert run_cli("status", "--config", SMOKE, "--workdir", tmp_path / "w", "--set", f"run.device=cuda:{count}",
+                   check=False).returncode == 0

@@ -103,7 +103,7 @@ def _dispatch(args) -> int:
     if args.command == "sweep":
         from pipeline.sweep import run_sweep
 
-        workdir = _usable_workdir(Path(args.workdir) if args.workdir else Path(f"{default_workdir(args.config)}-sweep"))
+        workdir = _usable_workdir(Path(args.workdir or f"{default_workdir(args.config)}-sweep"))
         run_sweep(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds)
         return EXIT_OK
     workdir = _usable_workdir(Path(args.workdir) if args.workdir else default_workdir(args.config))
@@ -123,8 +123,9 @@ def _usable_workdir(workdir: Path) -> Path:
             if path.is_dir():
                 return workdir
             what = "is" if path == workdir else f"is inside {path}, which is"
-            raise UserError(f"the work dir {workdir} {what} a file (or a broken link), not a directory; give --workdir a directory "
-                            f"(an existing one, or a new path whose parent is a directory), or move the file away.")
+            raise UserError(f"the work dir {workdir} {what} a file (or a broken link), not a directory; give "
+                            "--workdir a directory (an existing one, or a new path whose parent is a directory), "
+                            "or move the file away.")
     return workdir
 
 

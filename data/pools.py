@@ -273,6 +273,17 @@ def pool_identity(provider: str, options: dict) -> str:
     return _construct(_resolve_provider(provider), options, provider).fingerprint()
 
 
+def unused_pool_options(provider: str, options: dict) -> tuple[list[str], list[str]]:
+    """For a built-in provider, the [pool] `options` it does not take and the ones it does, without
+    constructing it (so a config check can refuse them before any stage runs). Plugins are checked
+    when constructed, by `_construct`: ([], []) here."""
+    if provider not in BUILTIN_PROVIDERS:
+        return [], []
+    options = {k: v for k, v in options.items() if not (k == "path" and v in ("", None))}
+    accepted = [] if provider in _CONTEXT_PROVIDERS else _keywords(BUILTIN_PROVIDERS[provider]) or []
+    return [k for k in options if k not in accepted], accepted
+
+
 def open_pool(provider: str, options: dict, *, labeled: LabeledSet, remainder_index: np.ndarray,
               limit: int = 0, convert: Sequence[str] = (), cache_dir: str | os.PathLike | None = None) -> Pool:
     """Build the pool named by `provider` from the [pool] `options`, apply `convert` and `limit`, and
@@ -288,7 +299,8 @@ def open_pool(provider: str, options: dict, *, labeled: LabeledSet, remainder_in
         if options:
             raise UserError(
                 f"pool.provider = {provider!r} takes no options, but the config sets "
-                f"{', '.join('pool.' + k for k in options)}; remove them."
+                f"{', '.join('pool.' + k for k in options)}; remove them, or choose the provider that reads "
+                "them (e.g. pool.provider=npz for a pool.path of .npz files)."
             )
         pool = factory(labeled=labeled, remainder_index=remainder_index)
     else:
@@ -339,14 +351,22 @@ def _takes_keyword(factory: Callable, name: str) -> bool:
                                                     inspect.Parameter.KEYWORD_ONLY)
 
 
-def _construct(factory: Callable[..., Pool], options: dict, provider: str) -> Pool:
-    """factory(**options), with unknown or missing keys reported as config mistakes, not tracebacks."""
+def _keywords(factory: Callable) -> list[str] | None:
+    """The keyword arguments `factory` takes, or None when it takes any (**kwargs) or cannot be inspected."""
     try:
         params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):  # no introspectable signature: let the call itself complain
-        params = None
-    if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _construct(factory: Callable[..., Pool], options: dict, provider: str) -> Pool:
+    """factory(**options), with unknown or missing keys reported as config mistakes, not tracebacks."""
+    accepted = _keywords(factory)  # None: no introspectable signature, or **kwargs: let the call complain
+    if accepted is not None:
+        params = inspect.signature(factory).parameters
         unexpected = [k for k in options if k not in accepted]
         if unexpected:
             raise UserError(

@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except UserError as e:
-        _leave_for_launcher(str(e))
-        print(_paragraph(f"error: {e}"), file=sys.stderr)
+        if not _leave_for_launcher(str(e)):  # under the launcher, it prints the paragraph once for all ranks
+            print(_paragraph(f"error: {e}"), file=sys.stderr)
         return EXIT_USER
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
@@ -81,11 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BUG
 
 
-def _leave_for_launcher(message: str) -> None:
-    """Under `python -m pipeline.torchrun`, leave this rank's user error where the launcher reads it."""
+def _leave_for_launcher(message: str) -> bool:
+    """Under `python -m pipeline.torchrun`, leave this rank's user error where the launcher reads it
+    (True), so that it is printed once, not once per rank."""
     error_dir = os.environ.get(ERROR_DIR_ENV)
-    if error_dir:
-        Path(error_dir, f"rank-{int(os.environ.get('RANK', 0)):05d}.txt").write_text(message)
+    if not error_dir:
+        return False
+    Path(error_dir, f"rank-{int(os.environ.get('RANK', 0)):05d}.txt").write_text(message)
+    return True
 
 
 def _dispatch(args) -> int:
@@ -100,15 +103,30 @@ def _dispatch(args) -> int:
     if args.command == "sweep":
         from pipeline.sweep import run_sweep
 
-        workdir = Path(args.workdir) if args.workdir else Path(f"{default_workdir(args.config)}-sweep")
+        workdir = _usable_workdir(Path(args.workdir or f"{default_workdir(args.config)}-sweep"))
         run_sweep(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds)
         return EXIT_OK
-    workdir = Path(args.workdir) if args.workdir else default_workdir(args.config)
+    workdir = _usable_workdir(Path(args.workdir) if args.workdir else default_workdir(args.config))
     if args.command == "report":
         return _report(config, workdir)
     if args.command == "status":
         return _status(config, workdir, _stage_names(args), verify=args.verify)
     return _run(config, workdir, _stage_names(args), force=args.force)
+
+
+def _usable_workdir(workdir: Path) -> Path:
+    """`workdir` when it is, or can become, a directory: refused up front when it, or a folder above it,
+    is a file (mkdir would fail with a traceback after the config was read, or `status` would plan
+    for a work dir that cannot exist)."""
+    for path in (workdir, *workdir.parents):
+        if path.exists() or path.is_symlink():
+            if path.is_dir():
+                return workdir
+            what = "is" if path == workdir else f"is inside {path}, which is"
+            raise UserError(f"the work dir {workdir} {what} a file (or a broken link), not a directory; give "
+                            "--workdir a directory (an existing one, or a new path whose parent is a directory), "
+                            "or move the file away.")
+    return workdir
 
 
 def _stage_names(args) -> list[str]:
@@ -118,8 +136,11 @@ def _stage_names(args) -> list[str]:
 
 
 def _status(config, workdir: Path, names: list[str], *, verify: bool) -> int:
+    from pipeline.core.distributed import dist_info
     from pipeline.runner import Runner, run_in_progress
 
+    if not dist_info().is_main:  # under torchrun (to plan at its world size) every rank plans alike: one prints
+        return EXIT_OK
     holder = run_in_progress(workdir)
     if holder:
         print(f"a run is in progress in {workdir} ({holder})")
@@ -130,9 +151,11 @@ def _status(config, workdir: Path, names: list[str], *, verify: bool) -> int:
 
 
 def _run(config, workdir: Path, names: list[str], *, force: bool) -> int:
+    from pipeline.config_checks import check_device_here
     from pipeline.core import distributed
     from pipeline.runner import Runner
 
+    check_device_here(config)
     info = distributed.dist_info()
     log = print if info.is_main else (lambda message: None)
     try:  # under torchrun, runner.run joins the process group (device type from run.device)
@@ -170,7 +193,8 @@ def _gc(args) -> int:
         root = Path(args.store)
     else:
         config = load_config(args.config)
-        root = store_dir(config.run.store, Path(args.workdir) if args.workdir else default_workdir(args.config))
+        root = store_dir(config.run.store, _usable_workdir(Path(args.workdir)) if args.workdir
+                         else default_workdir(args.config))
     if not root.is_dir():
         raise UserError(f"there is no stage store at {root}; name it with --store (or run.store / $RST_MART_STORE).")
     store = Store(root)

@@ -34,13 +34,21 @@ _POSITIVE = (lambda v: v > 0, "> 0")
 _FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
 _BELOW_1 = (lambda v: 0 <= v < 1, "in [0, 1)")
 
+# The engine's integers end up in int64 places (numpy indices, torch seeds, the int64 columns of results
+# tables); torch.manual_seed takes 0..2**64-1 and numpy any size, so int64 is the narrowest.
+INT64_MAX = 2**63 - 1
+_INT64_COUNT = (lambda v: 0 <= v <= INT64_MAX, f"in 0..{INT64_MAX} (2**63 - 1)")
+# Batches gathered ahead, each held in memory until used: more than a few never helps.
+MAX_NUM_WORKERS = 64
+
 # Every number's allowed range, with what the value means where that helps to choose a fix.
 _RANGES = {
-    "run.seed": (*_AT_LEAST_0, ""),
-    "run.num_workers": (*_AT_LEAST_0, ""),
+    "run.seed": (*_INT64_COUNT, "it seeds numpy and torch generators"),
+    "run.num_workers": (lambda v: 0 <= v <= MAX_NUM_WORKERS, f"in 0..{MAX_NUM_WORKERS}",
+                        "batches prepared ahead, each held in memory; 0 = none"),
     "run.checkpoint_every_s": (*_AT_LEAST_0, "seconds between mid-epoch checkpoints; 0 = after every step"),
-    "data.num_labeled": (*_AT_LEAST_0, "0 = the whole training split"),
-    "pool.limit": (*_AT_LEAST_0, "0 = the whole pool"),
+    "data.num_labeled": (*_INT64_COUNT, "0 = the whole training split"),
+    "pool.limit": (*_INT64_COUNT, "0 = the whole pool"),
     "pseudolabel.batch_size": (*_AT_LEAST_1, ""),
     "pseudolabel.dedup_threshold": (*_POSITIVE, "an L2 distance on [0, 1] pixels; RST used 2000/255 = 7.843"),
     "mart.epoch_size": (*_AT_LEAST_0, "0 = as many examples as labeled images"),
@@ -89,6 +97,7 @@ def validate(config: Config, *, world_size: int | None = None, sources: dict[str
         if isinstance(value, float) and not math.isfinite(value) or not ok(value):
             raise refuse(key, f"it must be {'a finite number ' if isinstance(value, float) else ''}{rule}"
                               + (f" ({meaning})" if meaning else ""), "")
+    _check_pool_options(config, refuse)
     pool_in_memory = config.mart.pool_in_memory
     if pool_in_memory != "auto" and not _is_number_at_least_0(pool_in_memory):
         raise refuse("mart.pool_in_memory", "it must be \"auto\" or a number of GiB >= 0 (0 reads the pool from "
@@ -110,6 +119,28 @@ def check_against_labeled(config: Config, num_labeled_images: int) -> None:
     _check_val_size(config, num_labeled_images, refuse)
 
 
+def check_device_here(config: Config) -> None:
+    """For `run` only (`status` and `report` may plan on a login node without the run's GPUs): refuse a
+    CUDA device this machine does not have before anything is created, not as a traceback once a stage
+    moves its model. Imports torch, which the run is about to import anyway."""
+    device = config.run.device
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    # Plain "cuda" is cuda:LOCAL_RANK under torchrun (ml.devices.resolve_device).
+    index = int(device.partition(":")[2] or dist_info().local_rank)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index < count:
+        return
+    have = (f"{count} CUDA device(s), cuda:0 to cuda:{count - 1}" if count else
+            "no CUDA device" + (" (this torch is a CPU-only build)" if torch.version.cuda is None else ""))
+    raise UserError(f"`run.device` is {device!r}" + ("" if ":" in device else f" (cuda:{index} for this process)")
+                    + f", but this machine has {have}. Use --set run.device=auto (CUDA when present, else the "
+                    "CPU) or --set run.device=cpu" + (f", a device index below {count}" if count else "")
+                    + ", or run it where the GPU is.")
+
+
 def _value(config: Config, key: str) -> Any:
     section, name = key.split(".")
     return getattr(getattr(config, section), name)
@@ -121,6 +152,24 @@ def _is_number_at_least_0(text: str) -> bool:
     except ValueError:
         return False
     return math.isfinite(value) and value >= 0
+
+
+def _check_pool_options(config: Config, refuse) -> None:
+    """A built-in provider's [pool] keys against the ones it takes, before any stage runs (a plugin's are
+    checked when it is constructed: importing it here could be slow). Without this, a key the provider
+    does not read (pool.path with labeled-remainder) would be silently ignored, and the run not be the one
+    the user asked for."""
+    from data.pools import unused_pool_options
+
+    options = dict(config.pool.options)
+    if config.pool.path:
+        options["path"] = config.pool.path
+    unused, accepted = unused_pool_options(config.pool.provider, options)
+    if unused:
+        takes = f"it takes {', '.join('pool.' + k for k in accepted)}" if accepted else "it takes no options"
+        raise refuse("pool.provider", f"{takes}, but pool.{unused[0]} is set too, and would be ignored",
+                     f"Remove pool.{unused[0]} (from the [pool] section or the --set), or choose the provider "
+                     "that reads it (e.g. pool.provider=npz for a pool.path of .npz files).")
 
 
 def _check_schedule(config: Config, section: str, refuse) -> None:

@@ -87,6 +87,9 @@ class Runner:
             for source in stage.sources(self.config):
                 inputs[source.name] = self.source_fingerprint(source)
             params = stage.params(self.config)
+            world_size = distributed.dist_info().world_size
+            if stage.distributed_changes_results and world_size != 1:  # absent at 1: old entries stay valid
+                params.update({"run.world_size": world_size, "run.sync_bn": self.config.run.sync_bn})
             fp = fingerprint({"stage": name, "code_version": stage.code_version, "params": params,
                               "inputs": inputs})
             entry, fresh, reason = self._freshness(stage, fp, params, inputs, verify=verify)

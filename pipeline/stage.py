@@ -38,6 +38,10 @@ class Stage:
     inputs: Callable[[Any], tuple[str | Source, ...]] = lambda config: ()
     insignificant: tuple[str, ...] = ()  # keys of its own section that do not change results
     extra_params: tuple[str, ...] = ()  # "section.key" of other sections that do change results
+    # True for a stage whose results depend on how many torchrun processes share its batches (training:
+    # BatchNorm statistics and the augmentation and attack draws are per rank's slice); the runner then
+    # adds run.world_size and run.sync_bn to its params when the world size is not 1.
+    distributed_changes_results: bool = False
 
     @property
     def code_version(self) -> str:

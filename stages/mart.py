@@ -99,4 +99,5 @@ def run(ctx) -> None:
 STAGE = Stage(
     name="mart", version=3, section="mart", run=run, inputs=inputs,
     outputs=("model.pt", "last.pt", "metrics.csv", "results.csv"),
-    insignificant=("eval_batch_size", "pool_in_memory"), extra_params=("data.num_labeled", "run.seed", "run.precision"))
+    insignificant=("eval_batch_size", "pool_in_memory"), extra_params=("data.num_labeled", "run.seed", "run.precision"),
+    distributed_changes_results=True)

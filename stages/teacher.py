@@ -76,4 +76,5 @@ STAGE = Stage(
     name="teacher", version=2, section="teacher", run=run, inputs=inputs,
     outputs=("model.pt", "metrics.csv", "results.csv"),
     # The file is known by its digest (an input), so moving it does not re-import it.
-    insignificant=("checkpoint",), extra_params=("data.num_labeled", "run.seed", "run.precision"))
+    insignificant=("checkpoint",), extra_params=("data.num_labeled", "run.seed", "run.precision"),
+    distributed_changes_results=True)

@@ -194,14 +194,55 @@ def test_an_interrupted_shard_resumes_at_its_last_block(torchrun_workdir, tmp_pa
             assert np.array_equal(f[key][:], g[key][:]), key
 
 
-def test_a_user_error_under_the_launcher_exits_2_with_rank_0s_paragraph(tmp_path):
-    """Plain torchrun reports any failed rank as exit 1; `python -m pipeline.torchrun` says what it was."""
-    plain = torchrun("-m", "pipeline", "run", "--config", SMOKE, "--workdir", tmp_path, "--set", "data.dataset=nope",
-                     check=False)
-    assert plain.returncode == 1
-    proc = subprocess.run([sys.executable, "-m", "pipeline.torchrun", f"--nproc_per_node={NPROC}", "--standalone",
-                           "run", "--config", str(SMOKE), "--workdir", str(tmp_path), "--set", "data.dataset=nope"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 2
-    last_paragraph = proc.stderr.split("\nerror: ")[-1]
-    assert "data.dataset = 'nope' is not a known dataset" in last_paragraph and "Traceback" not in last_paragraph
+def test_a_user_error_under_the_launcher_is_one_paragraph_and_exit_2(tmp_path):
+    """Plain torchrun reports any failed rank as exit 1 with a ChildFailedError traceback, and each rank
+    prints the paragraph; `python -m pipeline.torchrun` prints it once, and nothing else that looks like a bug."""
+    args = ["run", "--config", SMOKE, "--workdir", tmp_path / "w", "--set", "data.dataset=nope"]
+    plain = torchrun("-m", "pipeline", *args, check=False)
+    assert plain.returncode == 1 and "ChildFailedError" in plain.stderr
+    proc = subprocess.run([sys.executable, "-m", "pipeline.torchrun", "--standalone", f"--nproc-per-node={NPROC}",
+                           *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("error: ") == 1 and "data.dataset = 'nope' is not a known dataset" in proc.stderr
+    for noise in ("Traceback", "ChildFailedError", "failed (exitcode"):
+        assert noise not in proc.stderr + proc.stdout, proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_teacher_trained_by_2_ranks_is_not_the_1_process_teacher(torchrun_workdir):
+    """Each rank's BatchNorm statistics and augmentation draws cover its slice of the batch, so 2 ranks
+    train other weights than 1 process: the store must not hand out one for the other."""
+    from pipeline.config import load_config
+    from pipeline.runner import Runner
+
+    workdir, _ = torchrun_workdir
+    for stage in ("teacher", "mart"):
+        record = json.loads((workdir / stage / "stage.json").read_text())
+        assert record["params"]["run.world_size"] == NPROC
+    single = {p.stage.name: p for p in Runner(load_config(SMOKE, ["run.device=cpu"]), workdir).plan(["mart"])}
+    for stage in ("teacher", "pseudolabel", "mart"):
+        built = json.loads((workdir / stage / "stage.json").read_text())["fingerprint"]
+        assert single[stage].fingerprint != built and not single[stage].fresh
+    assert "run.world_size removed" in single["teacher"].reason
+    # Asked at the world size it was built with, the work dir is fresh, and only rank 0 prints.
+    proc = subprocess.run([sys.executable, "-m", "pipeline.torchrun", "--standalone", f"--nproc-per-node={NPROC}",
+                           "status", "--config", str(SMOKE), "--workdir", str(workdir), "--set", "run.device=cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "RST_MART_STORE": str(workdir.parent / "store")})
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split()[:2] for line in proc.stdout.splitlines()] == [
+        ["teacher:", "fresh"], ["pseudolabel:", "fresh"], ["mart:", "fresh"]], proc.stdout
+
+
+def test_a_crashed_rank_under_the_launcher_gets_torchruns_failure_summary_and_exit_1(tmp_path):
+    # Every rank dies at start-up with status 3 (a sitecustomize that only torchrun's children run): a
+    # crash, not a user error.
+    (tmp_path / "sitecustomize.py").write_text("import os\nif 'LOCAL_RANK' in os.environ:\n    os._exit(3)\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.torchrun", "--standalone", f"--nproc-per-node={NPROC}",
+                           "run", "--config", str(SMOKE), "--workdir", str(tmp_path / "w")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tmp_path}:{ROOT}"})
+    assert proc.returncode == 1, proc.stderr
+    assert "pipeline FAILED" in proc.stderr and "exitcode  : 3" in proc.stderr
+    assert "error: " not in proc.stderr and "Traceback" not in proc.stderr

@@ -120,3 +120,40 @@ def test_full_disk_during_the_teacher_then_a_rerun_completes(tmp_path):
         grow("16m")
         run_cli(*args, env=env)
         assert (disk / "run" / "teacher" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("run.seed=99999999999999999999999", "`run.seed` is 99999999999999999999999"),
+    ("run.num_workers=1000", "`run.num_workers` is 1000"),
+    ("pool.limit=99999999999999999999999", "`pool.limit` is 99999999999999999999999"),
+    ("pool.path=pool.npz", "pool.path is set too, and would be ignored"),  # smoke's provider: labeled-remainder
+])
+def test_engine_values_are_refused_before_anything_is_created(tmp_path, override, fragment):
+    for command in ("run", "status"):
+        proc = run_cli(command, "--config", SMOKE, "--workdir", tmp_path / "w", "--set", override, check=False)
+        assert_user_error(proc, fragment)
+    assert list(tmp_path.iterdir()) == []  # no work dir, no store (RST_MART_STORE is tmp_path/store)
+
+
+def test_a_work_dir_that_is_a_file_is_refused(tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    for command in ("run", "status", "report"):
+        assert_user_error(run_cli(command, "--config", SMOKE, "--workdir", file, check=False),
+                          f"the work dir {file} is a file")
+    assert_user_error(run_cli("run", "--config", SMOKE, "--workdir", file / "w", check=False),
+                      f"the work dir {file / 'w'} is inside {file}, which is a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"] and file.read_text() == "mine"
+
+
+def test_a_cuda_device_this_machine_lacks_is_refused_before_anything_is_created(tmp_path):
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0  # cuda:count never exists
+    proc = run_cli("run", "--config", SMOKE, "--workdir", tmp_path / "w", "--set", f"run.device=cuda:{count}",
+                   check=False)
+    assert_user_error(proc, f"`run.device` is 'cuda:{count}', but this machine has", "--set run.device=auto")
+    assert list(tmp_path.iterdir()) == []
+    # status plans without the device (a login node may lack the run's GPUs)
+    assert run_cli("status", "--config", SMOKE, "--workdir", tmp_path / "w", "--set", f"run.device=cuda:{count}",
+                   check=False).returncode == 0

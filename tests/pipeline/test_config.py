@@ -30,7 +30,7 @@ def test_overrides_are_typed():
 
 
 def test_pool_extra_keys_go_to_the_provider():
-    config = load_config(DEFAULT_CONFIG, ["pool.image_key=x", "pool.path=/tmp/p.npz"])
+    config = load_config(DEFAULT_CONFIG, ["pool.provider=npz", "pool.image_key=x", "pool.path=/tmp/p.npz"])
     assert config.pool.options == {"image_key": "x"}
     assert config.section("pool")["image_key"] == "x"
     assert config.pool.path == "/tmp/p.npz"
@@ -84,6 +84,49 @@ def test_out_of_range_values_are_refused_with_key_value_and_fix(override):
     assert f"`{key}` is " in message and f"(set by --set {override})" in message and "it must be" in message
     assert f"--set {key}=VALUE" in message  # the fix
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("override", [
+    "run.seed=9223372036854775808", "run.seed=99999999999999999999999", "run.num_workers=65",
+    "data.num_labeled=9223372036854775808", "pool.limit=99999999999999999999999",
+    "run.checkpoint_every_s=inf", "run.checkpoint_every_s=nan",
+])
+def test_engine_values_beyond_what_numpy_and_torch_take_are_refused(override):
+    key, value = override.split("=")
+    with pytest.raises(UserError) as info:
+        load_config(DEFAULT_CONFIG, [override])
+    message = str(info.value)
+    assert message.startswith(f"`{key}` is ") and f"(set by --set {override})" in message and "it must be" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("override", [
+    "run.seed=9223372036854775807", "run.num_workers=64", "data.num_labeled=9223372036854775807",
+    "pool.limit=9223372036854775807", "run.checkpoint_every_s=1e9",
+])
+def test_the_largest_engine_values_are_accepted(override):
+    load_config(DEFAULT_CONFIG, [override])
+
+
+@pytest.mark.parametrize("overrides, unused", [
+    (["pool.path=pool.npz"], "pool.path"),  # the default provider, labeled-remainder, reads no file
+    (["pool.image_key=x"], "pool.image_key"),
+    (["pool.provider=npz", "pool.path=p.npz", "pool.dataset=images"], "pool.dataset"),  # an hdf5 option
+    (["pool.provider=folder", "pool.path=imgs", "pool.labels_path=l.npy"], "pool.labels_path"),
+])
+def test_pool_keys_the_provider_does_not_take_are_refused_before_any_stage(overrides, unused):
+    with pytest.raises(UserError) as info:
+        load_config(DEFAULT_CONFIG, overrides)
+    message = str(info.value)
+    assert message.startswith("`pool.provider` is ") and f"{unused} is set too, and would be ignored" in message
+    assert f"Remove {unused}" in message and "\n" not in message
+
+
+def test_pool_keys_a_provider_takes_and_plugin_keys_pass_the_config_check():
+    load_config(DEFAULT_CONFIG, ["pool.provider=npz", "pool.path=p.npz", "pool.image_key=x", "pool.label_key=y"])
+    load_config(DEFAULT_CONFIG, ["pool.provider=rst-pickle", "pool.path=p.pickle", "pool.cache_dir=/tmp/c"])
+    # A plugin's keys are checked when it is constructed (importing it here could be slow).
+    load_config(DEFAULT_CONFIG, ["pool.provider=my_pools:make", "pool.anything=1"])
 
 
 def test_every_number_has_a_range():

@@ -1,4 +1,5 @@
 """Caching, staleness and the stage store, with spy stages (no training): the runner's rules, fast."""
+import dataclasses
 import json
 import os
 from unittest import mock
@@ -279,3 +280,26 @@ def test_a_read_only_store_is_a_user_error(tmp_path, stages):
         config.run.store = str(tmp_path / "ro" / "store")
         with pytest.raises(UserError, match="not writable"):
             Runner(config, tmp_path / "w", log=lambda m: None, stages=stages).run(["teacher"])
+
+
+def test_the_world_size_enters_the_fingerprints_of_stages_it_changes(tmp_path, stages, monkeypatch):
+    stages["teacher"] = dataclasses.replace(stages["teacher"], distributed_changes_results=True)
+
+    def plan(world_size):
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        return {p.stage.name: p for p in make_runner(tmp_path, stages)[0].plan(["mart"])}
+
+    one, two, three = plan(1), plan(2), plan(3)
+    # At world size 1 nothing is added: entries built before the world size counted stay valid.
+    assert "run.world_size" not in one["teacher"].params and one["teacher"].params == stages["teacher"].params(Config())
+    assert two["teacher"].params["run.world_size"] == 2 and "run.sync_bn" in two["teacher"].params
+    assert len({p["teacher"].fingerprint for p in (one, two, three)}) == 3
+    # A stage that does not declare it keeps its params; its fingerprint follows its inputs.
+    assert two["pseudolabel"].params == one["pseudolabel"].params
+    assert two["pseudolabel"].fingerprint != one["pseudolabel"].fingerprint
+
+
+def test_the_training_stages_declare_that_the_world_size_changes_their_weights():
+    from stages import STAGES
+
+    assert {name for name, stage in STAGES.items() if stage.distributed_changes_results} == {"teacher", "mart"}

@@ -38,6 +38,12 @@ class Stage:
     inputs: Callable[[Any], tuple[str | Source, ...]] = lambda config: ()
     insignificant: tuple[str, ...] = ()  # keys of its own section that do not change results
     extra_params: tuple[str, ...] = ()  # "section.key" of other sections that do change results
+    # What a finished entry contributes, read from its directory (heavy imports inside the functions):
+    # `results(entry)` -> rows {"metric": name unique in the stage, "value": number, ...descriptive
+    # columns}, printed after `run` and one sweep.csv column `<stage>.<metric>` each ("axis": "x" or
+    # "y" puts the metric on that axis of sweep.png); `report(entry)` -> its report.html section body.
+    results: Callable[[Path], list[dict]] | None = None
+    report: Callable[[Path], str] | None = None
 
     @property
     def code_version(self) -> str:

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import report
+from data.pseudolabel_file import pseudolabel_summary
 from pipeline.core.errors import UserError
-from pipeline.report import pseudolabel_summary, write_report
+from pipeline.report import write_report
 
 CLASS_NAMES = ["shirt", "boot", "bag"]
 VOID_TAGS = {"meta", "img", "br", "hr", "link", "input"}
@@ -161,9 +161,10 @@ def test_full_report_embeds_every_plot_and_table(full_workdir):
     assert len(page.images) == 5
     sizes = [png_size(image) for image in page.images]
     assert all(w >= 200 and h >= 150 for w, h in sizes)
-    assert page.headings == ["Stages", "Training curves", "teacher", "mart", "Pseudo-labels", "Results",
-                             "teacher/results.csv", "pseudolabel/results.csv", "mart/results.csv",
-                             "eval/results.csv", "eval/checks.csv", "Robustness"]
+    # One section per stage, each written by the stage from its own entry.
+    assert page.headings == ["Stages", "teacher", "training curves", "results.csv", "pseudolabel", "results.csv",
+                             "mart", "training curves", "results.csv", "eval", "results.csv", "checks.csv",
+                             "robustness"]
     assert len(page.tables) == 1 + 1 + 5  # stages, pseudo-label quality, four results.csv and one checks.csv
     stages = page.table_with("stage")
     assert [r["stage"] for r in stages] == ["teacher", "pseudolabel", "mart", "eval"]
@@ -202,7 +203,7 @@ def test_stage_rows_from_the_runner(full_workdir, tmp_path):
     assert "on disk: bbbbbbbbbbbbbbbb" in text  # stale pseudolabel: the recorded fingerprint differs
     assert "68.2" in text and "374.4" in text  # seconds from stage.json when the row has none
     assert "Read from each stage's stage.json" not in text
-    assert "Robustness" not in page.headings  # eval is missing: its dir is not read
+    assert "eval" not in page.headings  # eval is missing: its dir is not read
     assert "mart" in page.headings  # curves read from the store entry the row points at
 
 
@@ -239,7 +240,7 @@ def test_pseudolabels_without_truth_or_h5(tmp_path):
 
     (stage / "pseudolabels.h5").unlink()
     page = Page(write_report(workdir).read_text())
-    assert "Pseudo-labels" not in page.headings and page.images == []
+    assert "pseudo-labeled pool images" not in page.all_text and page.images == []
 
 
 def test_broken_files_become_notes(full_workdir):
@@ -253,13 +254,12 @@ def test_broken_files_become_notes(full_workdir):
     assert "pseudolabels.h5 could not be read" in text
 
 
-def test_h5_summary_reads_in_blocks(tmp_path, monkeypatch):
+def test_h5_summary_reads_in_blocks(tmp_path):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 1000)
     confidence = rng.uniform(0.3, 1.0, 1000).astype(np.float32)
     write_pseudolabels(tmp_path / "p.h5", labels, confidence)
-    monkeypatch.setattr(report, "_H5_BLOCK_ROWS", 37)
-    summary = pseudolabel_summary(tmp_path / "p.h5")
+    summary = pseudolabel_summary(tmp_path / "p.h5", block_rows=37)
     assert summary["rows"] == 1000 and summary["class_names"] == CLASS_NAMES
     assert summary["counts"].tolist() == np.bincount(labels, minlength=3).tolist()
     assert summary["mean_confidence"] == pytest.approx([confidence[labels == k].mean() for k in range(3)], rel=1e-5)

@@ -12,7 +12,7 @@ import numpy as np
 from stages.reporting import csv_table, e, img, read_csv, table
 
 ALL_CLASSES = "all"  # quality.csv's total row: never counted with the per-class rows
-LABELLED_POINTS = 6  # calibration classes named on the plot (the farthest from the diagonal)
+LABELLED_POINTS = 10  # calibration classes named on the plot (the farthest from the diagonal)
 MAX_CLASS_TICKS = 20  # class names under the histogram; more classes get every k-th name
 _PER_CLASS_SPLIT = re.compile(r"^pool\[label=(.*)\]$")
 
@@ -118,7 +118,8 @@ def plot_calibration(quality):
     points = quality[pd.to_numeric(quality["mean_confidence"], errors="coerce").notna()].copy()
     points["mean_confidence"] = points["mean_confidence"].astype(float)
     points["precision"] = points["precision"].astype(float)
-    axes.scatter(points["mean_confidence"], points["precision"], s=12 + 120 * points["count"] / max(
+    size = 120 if len(points) <= MAX_CLASS_TICKS else 30  # many classes: small dots, so a cluster stays legible
+    axes.scatter(points["mean_confidence"], points["precision"], s=8 + size * points["count"] / max(
         1, points["count"].max()), alpha=0.6, color="C2", label="class (size: images)")
     gap = (points["mean_confidence"] - points["precision"]).abs()
     named = points.loc[gap.sort_values(ascending=False).index[:LABELLED_POINTS]].sort_values("precision")
@@ -126,7 +127,7 @@ def plot_calibration(quality):
     # connecting lines do not cross.
     for k, (_, row) in enumerate(named.iloc[::-1].iterrows()):
         axes.annotate(str(row["class"]), (row["mean_confidence"], row["precision"]),
-                      xytext=(0.03, 0.97 - 0.065 * k), textcoords="axes fraction", fontsize="small", va="top",
+                      xytext=(0.03, 0.97 - 0.058 * k), textcoords="axes fraction", fontsize="small", va="top",
                       arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.6, "shrinkB": 3})
     named_note = (f"{len(named)} farthest from the diagonal named" if len(points) > len(named) else "")
     axes.set(title="calibration per pseudo-label class" + (f"\n({named_note})" if named_note else ""),

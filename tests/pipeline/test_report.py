@@ -277,3 +277,52 @@ def test_renders_in_headless_chromium(full_workdir, tmp_path):
                     "--window-size=1200,3000", path.as_uri()], check=True, capture_output=True, timeout=120)
     with Image.open(shot) as png:
         assert png.size == (1200, 3000)
+
+
+def many_class_workdir(tmp_path, k: int):
+    """A pseudolabel stage of k classes as the stage writes it: quality.csv with its `all` row, results.csv
+    with the pool accuracy, an h5 file of 50 images per class at clustered confidences."""
+    rng = np.random.default_rng(k)
+    names = [f"class_{c:02d}_name" for c in range(k)]
+    labels = np.repeat(np.arange(k), 50)
+    confidence = np.clip(rng.normal(0.9, 0.05, len(labels)), 0, 1)
+    precision = np.clip(rng.normal(0.88, 0.06, k), 0, 1)
+    precision[:2] = (0.35, 0.5)  # two badly calibrated classes to name
+    mean_confidence = np.array([confidence[labels == c].mean() for c in range(k)])
+    quality = pd.DataFrame({"class": names, "count": 50, "precision": precision, "mean_confidence": mean_confidence,
+                            "measured_against": "dataset labels"})
+    total = {"class": "all", "count": 50 * k, "precision": precision.mean(), "mean_confidence": confidence.mean(),
+             "measured_against": "dataset labels"}
+    workdir = tmp_path / f"run{k}"
+    stage = write_stage(workdir, "pseudolabel", "b" * 64, 1.0, {
+        "quality.csv": pd.concat([quality, pd.DataFrame([total])], ignore_index=True),
+        "results.csv": results("teacher", [("pool", "clean", 0.0, precision.mean(), 50 * k)])})
+    with h5py.File(stage / "pseudolabels.h5", "w") as f:
+        f.create_dataset("labels", data=labels)
+        f.create_dataset("confidence", data=confidence.astype(np.float32))
+        f.attrs["num_classes"] = k
+        f.attrs["class_names"] = names
+    return workdir
+
+
+@pytest.mark.parametrize("k", [10, 100])
+def test_pseudolabel_section_counts_each_image_once_at_10_and_100_classes(tmp_path, k):
+    page = Page(write_report(many_class_workdir(tmp_path, k)).read_text())
+    text = page.all_text
+    assert f"{50 * k:,} pseudo-labeled pool images" in text
+    assert f"({50 * k:,} images)" in text  # quality.csv's `all` row is not counted a second time
+    assert len(page.images) == 2 and all(png_size(image)[0] >= 500 for image in page.images)
+    assert len(page.table_with("mean_confidence")) == k + 1
+
+
+def test_renders_at_100_classes_in_headless_chromium(tmp_path):
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no chromium installed: the page is checked by parsing only")
+    path = write_report(many_class_workdir(tmp_path, 100))
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", f"--screenshot={shot}",
+                    "--window-size=1400,3000", path.as_uri()], check=True, capture_output=True, timeout=120)
+    with Image.open(shot) as png:
+        assert png.size == (1400, 3000)
+        assert len(png.convert("L").getcolors(1 << 16)) > 2  # something was drawn, not a blank page

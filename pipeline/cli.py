@@ -109,7 +109,7 @@ def _dispatch(args) -> int:
         run_sweep(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds)
         return EXIT_OK
     workdir = Path(args.workdir) if args.workdir else default_workdir(args.config)
-    config, note = choose_config(args.config, args.overrides, workdir)
+    config, note = choose_config(args.config, args.overrides, workdir, use_record=args.command != "run")
     if args.command == "report":
         return _report(config, workdir, note=note)
     if args.command == "status":

@@ -44,14 +44,17 @@ def record_config(workdir: Path, config) -> Path:
     return path
 
 
-def choose_config(config_path, overrides, workdir: Path):
+def choose_config(config_path, overrides, workdir: Path, *, use_record: bool = True):
     """(config, note): the work dir's record when neither --config nor --set is given and it has one,
     else --config (default configs/demo.toml) with the overrides. The note says which config was used
-    when that is not plain: the record, or another config than the recorded one."""
+    when that is not plain: the record, or another config than the recorded one.
+
+    `run` passes use_record=False: what it runs is what was typed (`run` after `run --set mart.beta=3`
+    is the demo again), and the note says that it replaces a different record."""
     from pipeline.config import DEFAULT_CONFIG, load_config
 
     record = record_path(workdir)
-    if not config_path and not overrides and record.is_file():
+    if use_record and not config_path and not overrides and record.is_file():
         try:
             return load_config(record), f"using the config recorded in {record}"
         except UserError as e:
@@ -67,6 +70,8 @@ def choose_config(config_path, overrides, workdir: Path):
     if recorded == dump_config(config):
         return config, ""
     given = " ".join([str(config_path or DEFAULT_CONFIG)] + [f"--set {o}" for o in overrides])
+    if not use_record:
+        return config, f"running {given}, which replaces the different config recorded in {record}"
     return config, (f"comparing against {given}, not the config recorded in {record}"
                     + ("" if recorded is not None else " (which cannot be read)")
                     + "; give no --config/--set to use the recorded one")

@@ -2,7 +2,10 @@
 takes the record when no --config/--set is given and says when it compares against another config."""
 import tomllib
 
+import pytest
+
 from pipeline.config import load_config
+from pipeline.core.errors import UserError
 from pipeline.workdir_record import RECORD_NAME, choose_config, dump_config, record_config
 from tests.conftest import SMOKE
 
@@ -40,6 +43,11 @@ def test_choose_config_prefers_the_record_only_without_config_or_set(tmp_path):
     assert config.mart.beta == load_config(SMOKE).mart.beta != 3
     assert note.startswith(f"comparing against {SMOKE}, not the config recorded in {tmp_path / RECORD_NAME}")
 
+    config, note = choose_config(None, [], tmp_path, use_record=False)  # `run`: what was typed, said to differ
+    assert config == load_config(None) and note.startswith("running ") and "replaces" in note
+
     (tmp_path / RECORD_NAME).write_text("[mart]\nbetta = 1\n")  # e.g. a key a later version renamed
     config, note = choose_config(SMOKE, [], tmp_path)
     assert "cannot be read" in note
+    with pytest.raises(UserError, match="config `run` recorded in the work dir"):
+        choose_config(None, [], tmp_path)  # nothing else asked for: the damaged record is the error

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                             ("status", "show each stage as fresh, stale or missing, with its fingerprint"),
                             ("sweep", "run a grid of variants (--set key=v1,v2), sharing stages through the store")):
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--config", help=_CONFIG_HELP)
+        sub.add_argument("--config", help=_CONFIG_HELP if name == "status" else "TOML config (default: configs/demo.toml)")
         sub.add_argument("--stages", default=None,
                          help="comma-separated stages (default: teacher,pseudolabel,mart)")
         sub.add_argument("--workdir", help="where artifacts live (default: runs/<config name>, "
@@ -93,7 +93,6 @@ def _leave_for_launcher(message: str) -> None:
 
 
 def _dispatch(args) -> int:
-    from pipeline.config import load_config
     from pipeline.runner import default_workdir
     from pipeline.workdir_record import choose_config
 
@@ -104,7 +103,6 @@ def _dispatch(args) -> int:
     if args.command == "sweep":
         from pipeline.sweep import run_sweep
 
-        load_config(args.config)
         workdir = Path(args.workdir) if args.workdir else Path(f"{default_workdir(args.config)}-sweep")
         run_sweep(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds)
         return EXIT_OK

@@ -123,15 +123,18 @@ def plot_calibration(quality):
         1, points["count"].max()), alpha=0.6, color="C2", label="class (size: images)")
     gap = (points["mean_confidence"] - points["precision"]).abs()
     named = points.loc[gap.sort_values(ascending=False).index[:LABELLED_POINTS]].sort_values("precision")
-    # Labels stacked top-down in the empty upper-left triangle, in the points' precision order, so the
-    # connecting lines do not cross.
+    # Labels stacked top-down, in the points' precision order so the connecting lines seldom cross, in
+    # the triangle the points leave empty: above the diagonal for an overconfident teacher (the usual
+    # case), below it for an underconfident one.
+    underconfident = (points["precision"] > points["mean_confidence"]).mean() > 0.5
+    x, y0, align = (0.97, 0.62, "right") if underconfident else (0.03, 0.97, "left")
     for k, (_, row) in enumerate(named.iloc[::-1].iterrows()):
         axes.annotate(str(row["class"]), (row["mean_confidence"], row["precision"]),
-                      xytext=(0.03, 0.97 - 0.058 * k), textcoords="axes fraction", fontsize="small", va="top",
+                      xytext=(x, y0 - 0.058 * k), textcoords="axes fraction", fontsize="small", va="top", ha=align,
                       arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.6, "shrinkB": 3})
     named_note = (f"{len(named)} farthest from the diagonal named" if len(points) > len(named) else "")
     axes.set(title="calibration per pseudo-label class" + (f"\n({named_note})" if named_note else ""),
              xlabel="mean confidence", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02))
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small", loc="lower right")
+    axes.legend(fontsize="small", loc="upper center" if underconfident else "lower right")
     return figure

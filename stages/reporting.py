@@ -94,6 +94,8 @@ def plot_curves(frame, *, title: str):
         axes = figure.add_subplot(2, 2, i + 1)
         axes.set(title=panel, xlabel="epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) == 1:  # one point: matplotlib would span it with fractional epochs
+            axes.set_xlim(epochs[0] - 1, epochs[0] + 1)
         plotted = False
         for column, label in columns.items():
             if column in frame and frame[column].notna().any():

@@ -530,3 +530,45 @@ class PseudoLabelReader:
     def load_images(self) -> np.ndarray:
         """The whole images dataset in memory (for pools that fit)."""
         return self._images[()]
+
+
+# -- block-wise column reading (for summaries; memory does not grow with the pool) ----------------------
+
+COLUMN_BLOCK_ROWS = 1 << 20  # rows of each 1-D column read at a time: 12 MiB for labels + confidence
+
+
+def iter_column_blocks(path, names: tuple[str, ...] = ("labels", "confidence"), *,
+                       block_rows: int = COLUMN_BLOCK_ROWS) -> Iterator[dict[str, np.ndarray]]:
+    """The written rows of the named 1-D columns, `block_rows` rows at a time ({name: block})."""
+    with h5py.File(path, "r") as f:
+        columns = [f[name] for name in names]
+        rows = min(len(columns[0]), int(f.attrs.get("rows_written", len(columns[0]))))
+        for start in range(0, rows, block_rows):
+            yield {name: column[start:min(start + block_rows, rows)] for name, column in zip(names, columns)}
+
+
+def pseudolabel_summary(path, *, confidence_bins: int = 20, block_rows: int = COLUMN_BLOCK_ROWS) -> dict[str, Any]:
+    """Per-class counts and mean confidence and a confidence histogram, from the `labels` and
+    `confidence` columns read a block at a time (a pool of 50M rows would be 600 MB at once)."""
+    with h5py.File(path, "r") as f:
+        attrs = _attrs_dict(f)
+    names = [str(n) for n in attrs.get("class_names", [])]
+    counts = np.zeros(max(int(attrs.get("num_classes", 0)), len(names)), dtype=np.int64)
+    confidence_sums = np.zeros(len(counts))
+    edges = np.linspace(0.0, 1.0, confidence_bins + 1)
+    histogram = np.zeros(confidence_bins, dtype=np.int64)
+    rows = 0
+    for block in iter_column_blocks(path, ("labels", "confidence"), block_rows=block_rows):
+        labels, confidence = block["labels"].astype(np.int64), block["confidence"].astype(np.float64)
+        size = max(len(counts), int(labels.max(initial=-1)) + 1)
+        counts = np.pad(counts, (0, size - len(counts)))
+        confidence_sums = np.pad(confidence_sums, (0, size - len(confidence_sums)))
+        counts += np.bincount(labels, minlength=size)
+        confidence_sums += np.bincount(labels, weights=confidence, minlength=size)
+        histogram += np.histogram(confidence, bins=edges)[0]
+        rows += len(labels)
+    names += [str(k) for k in range(len(names), len(counts))]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.where(counts > 0, confidence_sums / np.maximum(counts, 1), np.nan)
+    return {"rows": rows, "class_names": names, "counts": counts, "mean_confidence": mean_confidence,
+            "confidence_histogram": histogram, "confidence_edges": edges}

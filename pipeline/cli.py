@@ -17,6 +17,10 @@ EXIT_OK, EXIT_BUG, EXIT_USER = 0, 1, 2
 ERROR_DIR_ENV = "RST_MART_ERROR_DIR"  # set by pipeline.torchrun: where ranks leave their user errors
 
 
+_CONFIG_HELP = ("TOML config (default: the one `run` recorded in the work dir when no --set is given either, "
+                "else configs/demo.toml)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
@@ -26,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                             ("status", "show each stage as fresh, stale or missing, with its fingerprint"),
                             ("sweep", "run a grid of variants (--set key=v1,v2), sharing stages through the store")):
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--config", help="TOML config (default: configs/demo.toml)")
+        sub.add_argument("--config", help=_CONFIG_HELP if name == "status" else "TOML config (default: configs/demo.toml)")
         sub.add_argument("--stages", default=None,
                          help="comma-separated stages (default: teacher,pseudolabel,mart)")
         sub.add_argument("--workdir", help="where artifacts live (default: runs/<config name>, "
@@ -43,15 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--seeds", default="", help="comma-separated run.seed values, e.g. 0,1,2")
     gc = commands.add_parser("gc", help="list (--dry-run) or remove store entries that no work dir links to")
     gc.add_argument("--store", help="the store (default: as a run with --config/--workdir would use)")
-    gc.add_argument("--config", help="TOML config whose run.store to use")
-    gc.add_argument("--workdir", help="a work dir whose default store to use")
+    gc.add_argument("--config", help="TOML config whose run.store to use (default: the work dir's recorded one)")
+    gc.add_argument("--workdir", help="a work dir whose store to use")
     gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     export = commands.add_parser("export", help="write a model.pt in another format (RobustBench)")
     export.add_argument("model", help="a model.pt written by rst-mart, e.g. runs/demo/mart/model.pt")
     export.add_argument("--format", default="robustbench", choices=["robustbench"])
     export.add_argument("-o", "--output", required=True, help="the file to write")
     report = commands.add_parser("report", help="write <workdir>/report.html: stages, curves, pseudo-labels, results")
-    report.add_argument("--config", help="TOML config (default: configs/demo.toml)")
+    report.add_argument("--config", help=_CONFIG_HELP)
     report.add_argument("--workdir", help="the work dir (default: runs/<config name>)")
     report.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     return parser
@@ -92,14 +96,13 @@ def _leave_for_launcher(message: str) -> bool:
 
 
 def _dispatch(args) -> int:
-    from pipeline.config import load_config
     from pipeline.runner import default_workdir
+    from pipeline.workdir_record import choose_config
 
     if args.command == "gc":
         return _gc(args)
     if args.command == "export":
         return _export(args)
-    config = load_config(args.config, args.overrides if args.command != "sweep" else ())
     if args.command == "sweep":
         from pipeline.sweep import run_sweep
 
@@ -107,11 +110,12 @@ def _dispatch(args) -> int:
         run_sweep(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds)
         return EXIT_OK
     workdir = _usable_workdir(Path(args.workdir) if args.workdir else default_workdir(args.config))
+    config, note = choose_config(args.config, args.overrides, workdir, use_record=args.command != "run")
     if args.command == "report":
-        return _report(config, workdir)
+        return _report(config, workdir, note=note)
     if args.command == "status":
-        return _status(config, workdir, _stage_names(args), verify=args.verify)
-    return _run(config, workdir, _stage_names(args), force=args.force)
+        return _status(config, workdir, _stage_names(args), verify=args.verify, note=note)
+    return _run(config, workdir, _stage_names(args), force=args.force, note=note)
 
 
 def _usable_workdir(workdir: Path) -> Path:
@@ -135,12 +139,14 @@ def _stage_names(args) -> list[str]:
     return [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else list(DEFAULT_STAGES)
 
 
-def _status(config, workdir: Path, names: list[str], *, verify: bool) -> int:
+def _status(config, workdir: Path, names: list[str], *, verify: bool, note: str = "") -> int:
     from pipeline.core.distributed import dist_info
     from pipeline.runner import Runner, run_in_progress
 
     if not dist_info().is_main:  # under torchrun (to plan at its world size) every rank plans alike: one prints
         return EXIT_OK
+    if note:
+        print(f"status: {note}")
     holder = run_in_progress(workdir)
     if holder:
         print(f"a run is in progress in {workdir} ({holder})")
@@ -150,7 +156,7 @@ def _status(config, workdir: Path, names: list[str], *, verify: bool) -> int:
     return EXIT_OK
 
 
-def _run(config, workdir: Path, names: list[str], *, force: bool) -> int:
+def _run(config, workdir: Path, names: list[str], *, force: bool, note: str = "") -> int:
     from pipeline.config_checks import check_device_here
     from pipeline.core import distributed
     from pipeline.runner import Runner
@@ -158,43 +164,40 @@ def _run(config, workdir: Path, names: list[str], *, force: bool) -> int:
     check_device_here(config)
     info = distributed.dist_info()
     log = print if info.is_main else (lambda message: None)
+    if note:
+        log(f"run: {note}")
     try:  # under torchrun, runner.run joins the process group (device type from run.device)
         plans = Runner(config, workdir, log=log).run(names, force=force)
     finally:
         distributed.destroy_process_group()
     if info.is_main:
-        print_results(workdir, [p.stage.name for p in plans])
+        print_results(workdir, plans)
     return EXIT_OK
 
 
-def print_results(workdir: Path, names: list[str]) -> None:
-    """Every results.csv of the given stages as one table."""
+def print_results(workdir: Path, plans) -> None:
+    """The rows every finished stage contributes (`Stage.results`), as one table."""
     import pandas as pd
 
-    frames = []
-    for name in names:
-        path = Path(workdir) / name / "results.csv"
-        if path.exists():
-            frame = pd.read_csv(path)
-            frame.insert(0, "stage", name)
-            frames.append(frame)
-    frames = [f for f in frames if not f.empty]
-    if frames:
+    rows = [{"stage": p.stage.name, **row} for p in plans if p.stage.results is not None
+            for row in p.stage.results(p.entry)]
+    if rows:
+        frame = pd.DataFrame(rows).drop(columns="axis", errors="ignore")
         print(f"\nresults ({workdir}):")
-        print(pd.concat(frames, ignore_index=True).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(frame.to_string(index=False, na_rep="", float_format=lambda v: f"{v:.4f}"))
 
 
 def _gc(args) -> int:
-    from pipeline.config import load_config
     from pipeline.runner import default_workdir, run_in_progress
     from pipeline.store import Store, entry_size, store_dir
+    from pipeline.workdir_record import choose_config
 
     if args.store:
         root = Path(args.store)
     else:
-        config = load_config(args.config)
-        root = store_dir(config.run.store, _usable_workdir(Path(args.workdir)) if args.workdir
-                         else default_workdir(args.config))
+        workdir = _usable_workdir(Path(args.workdir)) if args.workdir else default_workdir(args.config)
+        config = choose_config(args.config, [], workdir)[0]
+        root = store_dir(config.run.store, workdir)
     if not root.is_dir():
         raise UserError(f"there is no stage store at {root}; name it with --store (or run.store / $RST_MART_STORE).")
     store = Store(root)
@@ -229,14 +232,19 @@ def _export(args) -> int:
     return EXIT_OK
 
 
-def _report(config, workdir: Path) -> int:
+def _report(config, workdir: Path, *, note: str = "") -> int:
     from pipeline.report import write_report
     from pipeline.runner import DEFAULT_STAGES, Runner
 
-    names = list(DEFAULT_STAGES) + (["eval"] if (workdir / "eval").exists() else [])
+    if note:
+        print(f"report: {note}")
+    runner = Runner(config, workdir)
+    # Every stage the work dir holds, and the default ones (shown as missing when they are).
+    names = [n for n in runner.stages if n in DEFAULT_STAGES or (workdir / n).exists()]
     rows = [{"name": p.stage.name, "state": "fresh" if p.fresh else p.reason, "fingerprint": p.fingerprint,
-             "dir": p.entry} for p in Runner(config, workdir).plan(names)]
-    print(f"wrote {write_report(workdir, rows)}")
+             # a stale stage: what the work dir still holds, its fingerprint shown beside the current one
+             "dir": p.entry if p.fresh else workdir / p.stage.name} for p in runner.plan(names)]
+    print(f"wrote {write_report(workdir, rows, stages=runner.stages, config_note=note)}")
     return EXIT_OK
 
 

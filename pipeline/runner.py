@@ -23,6 +23,7 @@ from pipeline.core.errors import UserError, storage_errors
 from pipeline.core.fingerprint import fingerprint
 from pipeline.stage import Source, Stage, StageContext, StageInput
 from pipeline.store import Store, check_outputs, output_digest, read_record, store_dir
+from pipeline.workdir_record import record_config
 
 DEFAULT_STAGES = ("teacher", "pseudolabel", "mart")
 WORKDIR_LOCK = ".lock"
@@ -158,6 +159,8 @@ class Runner:
         for plan in to_run:
             for source in plan.stage.sources(self.config):
                 self._open(source, dist)
+        if dist.is_main:  # what status and report plan with later; not written by a run refused for its input
+            record_config(self.workdir, self.config)
         for plan in plans:
             name = plan.stage.name
             if plan not in to_run:

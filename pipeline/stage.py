@@ -42,6 +42,12 @@ class Stage:
     # BatchNorm statistics and the augmentation and attack draws are per rank's slice); the runner then
     # adds run.world_size and run.sync_bn to its params when the world size is not 1.
     distributed_changes_results: bool = False
+    # What a finished entry contributes, read from its directory (heavy imports inside the functions):
+    # `results(entry)` -> rows {"metric": name unique in the stage, "value": number, ...descriptive
+    # columns}, printed after `run` and one sweep.csv column `<stage>.<metric>` each ("axis": "x" or
+    # "y" puts the metric on that axis of sweep.png); `report(entry)` -> its report.html section body.
+    results: Callable[[Path], list[dict]] | None = None
+    report: Callable[[Path], str] | None = None
 
     @property
     def code_version(self) -> str:

@@ -20,6 +20,7 @@ from pipeline.runner import Runner
 from pipeline.store import store_dir
 
 SEED_KEY = "run.seed"
+PLOT_AXIS = "plot_"  # _row's plot_x / plot_y: the columns sweep.png plots, dropped before sweep.csv
 
 
 def split_values(text: str) -> list[str]:
@@ -86,8 +87,8 @@ def run_sweep(config_path, overrides: list[str], names: list[str], sweep_dir: Pa
 
 
 def _row(variant: list[str], varied: list[str], name: str, plans) -> dict:
-    import pandas as pd
-
+    """The variant's values, seconds, fingerprints, and a `<stage>.<metric>` column for every row its stages
+    contribute (`Stage.results`); the metrics a stage puts on an axis name sweep.png's columns."""
     row = {"variant": name}
     for item in variant:
         key, _, text = item.partition("=")
@@ -99,12 +100,12 @@ def _row(variant: list[str], varied: list[str], name: str, plans) -> dict:
         seconds += record["seconds"]
         row[f"{plan.stage.name}_fingerprint"] = plan.fingerprint[:16]
     row["seconds"] = round(seconds, 1)
-    mart = next((p for p in plans if p.stage.name == "mart"), None)
-    if mart is not None:
-        results = pd.read_csv(mart.entry / "results.csv")
-        for attack, column in (("clean", "clean_acc"), ("pgd20", "pgd20_acc")):
-            hit = results[(results["model"] == "mart") & (results["attack"] == attack)]
-            row[column] = float(hit["accuracy"].iloc[0]) if len(hit) else float("nan")
+    for plan in plans:
+        for result in plan.stage.results(plan.entry) if plan.stage.results is not None else ():
+            column = f"{plan.stage.name}.{result['metric']}"
+            row[column] = result["value"]
+            if result.get("axis") in ("x", "y"):
+                row[f"{PLOT_AXIS}{result['axis']}"] = column
     return row
 
 
@@ -112,13 +113,16 @@ def write_table(sweep_dir: Path, rows: list[dict], varied: list[str]) -> None:
     import pandas as pd
 
     frame = pd.DataFrame(rows)
+    axes = {axis: frame.pop(f"{PLOT_AXIS}{axis}").dropna() for axis in "xy" if f"{PLOT_AXIS}{axis}" in frame}
     atomic_write_csv(sweep_dir / "sweep.csv", frame)
-    if {"clean_acc", "pgd20_acc"} <= set(frame.columns):
-        plot(frame, [k for k in varied if k != SEED_KEY], sweep_dir / "sweep.png")
+    if len(axes) == 2 and len(axes["x"]) and len(axes["y"]):
+        plot(frame, [k for k in varied if k != SEED_KEY], sweep_dir / "sweep.png", x=axes["x"].iloc[0],
+             y=axes["y"].iloc[0])
 
 
-def plot(frame, keys: list[str], path: Path) -> None:
-    """Clean vs PGD-20 accuracy, one point per variant (seeds averaged, their spread as error bars)."""
+def plot(frame, keys: list[str], path: Path, *, x: str, y: str) -> None:
+    """Column y against column x (mart: PGD-20 against clean accuracy), one point per variant (seeds
+    averaged, their spread as error bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,11 +133,11 @@ def plot(frame, keys: list[str], path: Path) -> None:
     for label, group in groups:
         label = label if isinstance(label, tuple) else (label,)
         text = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, label)) or "base"
-        ax.errorbar(100 * group["clean_acc"].mean(), 100 * group["pgd20_acc"].mean(),
-                    xerr=100 * group["clean_acc"].std(ddof=0), yerr=100 * group["pgd20_acc"].std(ddof=0),
+        ax.errorbar(100 * group[x].mean(), 100 * group[y].mean(),
+                    xerr=100 * group[x].std(ddof=0), yerr=100 * group[y].std(ddof=0),
                     fmt="o", capsize=3, label=text)
-    ax.set_xlabel("clean accuracy (%)")
-    ax.set_ylabel("PGD-20 accuracy (%)")
+    ax.set_xlabel(f"{x} (%)")
+    ax.set_ylabel(f"{y} (%)")
     ax.set_title("sweep: one point per variant (mean over seeds, error bars = std)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -101,6 +101,20 @@ def load(name: str, path: Path, config, labeled, *, device, channels_last: bool)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
+def results(entry: Path) -> list[dict]:
+    """Every model under every attack: sweep.csv's `eval.<model>.<attack>` (eval.mart.autoattack, ...)."""
+    from stages.reporting import results_rows
+
+    return results_rows(entry / "results.csv", lambda row: f"{row['model']}.{row['attack']}")
+
+
+def report(entry: Path) -> str:
+    from stages.reporting import csv_table, png
+
+    return "\n".join(part for part in (csv_table(entry, "results.csv"), csv_table(entry, "checks.csv"),
+                                        png(entry, "robustness.png", heading="robustness")) if part)
+
+
 STAGE = Stage(
-    name="eval", version=3, section="eval", run=run, inputs=inputs, outputs=OUTPUTS,
+    name="eval", version=3, section="eval", run=run, inputs=inputs, outputs=OUTPUTS, results=results, report=report,
     insignificant=("batch_size",), extra_params=("mart.epsilon",))

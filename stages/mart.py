@@ -96,8 +96,23 @@ def run(ctx) -> None:
         (ctx.out_dir / training.STATE_FILE).unlink(missing_ok=True)
 
 
+def results(entry) -> list[dict]:
+    """Clean and PGD-20 accuracy of the selected model (sweep.csv's `mart.clean`, `mart.pgd20`, the axes
+    of sweep.png), and of the last epoch's (`mart.mart-last.clean`, ...) when they differ."""
+    from stages.reporting import attack_metric, results_rows
+
+    return results_rows(entry / "results.csv", attack_metric("mart"),
+                        axis=lambda row: ("x" if row["attack"] == "clean" else "y") if row["model"] == "mart" else None)
+
+
+def report(entry) -> str:
+    from stages.reporting import csv_table, curves
+
+    return curves(entry, "mart") + "\n" + csv_table(entry, "results.csv")
+
+
 STAGE = Stage(
-    name="mart", version=3, section="mart", run=run, inputs=inputs,
+    name="mart", version=3, section="mart", run=run, inputs=inputs, results=results, report=report,
     outputs=("model.pt", "last.pt", "metrics.csv", "results.csv"),
     insignificant=("eval_batch_size", "pool_in_memory"), extra_params=("data.num_labeled", "run.seed", "run.precision"),
     distributed_changes_results=True)

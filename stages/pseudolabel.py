@@ -106,8 +106,22 @@ def _write_results(ctx, pool) -> None:
 _SUM_BLOCK = 1 << 20  # rows of the 1-D columns summed at a time (about 20 MiB)
 
 
+def results(entry) -> list[dict]:
+    """The pseudo-labels' accuracy where the pool's labels are the dataset's own (`pseudolabel.accuracy`)."""
+    from stages.reporting import results_rows
+
+    return results_rows(entry / "results.csv",
+                        lambda row: "accuracy" if row["split"] == "pool" else f"{row['split']}.{row['attack']}")
+
+
+def report(entry) -> str:
+    from stages.pseudolabel_report import report as section
+
+    return section(entry)
+
+
 STAGE = Stage(
-    name="pseudolabel", version=2, section="pseudolabel", run=run,
+    name="pseudolabel", version=2, section="pseudolabel", run=run, results=results, report=report,
     inputs=lambda config: ("teacher", LABELED, POOL),
     outputs=("pseudolabels.h5", "results.csv", "quality.csv"),
     insignificant=("batch_size",), extra_params=("run.precision",))

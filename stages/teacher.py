@@ -72,8 +72,21 @@ def inputs(config) -> tuple:
     return (LABELED, CHECKPOINT) if config.teacher.checkpoint else (LABELED,)
 
 
+def results(entry: Path) -> list[dict]:
+    """The teacher's test accuracy: sweep.csv's `teacher.clean`."""
+    from stages.reporting import attack_metric, results_rows
+
+    return results_rows(entry / "results.csv", attack_metric("teacher"))
+
+
+def report(entry: Path) -> str:
+    from stages.reporting import csv_table, curves
+
+    return curves(entry, "teacher") + "\n" + csv_table(entry, "results.csv")
+
+
 STAGE = Stage(
-    name="teacher", version=2, section="teacher", run=run, inputs=inputs,
+    name="teacher", version=2, section="teacher", run=run, inputs=inputs, results=results, report=report,
     outputs=("model.pt", "metrics.csv", "results.csv"),
     # The file is known by its digest (an input), so moving it does not re-import it.
     insignificant=("checkpoint",), extra_params=("data.num_labeled", "run.seed", "run.precision"),

@@ -14,10 +14,11 @@ def test_a_2x2_sweep_writes_4_rows_and_builds_one_teacher(tmp_path):
     assert proc.stdout.count("teacher: ran in") == 1 and proc.stdout.count("pseudolabel: ran in") == 1
     assert proc.stdout.count("mart: ran in") == 4
     table = pd.read_csv(sweep / "sweep.csv")
-    assert len(table) == 4 and {"mart.beta", "mart.unsup_fraction", "clean_acc", "pgd20_acc", "seconds",
+    assert len(table) == 4 and {"mart.beta", "mart.unsup_fraction", "mart.clean", "mart.pgd20", "seconds",
                                 "teacher_fingerprint", "mart_fingerprint"} <= set(table.columns)
     assert table["teacher_fingerprint"].nunique() == 1 and table["mart_fingerprint"].nunique() == 4
-    assert table["clean_acc"].between(0, 1).all()
+    assert table["mart.clean"].between(0, 1).all() and table["mart.pgd20"].between(0, 1).all()
+    assert not [c for c in table.columns if c.startswith("plot_")]
     assert (sweep / "sweep.png").stat().st_size > 0
     assert (tmp_path / ".store" / "teacher").is_dir()  # the default store sits beside the sweep's directory
 

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import report
+from data.pseudolabel_file import pseudolabel_summary
 from pipeline.core.errors import UserError
-from pipeline.report import pseudolabel_summary, write_report
+from pipeline.report import write_report
 
 CLASS_NAMES = ["shirt", "boot", "bag"]
 VOID_TAGS = {"meta", "img", "br", "hr", "link", "input"}
@@ -161,9 +161,10 @@ def test_full_report_embeds_every_plot_and_table(full_workdir):
     assert len(page.images) == 5
     sizes = [png_size(image) for image in page.images]
     assert all(w >= 200 and h >= 150 for w, h in sizes)
-    assert page.headings == ["Stages", "Training curves", "teacher", "mart", "Pseudo-labels", "Results",
-                             "teacher/results.csv", "pseudolabel/results.csv", "mart/results.csv",
-                             "eval/results.csv", "eval/checks.csv", "Robustness"]
+    # One section per stage, each written by the stage from its own entry.
+    assert page.headings == ["Stages", "teacher", "training curves", "results.csv", "pseudolabel", "results.csv",
+                             "mart", "training curves", "results.csv", "eval", "results.csv", "checks.csv",
+                             "robustness"]
     assert len(page.tables) == 1 + 1 + 5  # stages, pseudo-label quality, four results.csv and one checks.csv
     stages = page.table_with("stage")
     assert [r["stage"] for r in stages] == ["teacher", "pseudolabel", "mart", "eval"]
@@ -202,7 +203,7 @@ def test_stage_rows_from_the_runner(full_workdir, tmp_path):
     assert "on disk: bbbbbbbbbbbbbbbb" in text  # stale pseudolabel: the recorded fingerprint differs
     assert "68.2" in text and "374.4" in text  # seconds from stage.json when the row has none
     assert "Read from each stage's stage.json" not in text
-    assert "Robustness" not in page.headings  # eval is missing: its dir is not read
+    assert "eval" not in page.headings  # eval is missing: its dir is not read
     assert "mart" in page.headings  # curves read from the store entry the row points at
 
 
@@ -239,7 +240,7 @@ def test_pseudolabels_without_truth_or_h5(tmp_path):
 
     (stage / "pseudolabels.h5").unlink()
     page = Page(write_report(workdir).read_text())
-    assert "Pseudo-labels" not in page.headings and page.images == []
+    assert "pseudo-labeled pool images" not in page.all_text and page.images == []
 
 
 def test_broken_files_become_notes(full_workdir):
@@ -253,13 +254,12 @@ def test_broken_files_become_notes(full_workdir):
     assert "pseudolabels.h5 could not be read" in text
 
 
-def test_h5_summary_reads_in_blocks(tmp_path, monkeypatch):
+def test_h5_summary_reads_in_blocks(tmp_path):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 1000)
     confidence = rng.uniform(0.3, 1.0, 1000).astype(np.float32)
     write_pseudolabels(tmp_path / "p.h5", labels, confidence)
-    monkeypatch.setattr(report, "_H5_BLOCK_ROWS", 37)
-    summary = pseudolabel_summary(tmp_path / "p.h5")
+    summary = pseudolabel_summary(tmp_path / "p.h5", block_rows=37)
     assert summary["rows"] == 1000 and summary["class_names"] == CLASS_NAMES
     assert summary["counts"].tolist() == np.bincount(labels, minlength=3).tolist()
     assert summary["mean_confidence"] == pytest.approx([confidence[labels == k].mean() for k in range(3)], rel=1e-5)
@@ -277,3 +277,67 @@ def test_renders_in_headless_chromium(full_workdir, tmp_path):
                     "--window-size=1200,3000", path.as_uri()], check=True, capture_output=True, timeout=120)
     with Image.open(shot) as png:
         assert png.size == (1200, 3000)
+
+
+def many_class_workdir(tmp_path, k: int):
+    """A pseudolabel stage of k classes as the stage writes it: quality.csv with its `all` row, results.csv
+    with the pool accuracy, an h5 file of 50 images per class at clustered confidences."""
+    rng = np.random.default_rng(k)
+    names = [f"class_{c:02d}_name" for c in range(k)]
+    labels = np.repeat(np.arange(k), 50)
+    confidence = np.clip(rng.normal(0.9, 0.05, len(labels)), 0, 1)
+    precision = np.clip(rng.normal(0.88, 0.06, k), 0, 1)
+    precision[:2] = (0.35, 0.5)  # two badly calibrated classes to name
+    mean_confidence = np.array([confidence[labels == c].mean() for c in range(k)])
+    quality = pd.DataFrame({"class": names, "count": 50, "precision": precision, "mean_confidence": mean_confidence,
+                            "measured_against": "dataset labels"})
+    total = {"class": "all", "count": 50 * k, "precision": precision.mean(), "mean_confidence": confidence.mean(),
+             "measured_against": "dataset labels"}
+    workdir = tmp_path / f"run{k}"
+    stage = write_stage(workdir, "pseudolabel", "b" * 64, 1.0, {
+        "quality.csv": pd.concat([quality, pd.DataFrame([total])], ignore_index=True),
+        "results.csv": results("teacher", [("pool", "clean", 0.0, precision.mean(), 50 * k)])})
+    with h5py.File(stage / "pseudolabels.h5", "w") as f:
+        f.create_dataset("labels", data=labels)
+        f.create_dataset("confidence", data=confidence.astype(np.float32))
+        f.attrs["num_classes"] = k
+        f.attrs["class_names"] = names
+    return workdir
+
+
+@pytest.mark.parametrize("k", [10, 100])
+def test_pseudolabel_section_counts_each_image_once_at_10_and_100_classes(tmp_path, k):
+    page = Page(write_report(many_class_workdir(tmp_path, k)).read_text())
+    text = page.all_text
+    assert f"{50 * k:,} pseudo-labeled pool images" in text
+    assert f"({50 * k:,} images)" in text  # quality.csv's `all` row is not counted a second time
+    assert len(page.images) == 2 and all(png_size(image)[0] >= 500 for image in page.images)
+    assert len(page.table_with("mean_confidence")) == k + 1
+
+
+def test_renders_at_100_classes_in_headless_chromium(tmp_path):
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no chromium installed: the page is checked by parsing only")
+    path = write_report(many_class_workdir(tmp_path, 100))
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", f"--screenshot={shot}",
+                    "--window-size=1400,3000", path.as_uri()], check=True, capture_output=True, timeout=120)
+    with Image.open(shot) as png:
+        assert png.size == (1400, 3000)
+        assert len(png.convert("L").getcolors(1 << 16)) > 2  # something was drawn, not a blank page
+
+
+def test_a_stage_whose_section_fails_gets_a_note_and_the_others_their_sections(full_workdir):
+    from pipeline.stage import Stage
+    from stages import STAGES
+
+    def broken(entry):
+        raise KeyError("labels")
+
+    stages = dict(STAGES, mart=Stage(name="mart", version=1, section="mart", outputs=(), run=lambda ctx: None,
+                                     report=broken))
+    page = Page(write_report(full_workdir, stages=stages).read_text())
+    assert "this section could not be drawn (KeyError: 'labels')" in page.all_text
+    assert [h for h in page.headings if h in STAGES] == ["teacher", "pseudolabel", "mart", "eval"]
+    assert len(page.images) == 4  # mart's curves are missing, every other plot is there

@@ -245,12 +245,14 @@ def _registrations_to_forget(store, paths: list[str]) -> tuple:
             known = ", ".join(str(r.path) for r in registrations) or "none"
             raise UserError(f"--forget {given}: no work dir is registered at that path in the store {store.root} "
                             f"(registered: {known}).")
-        for registration in matches:
-            if registration.present():
-                raise UserError(f"--forget {given}: that work dir still exists and links into the store; gc "
-                                f"already keeps only what it links to. Delete it (rm -r {given}) or the links "
-                                f"you no longer need, then run gc; nothing was changed.")
-        chosen.extend(matches)
+        # A record whose work dir is still there is not forgotten (its links protect it anyway); another
+        # record of the same path, from a work dir that was there before, can be.
+        gone = [r for r in matches if not r.present()]
+        if not gone:
+            raise UserError(f"--forget {given}: that work dir still exists and links into the store; gc "
+                            f"already keeps only what it links to. Delete it (rm -r {given}) or the links "
+                            f"you no longer need, then run gc; nothing was changed.")
+        chosen.extend(gone)
     return tuple(chosen)
 
 

@@ -212,3 +212,14 @@ def test_a_fifo_in_the_registry_or_as_the_id_file_does_not_hang(tmp_path, built,
         os.mkfifo(tmp_path / "w" / ".rst-mart-id")
     out = run_cli("gc", "--store", built, "--dry-run", timeout=60).stdout
     assert "unreferenced entries" in out
+
+
+def test_a_new_work_dir_at_a_moved_ones_path_keeps_both_until_the_old_is_forgotten(tmp_path, built):
+    old_entries = [(tmp_path / "w" / s).resolve() for s in ("teacher", "mart")]
+    shutil.rmtree(tmp_path / "w")
+    assert worker(tmp_path / "w", built, "--seed", "1", "--hold", "none").returncode == 0  # a new work dir, same path
+    out = run_cli("gc", "--store", built, timeout=60).stdout
+    assert "keeping 2 entries" in out and "0 unreferenced entries" in out
+    out = run_cli("gc", "--store", built, "--forget", tmp_path / "w", timeout=60).stdout
+    assert "2 unreferenced entries" in out and not any(e.exists() for e in old_entries)
+    assert (tmp_path / "w" / "teacher" / "out.txt").exists()  # the new one's entry stays

@@ -98,7 +98,7 @@ def test_a_moved_work_dir_keeps_its_entries_and_is_recognised_again(tmp_path, bu
     (tmp_path / "w").rename(tmp_path / "w-final")
     out = run_cli("gc", "--store", built, timeout=60).stdout
     assert "0 unreferenced entries" in out
-    assert f"keeping 2 entries" in out and f"of {tmp_path / 'w'}, a registered work dir that is no longer there" in out
+    assert "keeping 2 entries" in out and f"of {tmp_path / 'w'}, a registered work dir that is no longer there" in out
     assert f"--forget {tmp_path / 'w'}" in out
     assert all((e / "out.txt").exists() for e in kept.values())
     assert (tmp_path / "w-final" / "mart" / "out.txt").read_text() == "built then mart"
@@ -177,7 +177,8 @@ def test_an_output_name_outside_the_entry_is_stale_not_read(tmp_path, built, nam
     path.write_text(json.dumps(record))
     status = worker(tmp_path / "w", built, "--stages", "teacher", "--status")  # as `status --verify`
     assert status.returncode == 0
-    assert f"teacher: stale, stage.json lists output {name!r}, which is not a file name inside the entry" in status.stdout
+    expected = f"teacher: stale, stage.json lists output {name!r}, which is not a file name inside the entry"
+    assert expected in status.stdout
     proc = worker(tmp_path / "w", built, "--stages", "teacher", "--hold", "none")  # rebuilt, in seconds
     assert proc.returncode == 0 and "teacher: stale, stage.json lists output" in proc.stdout
     assert json.loads(_record(built, "teacher").read_text())["outputs"].keys() == {"out.txt"}

@@ -45,11 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
                              help="also check every output's recorded checksum (reads the outputs)")
         if name == "sweep":
             sub.add_argument("--seeds", default="", help="comma-separated run.seed values, e.g. 0,1,2")
-    gc = commands.add_parser("gc", help="list (--dry-run) or remove store entries that no work dir links to")
+    gc = commands.add_parser("gc", help="list (--dry-run) or remove store entries that no registered work dir "
+                                        "links to (a moved or deleted work dir keeps its entries until --forget)")
     gc.add_argument("--store", help="the store (default: as a run with --config/--workdir would use)")
     gc.add_argument("--config", help="TOML config whose run.store to use (default: the work dir's recorded one)")
-    gc.add_argument("--workdir", help="a work dir whose store to use")
-    gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    gc.add_argument("--workdir", help="a work dir whose store to use (a moved one is registered at its new place)")
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be removed (takes no lock)")
+    gc.add_argument("--forget", action="append", default=[], metavar="PATH",
+                    help="a registered work dir that no longer exists: stop keeping its entries (repeatable)")
     export = commands.add_parser("export", help="write a model.pt in another format (RobustBench)")
     export.add_argument("model", help="a model.pt written by rst-mart, e.g. runs/demo/mart/model.pt")
     export.add_argument("--format", default="robustbench", choices=["robustbench"])
@@ -188,8 +191,13 @@ def print_results(workdir: Path, plans) -> None:
 
 
 def _gc(args) -> int:
+    """Entries no registered work dir links to go; a work dir that moved or vanished keeps its entries until
+    --forget. Removing holds the store's lock exclusively (runs hold it shared), so it never races a run;
+    --dry-run takes no lock and changes nothing."""
+    from pipeline.core import locks
+    from pipeline.registry import read_id
     from pipeline.runner import default_workdir, run_in_progress
-    from pipeline.store import Store, entry_size, store_dir
+    from pipeline.store import Store, store_dir
     from pipeline.workdir_record import choose_config
 
     if args.store:
@@ -201,27 +209,77 @@ def _gc(args) -> int:
     if not root.is_dir():
         raise UserError(f"there is no stage store at {root}; name it with --store (or run.store / $RST_MART_STORE).")
     store = Store(root)
-    busy = [w for w in _registered_workdirs(store) if run_in_progress(w)]
-    if busy:
-        raise UserError(f"a run is in progress in {busy[0]} ({run_in_progress(busy[0])}); run gc when it has "
-                        f"finished, so it cannot remove an entry that run is about to use.")
-    unreferenced = store.unreferenced()
-    total = sum(entry_size(e) for e in unreferenced)
-    verb = "would remove" if args.dry_run else "removing"
-    for entry in unreferenced:
-        print(f"{verb} {entry} ({entry_size(entry) / 2**20:.1f} MiB)")
-        if not args.dry_run:
-            import shutil
-
-            shutil.rmtree(entry)
-    print(f"{len(unreferenced)} unreferenced entries, {total / 2**20:.1f} MiB" +
-          (" (dry run: nothing removed)" if args.dry_run else " removed"))
+    if args.dry_run:
+        _collect(store, args, remove=False)
+        return EXIT_OK
+    try:
+        with locks.exclusive(store.lock_file):
+            if args.workdir and read_id(Path(args.workdir)) is not None:
+                store.register(Path(args.workdir))  # a moved work dir: its record follows it here
+            _collect(store, args, remove=True)
+    except locks.Locked:
+        busy = [f"{r.path} ({run_in_progress(r.path)})" for r in store.registry.all() if run_in_progress(r.path)]
+        raise UserError(f"runs are using the store {root}" + (f": {', '.join(busy)}" if busy else "") +
+                        "; gc removes entries only while no run holds the store, so that it never removes one "
+                        "a run is about to use. Run gc when they have finished (`gc --dry-run` works now).") from None
     return EXIT_OK
 
 
-def _registered_workdirs(store) -> list[Path]:
-    refs = store.root / "workdirs"
-    return [Path(r.read_text().strip()) for r in sorted(refs.glob("*"))] if refs.exists() else []
+def _collect(store, args, *, remove: bool) -> None:
+    import shutil
+
+    from pipeline.store import entry_size
+
+    forget = _registrations_to_forget(store, args.forget)
+    found = store.collect(forget=forget)
+    where = f"--store {store.root}"
+    for registration, entries in found.missing:
+        size = sum(entry_size(e) for e in entries)
+        print(f"keeping {len(entries)} entries ({size / 2**20:.1f} MiB) of {registration.path}, a registered work "
+              f"dir that is no longer there: if it moved, any `run` in it (or `gc --workdir NEWPATH`) registers "
+              f"its new place; if it was deleted, `python -m pipeline gc {where} --forget {registration.path}`")
+    for registration in found.unknown:
+        print(f"{registration.path} was registered by an older rst-mart, which did not record its links, and is "
+              f"no longer there: nothing is removed until `python -m pipeline gc {where} --forget "
+              f"{registration.path}` (or a `run` in its new place)")
+    for path in found.not_ours:
+        print(f"leaving {path} alone: no stage.json names it, so rst-mart did not write it")
+    removable = [] if found.unknown else found.removable
+    verb = "removing" if remove else "would remove"
+    total = 0
+    for entry in removable:
+        size = entry_size(entry)
+        total += size
+        print(f"{verb} {entry} ({size / 2**20:.1f} MiB)")
+    if remove:
+        for registration in forget:
+            store.registry.forget(registration)
+            print(f"forgot {registration.path}")
+        for entry in removable:
+            shutil.rmtree(entry)
+    print(f"{len(removable)} unreferenced entries, {total / 2**20:.1f} MiB" +
+          (" removed" if remove else " (dry run: nothing removed)"))
+
+
+def _registrations_to_forget(store, paths: list[str]) -> tuple:
+    chosen = []
+    registrations = store.registry.all()
+    for given in paths:
+        forms = {Path(os.path.abspath(given)), Path(given).resolve()}
+        matches = [r for r in registrations if r.path in forms]
+        if not matches:
+            known = ", ".join(str(r.path) for r in registrations) or "none"
+            raise UserError(f"--forget {given}: no work dir is registered at that path in the store {store.root} "
+                            f"(registered: {known}).")
+        # A record whose work dir is still there is not forgotten (its links protect it anyway); another
+        # record of the same path, from a work dir that was there before, can be.
+        gone = [r for r in matches if not r.present()]
+        if not gone:
+            raise UserError(f"--forget {given}: that work dir still exists and links into the store; gc "
+                            f"already keeps only what it links to. Delete it (rm -r {given}) or the links "
+                            f"you no longer need, then run gc; nothing was changed.")
+        chosen.extend(gone)
+    return tuple(chosen)
 
 
 def _export(args) -> int:

@@ -180,9 +180,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return config
 
 
+CONFIG_LIMIT_BYTES = 1 << 20  # 1 MiB: a config is a few KiB; /dev/zero or a FIFO must not hang or fill memory
+
+
 def _read_toml(path: Path) -> dict:
+    from pipeline.core.bounded import NotRegularFile, TooLarge, read_regular
+
     try:
-        text = path.read_bytes().decode("utf-8")  # TOML is UTF-8 whatever the locale says
+        text = read_regular(path, CONFIG_LIMIT_BYTES).decode("utf-8")  # TOML is UTF-8 whatever the locale says
+    except NotRegularFile as e:
+        raise UserError(f"config file {path} is {e.kind}, not a regular file; pass the path of a .toml file "
+                        f"with --config (the shipped ones are in {CONFIG_DIR}).") from None
+    except TooLarge as e:
+        raise UserError(f"config file {path} is over {CONFIG_LIMIT_BYTES // 2**20} MiB ({e.size} bytes or more): "
+                        f"not a config; pass the path of a .toml file with --config.") from None
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist; pass an existing file with --config "
                         f"(the shipped ones are in {CONFIG_DIR}).") from None

@@ -7,7 +7,6 @@ files. A section that cannot be drawn becomes a line saying so, not a failed rep
 from __future__ import annotations
 
 import html
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -73,10 +72,9 @@ def _contribution(name: str, report, entry: Path) -> str:
 # -- the stages ---------------------------------------------------------------------------------------
 
 def _stage_record(stage_dir: Path) -> dict:
-    try:
-        return json.loads((stage_dir / "stage.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    from pipeline.store import read_record  # bounded: a stage.json that is a FIFO or huge cannot hang the report
+
+    return read_record(stage_dir) or {}
 
 
 def _recorded_rows(workdir: Path, order: list[str]) -> list[dict]:

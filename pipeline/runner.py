@@ -9,6 +9,7 @@ so a killed stage never looks done, and its resume state is reused only by the s
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -122,29 +123,45 @@ class Runner:
         dist = distributed.dist_info()
         if dist.enabled:  # under torchrun: join the process group before the first collective
             distributed.init_process_group(distributed.device_type(self.config.run.device))
-        self.plan(names)  # a missing dataset or a bad stage name fails before the work dir is touched
-        held = self._lock_workdir(dist)
-        try:
+        # A missing dataset or a bad stage name fails before the work dir or the store is touched. This
+        # plan decides nothing: the one that does comes after the work dir is registered and the store held.
+        self.plan(names)
+        with self._lock_workdir(dist, self.closure(names)):
             return self._run_locked(names, force=force, dist=dist)
-        finally:
-            if held is not None:
-                held.__exit__(None, None, None)
 
-    def _lock_workdir(self, dist):
-        """Rank 0 holds the work dir's lock for the whole run; every rank learns whether it got it."""
-        held, problem = None, None
+    def _lock_workdir(self, dist, stage_names: list[str]) -> contextlib.ExitStack:
+        """Rank 0, before anything in the work dir or the store moves: refuse a work dir inside the store
+        (or the store inside a stage link's path) and a stage-named directory rst-mart did not write; then
+        take the work dir's lock, the store's shared lock (gc takes it exclusively: it cannot remove an
+        entry this run has planned to use), and register the work dir (gc keeps what it links to). Lock
+        order: core/locks.py. Every rank learns whether it went through."""
+        held, problem = contextlib.ExitStack(), None
         if dist.is_main:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            held = locks.exclusive(self.workdir / WORKDIR_LOCK)
             try:
-                held.__enter__()
-            except locks.Locked as e:
-                held, problem = None, e.holder
+                self.store.check_layout(self.workdir, stage_names)
+                self.workdir.mkdir(parents=True, exist_ok=True)
+                try:
+                    held.enter_context(locks.exclusive(self.workdir / WORKDIR_LOCK))
+                except locks.Locked as e:
+                    raise UserError(
+                        f"the work dir {self.workdir} is in use by another run ({e.holder}); wait for it to finish "
+                        f"(`python -m pipeline status` shows its progress) or give this run its own --workdir. "
+                        f"Stages it finishes are shared through the store.") from None
+                for name in stage_names:
+                    self.store.check_adoptable(self.workdir, name)
+                self.store.check_writable()
+                held.enter_context(locks.shared(self.store.lock_file, wait=True, on_wait=lambda who: self.log(
+                    f"waiting for gc ({who}) to finish with the store {self.store.root}")))
+                self.store.register(self.workdir)
+            except UserError as e:
+                held.close()
+                problem = str(e)
+            except BaseException:
+                held.close()
+                raise
         problem = distributed.broadcast_object(problem)
         if problem is not None:
-            raise UserError(f"the work dir {self.workdir} is in use by another run ({problem}); wait for it to "
-                            f"finish (`python -m pipeline status` shows its progress) or give this run its own "
-                            f"--workdir. Stages it finishes are shared through the store.")
+            raise UserError(problem)
         return held
 
     def _run_locked(self, names: list[str], *, force: bool, dist) -> list[StagePlan]:

@@ -1,8 +1,11 @@
 """Content fingerprints: canonical JSON -> sha256, and file digests cached across processes.
 
 `file_digest` remembers what it hashed in a small sqlite database (like git's index or DVC's state)
-keyed by the file's resolved path, size, mtime_ns and inode, so a 10 GB pool is hashed once, not on
-every `status`, and a file that was edited, replaced or touched is hashed again. The cache is a
+keyed by the file's resolved path, size, mtime_ns, ctime_ns and inode, so a 10 GB pool is hashed once,
+not on every `status`, and a file that was edited, replaced or touched is hashed again. The ctime is
+what catches an edit that keeps the size and puts the old mtime back (`touch -d`, `cp -p`, `rsync -t`
+over it): only the kernel sets ctime, to "now", on every write, chmod or utime, and no unprivileged
+call can set it back. The cache is a
 convenience: when its location cannot be written or its database cannot be read, digests fall back to
 a per-process memo and the run goes on.
 """
@@ -18,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.bounded import open_regular
+
 # Files above this size are fingerprinted from their size, mtime and sampled blocks rather than a full
 # read: a 50M-image pool is ~150 GB and hashing it even once would take many minutes.
 FULL_HASH_LIMIT_BYTES = 2 << 30
@@ -31,7 +36,7 @@ _METHOD = f"sha256;full<={FULL_HASH_LIMIT_BYTES};sampled={_SAMPLE_BLOCKS}x{_SAMP
 RACY_WINDOW_NS = 2_000_000_000
 
 CACHE_DIR_ENV = "RST_MART_CACHE_DIR"
-_DB_NAME = "digests.sqlite3"
+_DB_NAME = "digests-v2.sqlite3"  # v2: rows keyed on ctime_ns too (the v1 file is left unread)
 _DB_TIMEOUT_S = 10.0  # another process writing its digest holds the lock for milliseconds
 # Rows of files that no longer exist (deleted work dirs, temporary pools) are dropped once the table
 # grows past this: a stat per row, some 20 ms at this size, paid once per so many new digests.
@@ -70,10 +75,11 @@ def user_cache_dir() -> Path:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes (sampled above FULL_HASH_LIMIT_BYTES), cached on (path, size, mtime_ns, inode)."""
+    """sha256 of a file's bytes (sampled above FULL_HASH_LIMIT_BYTES), cached on (path, size, mtime_ns,
+    ctime_ns, inode). NotRegularFile (an OSError) for a FIFO or a device: they are never read."""
     path = Path(path).resolve()
     st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     with _memo_lock:
         if key in _memo:
             return _memo[key]
@@ -81,6 +87,7 @@ def file_digest(path: str | os.PathLike) -> str:
     if digest is None:
         started_ns = time.time_ns()
         digest = hash_file(path, st)
+        # mtime only, as git's racy check: tests and `cp -p` set an old mtime, no one can set an old ctime
         if st.st_mtime_ns >= started_ns - RACY_WINDOW_NS:
             return digest  # too fresh to trust its mtime: remember nothing yet
         _store_digest(key, digest)
@@ -91,9 +98,11 @@ def file_digest(path: str | os.PathLike) -> str:
 
 def hash_file(path: Path, st: os.stat_result) -> str:
     """sha256 of the file's bytes, or above FULL_HASH_LIMIT_BYTES of its size, mtime and 64 sampled blocks;
-    never cached (the stage store verifies outputs with it)."""
+    never cached (the stage store verifies outputs with it). Only a regular file is opened (NotRegularFile
+    otherwise): a FIFO or /dev/zero where a file was expected must not hang or read forever."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    fd, _ = open_regular(path)
+    with open(fd, "rb") as f:
         if st.st_size <= FULL_HASH_LIMIT_BYTES:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
@@ -116,7 +125,7 @@ def _database():
         # A connection per call: safe across threads and forks, and cheap next to hashing a pool.
         connection = sqlite3.connect(directory / _DB_NAME, timeout=_DB_TIMEOUT_S, isolation_level=None)
         connection.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER, "
-                           "mtime_ns INTEGER, inode INTEGER, method TEXT, digest TEXT)")
+                           "mtime_ns INTEGER, ctime_ns INTEGER, inode INTEGER, method TEXT, digest TEXT)")
     except (OSError, sqlite3.Error):
         if connection is not None:
             connection.close()
@@ -129,13 +138,14 @@ def _database():
 
 
 def _cached_digest(key: tuple) -> str | None:
-    path, size, mtime_ns, inode = key
+    path, size, mtime_ns, ctime_ns, inode = key
     with _database() as db:
         if db is None:
             return None
         try:
-            row = db.execute("SELECT digest FROM digests WHERE path = ? AND size = ? AND mtime_ns = ? AND inode = ? "
-                             "AND method = ?", (path, size, mtime_ns, inode, _METHOD)).fetchone()
+            row = db.execute("SELECT digest FROM digests WHERE path = ? AND size = ? AND mtime_ns = ? AND ctime_ns = ? "
+                             "AND inode = ? AND method = ?",
+                             (path, size, mtime_ns, ctime_ns, inode, _METHOD)).fetchone()
         except sqlite3.Error:
             return None
     return row[0] if row else None
@@ -147,7 +157,7 @@ def _store_digest(key: tuple, digest: str) -> None:
         if db is None:
             return
         with contextlib.suppress(sqlite3.Error):
-            db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)", (*key, _METHOD, digest))
+            db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?, ?)", (*key, _METHOD, digest))
             if db.execute("SELECT COUNT(*) FROM digests").fetchone()[0] > _PRUNE_ABOVE_ROWS:
                 gone = [(p,) for (p,) in db.execute("SELECT path FROM digests") if not os.path.exists(p)]
                 db.executemany("DELETE FROM digests WHERE path = ?", gone)

@@ -3,7 +3,6 @@ import struct
 import sys
 import types
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ import re
 import subprocess
 import sys
 import typing
-from pathlib import Path
 
 import pytest
 
@@ -256,7 +255,7 @@ def test_config_file_without_read_permission(tmp_path, monkeypatch):
     def denied(self):  # chmod 000 does not stop root, who runs these tests in CI
         raise PermissionError(13, "Permission denied", str(self))
 
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    monkeypatch.setattr("pipeline.core.bounded.read_regular", lambda path, limit: denied(path))
     with pytest.raises(UserError, match=re.escape(f"config file {path} cannot be read (permission denied)")):
         load_config(path)
 

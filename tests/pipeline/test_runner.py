@@ -240,7 +240,7 @@ def test_gc_keeps_what_is_referenced(tmp_path, stages):
     config.mart.beta = 3.0
     make_runner(tmp_path, stages, config)[0].run(["mart"])  # the beta=6 mart entry is now unreferenced
     store = Store(tmp_path / "store")
-    unreferenced = store.unreferenced()
+    unreferenced = store.collect().removable
     assert [e.parent.name for e in unreferenced] == ["mart"]
     assert all((tmp_path / "w" / s).resolve() not in unreferenced for s in ("teacher", "pseudolabel", "mart"))
 

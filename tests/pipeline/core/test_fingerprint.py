@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.core import fingerprint as fp
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]  # the repository root
 OLD_NS = 1_600_000_000 * 10**9  # an mtime well outside the racy window
 
 
@@ -62,7 +62,7 @@ def test_database_answers_a_fresh_memo(cache_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(fp, "_memo", {})
     _forbid_reading(monkeypatch)
     assert fp.file_digest(path) == digest
-    assert (cache_dir / "digests.sqlite3").is_file()
+    assert (cache_dir / fp._DB_NAME).is_file()
 
 
 @pytest.mark.parametrize("change", ["content and mtime", "mtime only", "inode (replaced by rename)"])
@@ -85,12 +85,40 @@ def test_a_changed_file_is_hashed_again(cache_dir, tmp_path, monkeypatch, change
     assert (after != before) == (change != "mtime only")
 
 
+def test_an_in_place_edit_that_restores_size_mtime_and_inode_is_hashed_again(cache_dir, tmp_path):
+    """The edit git's index catches by ctime: same bytes count, same inode, the old mtime put back."""
+    path = _write(tmp_path / "pool.bin", b"a" * 4096)
+    before, _ = _digest_in_new_process(path)
+    inode = path.stat().st_ino
+    with open(path, "r+b") as f:  # in place: the inode stays
+        f.write(b"b")
+    os.utime(path, ns=(OLD_NS, OLD_NS))
+    assert (path.stat().st_size, path.stat().st_mtime_ns, path.stat().st_ino) == (4096, OLD_NS, inode)
+    after, read = _digest_in_new_process(path)
+    assert read >= 4096 and after != before == hashlib.sha256(b"a" * 4096).hexdigest()
+    assert after == hashlib.sha256(b"b" + b"a" * 4095).hexdigest()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_a_device_is_never_read(cache_dir, tmp_path, kind):
+    if kind == "fifo":
+        path = tmp_path / "pool.fifo"
+        os.mkfifo(path)  # open() without O_NONBLOCK would wait here for a writer forever
+    else:
+        path = Path("/dev/zero")  # read() would never end
+    code = "import sys; from pipeline.core.fingerprint import file_digest; file_digest(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and "NotRegularFile" in proc.stderr
+    assert ("a FIFO" if kind == "fifo" else "a character device") in proc.stderr
+
+
 def test_one_row_per_path(cache_dir, tmp_path):
     path = _write(tmp_path / "a.bin", b"a")
     fp.file_digest(path)
     _write(path, b"b", OLD_NS + 1)
     fp.file_digest(path)
-    with sqlite3.connect(cache_dir / "digests.sqlite3") as db:
+    with sqlite3.connect(cache_dir / fp._DB_NAME) as db:
         assert db.execute("SELECT COUNT(*) FROM digests").fetchone()[0] == 1
 
 
@@ -101,7 +129,7 @@ def test_rows_of_deleted_files_are_pruned_past_the_limit(cache_dir, tmp_path, mo
         fp.file_digest(file)
     files[0].unlink()
     fp.file_digest(_write(tmp_path / "3.bin", b"y"))  # the fourth row: over the limit
-    with sqlite3.connect(cache_dir / "digests.sqlite3") as db:
+    with sqlite3.connect(cache_dir / fp._DB_NAME) as db:
         kept = sorted(Path(p).name for (p,) in db.execute("SELECT path FROM digests"))
     assert kept == ["1.bin", "2.bin", "3.bin"]
 
@@ -113,7 +141,7 @@ def test_a_freshly_written_file_is_not_remembered(cache_dir, tmp_path, monkeypat
     first = fp.file_digest(path)
     _write(path, b"fResh", now)  # same size, same inode, same mtime tick
     assert fp.file_digest(path) != first
-    assert not sqlite3.connect(cache_dir / "digests.sqlite3").execute("SELECT * FROM digests").fetchall()
+    assert not sqlite3.connect(cache_dir / fp._DB_NAME).execute("SELECT * FROM digests").fetchall()
 
 
 @pytest.mark.parametrize("where", ["below a regular file", "corrupt database"])
@@ -124,7 +152,7 @@ def test_an_unusable_cache_falls_back_to_hashing(tmp_path, monkeypatch, where):
         monkeypatch.setenv(fp.CACHE_DIR_ENV, str(blocker / "cache"))
     else:
         (tmp_path / "cache").mkdir()
-        (tmp_path / "cache" / "digests.sqlite3").write_bytes(b"not a database" * 100)
+        (tmp_path / "cache" / fp._DB_NAME).write_bytes(b"not a database" * 100)
         monkeypatch.setenv(fp.CACHE_DIR_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(fp, "_memo", {})
     path = _write(tmp_path / "a.bin", b"abc")

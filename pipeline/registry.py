@@ -1,0 +1,142 @@
+"""The store's registry of work dirs: which work dirs link into the store, and which entries each links to.
+
+```
+<workdir>/.rst-mart-id          the work dir's id: 32 hex digits and a newline (uuid4)
+<store>/workdirs/<id>.json      {"id": "<id>", "path": "/abs/workdir", "links": {"<stage>": "<fingerprint>"}}
+```
+
+gc keeps what a registered work dir links to. The id travels with the work dir (`mv runs/x runs/x-final`
+moves it too), so the next `run` there finds its record and updates its path; until then, and for a
+work dir that was deleted, the record's `links` say which entries to keep. A copy (`cp -r`) carries
+the id too: it is told apart from a move because the original is still at the recorded path with the
+same id, and gets a new id of its own. Records from before ids (`workdirs/<hash>` holding a path) are
+still read. Records are written atomically by the run holding the work dir's lock (or by gc, holding
+the store exclusively), and read with a size bound that never follows a FIFO or a device.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.core.atomic import atomic_write_json, atomic_write_text
+from pipeline.core.bounded import read_regular
+from pipeline.core.errors import UserError
+
+ID_FILE = ".rst-mart-id"
+REGISTRY_DIR = "workdirs"
+RECORD_LIMIT_BYTES = 1 << 20  # 1 MiB: a record is a few hundred bytes
+_ID = re.compile(r"[0-9a-f]{32}")
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass
+class Registration:
+    id: str  # for a record from before ids: its file name (a hash of the path)
+    path: Path
+    links: dict[str, str] = field(default_factory=dict)  # stage -> fingerprint, as of the last run
+    legacy: bool = False  # a record from before ids: it has no links and no id file to match
+
+    def present(self) -> bool:
+        """Is this work dir still at its recorded path (and not replaced by another work dir)?"""
+        if self.legacy:
+            return self.path.is_dir()
+        return read_id(self.path) == self.id
+
+
+def plain_name(name) -> bool:
+    """A file name inside a directory: not empty, no separator, not . or .. (so not absolute either)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+
+def read_id(workdir: Path) -> str | None:
+    try:
+        text = read_regular(Path(workdir) / ID_FILE, 4096, follow_symlinks=False).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if _ID.fullmatch(text) else None
+
+
+def same_dir(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+class Registry:
+    def __init__(self, store_root: Path):
+        self.dir = Path(store_root) / REGISTRY_DIR
+
+    def record_path(self, id: str) -> Path:
+        return self.dir / f"{id}.json"
+
+    def read(self, id: str) -> Registration | None:
+        return _parse(self.record_path(id))
+
+    def all(self) -> list[Registration]:
+        found = []
+        for path in sorted(self.dir.iterdir()) if self.dir.is_dir() else ():
+            registration = _parse(path)
+            if registration is not None:
+                found.append(registration)
+        return found
+
+    def register(self, workdir: Path, links: dict[str, str]) -> Registration:
+        """Record `workdir` (which exists) and what it links to; returns its registration. A work dir
+        whose id is recorded at another path has moved there, unless the original is still there (a copy)."""
+        here = Path(workdir).resolve()
+        id = read_id(here)
+        if id is not None:
+            known = self.read(id)
+            if known is not None and known.path != here and known.present() and not same_dir(known.path, here):
+                id = None  # a copy of a work dir that is still there: it needs its own id
+        if id is None:
+            id = uuid.uuid4().hex
+            target = here / ID_FILE
+            if target.is_dir() or (target.exists() and not target.is_file()):
+                raise UserError(f"{target} is in the way of the work dir's id file (it is not a regular file); "
+                                f"move it away and rerun.")
+            atomic_write_text(target, id + "\n")
+        registration = Registration(id, here, dict(links))
+        atomic_write_json(self.record_path(id), {"id": id, "path": str(here), "links": registration.links})
+        legacy = self.dir / _legacy_name(here)
+        if legacy.is_file():  # superseded by the record just written
+            legacy.unlink()
+        return registration
+
+    def forget(self, registration: Registration) -> None:
+        path = self.dir / (_legacy_name(registration.path) if registration.legacy else f"{registration.id}.json")
+        path.unlink(missing_ok=True)
+
+
+def _legacy_name(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(path).encode()).hexdigest()[:32]
+
+
+def _parse(path: Path) -> Registration | None:
+    """A record, or None for anything else in the registry directory (left alone, never deleted)."""
+    name = path.name
+    if not (name.endswith(".json") and _ID.fullmatch(name[:-5])) and not _ID.fullmatch(name):
+        return None
+    try:
+        text = read_regular(path, RECORD_LIMIT_BYTES, follow_symlinks=False).decode()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if _ID.fullmatch(name):  # from before ids: the work dir's absolute path on one line
+        return Registration(name, Path(text.strip()), legacy=True) if text.strip() else None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("id") != name[:-5] or not isinstance(record.get("path"), str):
+        return None
+    links = record.get("links") if isinstance(record.get("links"), dict) else {}
+    # Only names that stay inside the store: a record is never a way to point gc elsewhere.
+    links = {s: f for s, f in links.items() if plain_name(s) and isinstance(f, str) and _FINGERPRINT.fullmatch(f)}
+    return Registration(record["id"], Path(record["path"]), links)

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--config", help="TOML config (default: configs/demo.toml)")
         sub.add_argument("--stages", default=None,
-                         help="comma-separated stages (default: teacher,pseudolabel,mart)")
+                         help="comma-separated stages (default: those the stages mark as default)")
         sub.add_argument("--workdir", help="where artifacts live (default: runs/<config name>, "
                                            "runs/<config name>-sweep for a sweep)")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -112,9 +112,11 @@ def _dispatch(args) -> int:
 
 
 def _stage_names(args) -> list[str]:
-    from pipeline.runner import DEFAULT_STAGES
+    from pipeline import registry
 
-    return [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else list(DEFAULT_STAGES)
+    if args.stages:
+        return [s.strip() for s in args.stages.split(",") if s.strip()]
+    return registry.default_stages(registry.stages())
 
 
 def _status(config, workdir: Path, names: list[str], *, verify: bool) -> int:
@@ -207,9 +209,12 @@ def _export(args) -> int:
 
 def _report(config, workdir: Path) -> int:
     from pipeline.report import write_report
-    from pipeline.runner import DEFAULT_STAGES, Runner
+    from pipeline import registry
+    from pipeline.runner import Runner
 
-    names = list(DEFAULT_STAGES) + (["eval"] if (workdir / "eval").exists() else [])
+    # The default stages, and any other stage that has run in this work dir.
+    names = registry.default_stages(registry.stages())
+    names += [n for n in registry.stages() if n not in names and (workdir / n).exists()]
     rows = [{"name": p.stage.name, "state": "fresh" if p.fresh else p.reason, "fingerprint": p.fingerprint,
              "dir": p.entry} for p in Runner(config, workdir).plan(names)]
     print(f"wrote {write_report(workdir, rows)}")

@@ -9,10 +9,26 @@ own and rank 0 merges them in pool order.
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
+from typing import ClassVar
 
 from data.sources import LABELED, POOL
 from pipeline.core import distributed
-from pipeline.stage import Stage
+from pipeline.core.checks import at_least, positive
+from pipeline.stage import RUNTIME, Stage
+
+
+@dataclass
+class PseudolabelConfig:
+    batch_size: int = 512  # pool images per teacher forward
+    dedup_test: bool = False  # drop pool images that nearly duplicate a test image (test leakage)
+    dedup_threshold: float = 7.843  # L2 distance on [0,1] pixels below which an image is a duplicate (RST: 2000/255)
+    save_logits: bool = False  # also store float16 teacher logits (N, K)
+
+    RANGES: ClassVar[dict] = {
+        "batch_size": at_least(1, high=2**24),
+        "dedup_threshold": positive("an L2 distance on [0, 1] pixels; RST used 2000/255 = 7.843"),
+    }
 
 
 def run(ctx) -> None:
@@ -107,7 +123,9 @@ _SUM_BLOCK = 1 << 20  # rows of the 1-D columns summed at a time (about 20 MiB)
 
 
 STAGE = Stage(
-    name="pseudolabel", version=2, section="pseudolabel", run=run,
+    name="pseudolabel", version=2, section="pseudolabel", config=PseudolabelConfig, run=run, default=True,
     inputs=lambda config: ("teacher", LABELED, POOL),
     outputs=("pseudolabels.h5", "results.csv", "quality.csv"),
-    insignificant=("batch_size",), extra_params=("run.precision",))
+    # pool.provider only says whether the pool's provided labels are the dataset's own; the pool's
+    # fingerprint (an input) already covers it.
+    reads=("run.precision", "pool.provider", *RUNTIME), insignificant=("batch_size", "pool.provider", *RUNTIME))

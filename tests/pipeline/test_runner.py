@@ -39,7 +39,7 @@ def sources():
 def stages(sources):
     return {
         "teacher": Stage("teacher", 1, "teacher", ("out.txt",), writer("teacher"),
-                         inputs=lambda c: (sources.labeled,), extra_params=("run.seed",)),
+                         inputs=lambda c: (sources.labeled,), reads=("run.seed",)),
         "pseudolabel": Stage("pseudolabel", 1, "pseudolabel", ("out.txt",), writer("pseudolabel"),
                              inputs=lambda c: ("teacher", sources.labeled, sources.pool), insignificant=("batch_size",)),
         "mart": Stage("mart", 1, "mart", ("out.txt",), writer("mart"), inputs=lambda c: ("pseudolabel",)),

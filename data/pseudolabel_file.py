@@ -530,3 +530,20 @@ class PseudoLabelReader:
     def load_images(self) -> np.ndarray:
         """The whole images dataset in memory (for pools that fit)."""
         return self._images[()]
+
+
+COLUMN_BLOCK_ROWS = 1 << 20  # rows of the 1-D columns read at a time (about 20 MiB for labels + confidence + pool_index)
+
+
+def iter_column_blocks(path, names: tuple[str, ...] | list[str],
+                       rows_per_block: int = COLUMN_BLOCK_ROWS) -> Iterator[dict[str, np.ndarray]]:
+    """The columns `names` (of labels, confidence, pool_index, logits) of a pseudolabels.h5, a block of
+    rows at a time as {name: array}, in row order: memory does not grow with the pool. A reader of a
+    file it did not just write validates it first (validate_pseudolabels)."""
+    unknown = [n for n in names if n not in _DTYPES or n == "images"]
+    if unknown:
+        raise ValueError(f"iter_column_blocks reads the 1-D columns and logits, not {unknown}")
+    with h5py.File(path, "r") as f:
+        rows = f["labels"].shape[0]
+        for start in range(0, rows, rows_per_block):
+            yield {name: f[name][start:start + rows_per_block] for name in names}

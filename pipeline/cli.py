@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--workdir", help="a work dir whose default store to use")
     gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     export = commands.add_parser("export", help="write a model.pt in another format (RobustBench)")
-    export.add_argument("model", help="a model.pt written by rst-mart, e.g. runs/demo/mart/model.pt")
+    export.add_argument("model", help="a model.pt written by a stage, e.g. runs/<config name>/<stage>/model.pt")
     export.add_argument("--format", default="robustbench", choices=["robustbench"])
     export.add_argument("-o", "--output", required=True, help="the file to write")
     report = commands.add_parser("report", help="write <workdir>/report.html: stages, curves, pseudo-labels, results")

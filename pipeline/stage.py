@@ -53,7 +53,7 @@ class Stage:
     config: type | None = None  # the dataclass of its section; None = a stage without settings
     # Upstream stage names and data sources the stage reads, for a given config (its view).
     inputs: Callable[[Any], tuple[str | Source, ...]] = lambda config: ()
-    reads: tuple[str, ...] = ()  # "section.key" of other sections it reads; they change results unless insignificant
+    reads: tuple[str, ...] = ()  # "section.key" (or "section.*": all its keys) of other sections it reads; they change results unless insignificant
     insignificant: tuple[str, ...] = ()  # own keys, or entries of `reads`, that do not change results
     default: bool = False  # run by `python -m pipeline run` without --stages
 
@@ -74,7 +74,8 @@ class Stage:
         for dotted in self.reads:
             if dotted not in self.insignificant:
                 section, key = dotted.split(".")
-                params[dotted] = _section_dict(config, section)[key]
+                values = _section_dict(config, section)
+                params[dotted] = values if key == "*" else values[key]
         return params
 
     def view(self, config) -> "StageConfig":
@@ -120,14 +121,14 @@ class SectionView:
     def __getattr__(self, key: str) -> Any:
         if key.startswith("_"):
             raise AttributeError(key)
-        if key not in self._keys:
+        if key not in self._keys and "*" not in self._keys:
             raise AttributeError(f"stage {self._stage} reads `{self._section}.{key}`, which it does not declare; "
                                  f"add \"{self._section}.{key}\" to its Stage(reads=...) (it enters its "
                                  f"fingerprint unless also listed as insignificant).")
         return getattr(self._values, key)
 
     def __repr__(self) -> str:
-        shown = {k: getattr(self._values, k) for k in sorted(self._keys)}
+        shown = self._values if "*" in self._keys else {k: getattr(self._values, k) for k in sorted(self._keys)}
         return f"[{self._section}] as stage {self._stage} reads it: {shown}"
 
 

@@ -28,8 +28,16 @@ def test_every_declared_read_names_an_existing_key():
     for stage in registry.stages().values():
         for dotted in stage.reads:
             section, key = dotted.split(".")
-            assert key in config.section(section), f"{stage.name} declares {dotted}, which does not exist"
+            assert key == "*" or key in config.section(section), f"{stage.name} declares {dotted}, which does not exist"
         assert set(stage.insignificant) <= set(stage.reads) | set(config.section(stage.section)), stage.name
+
+
+def test_a_stage_may_read_a_whole_section():
+    stage = dataclasses.replace(evaluate.STAGE, reads=("run.*", "data.num_labeled"), insignificant=("run.*",))
+    view = stage.view(Config())
+    assert view.run.compile is False and view.data.num_labeled == 4000
+    assert set(stage.params(Config())) == {"eval", "data.num_labeled"}
+    assert dataclasses.replace(stage, insignificant=()).params(Config())["run.*"]["seed"] == 0
 
 
 @pytest.mark.parametrize("key, value", [("mart.arch", "tiny-cnn"), ("run.seed", 7)])

@@ -532,19 +532,21 @@ class PseudoLabelReader:
         return self._images[()]
 
 
-# -- block-wise column reading (for summaries; memory does not grow with the pool) ----------------------
-
-COLUMN_BLOCK_ROWS = 1 << 20  # rows of each 1-D column read at a time: 12 MiB for labels + confidence
+COLUMN_BLOCK_ROWS = 1 << 20  # rows of the 1-D columns read at a time (about 20 MiB for labels + confidence + pool_index)
 
 
-def iter_column_blocks(path, names: tuple[str, ...] = ("labels", "confidence"), *,
-                       block_rows: int = COLUMN_BLOCK_ROWS) -> Iterator[dict[str, np.ndarray]]:
-    """The written rows of the named 1-D columns, `block_rows` rows at a time ({name: block})."""
+def iter_column_blocks(path, names: tuple[str, ...] | list[str],
+                       rows_per_block: int = COLUMN_BLOCK_ROWS) -> Iterator[dict[str, np.ndarray]]:
+    """The columns `names` (of labels, confidence, pool_index, logits) of a pseudolabels.h5, a block of
+    rows at a time as {name: array}, in row order: memory does not grow with the pool. A reader of a
+    file it did not just write validates it first (validate_pseudolabels)."""
+    unknown = [n for n in names if n not in _DTYPES or n == "images"]
+    if unknown:
+        raise ValueError(f"iter_column_blocks reads the 1-D columns and logits, not {unknown}")
     with h5py.File(path, "r") as f:
-        columns = [f[name] for name in names]
-        rows = min(len(columns[0]), int(f.attrs.get("rows_written", len(columns[0]))))
-        for start in range(0, rows, block_rows):
-            yield {name: column[start:min(start + block_rows, rows)] for name, column in zip(names, columns)}
+        rows = f["labels"].shape[0]
+        for start in range(0, rows, rows_per_block):
+            yield {name: f[name][start:start + rows_per_block] for name in names}
 
 
 def pseudolabel_summary(path, *, confidence_bins: int = 20, block_rows: int = COLUMN_BLOCK_ROWS) -> dict[str, Any]:
@@ -558,7 +560,7 @@ def pseudolabel_summary(path, *, confidence_bins: int = 20, block_rows: int = CO
     edges = np.linspace(0.0, 1.0, confidence_bins + 1)
     histogram = np.zeros(confidence_bins, dtype=np.int64)
     rows = 0
-    for block in iter_column_blocks(path, ("labels", "confidence"), block_rows=block_rows):
+    for block in iter_column_blocks(path, ("labels", "confidence"), rows_per_block=block_rows):
         labels, confidence = block["labels"].astype(np.int64), block["confidence"].astype(np.float64)
         size = max(len(counts), int(labels.max(initial=-1)) + 1)
         counts = np.pad(counts, (0, size - len(counts)))

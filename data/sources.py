@@ -34,14 +34,12 @@ def _labeled_key(config) -> tuple:
 def open_labeled(config, cache_dir: Path | None = None) -> LabeledData:
     """Load, check and split the labeled set (once per process for the same config keys)."""
     from data.labeled import labeled_split, load_labeled
-    from pipeline.config_checks import check_against_labeled
 
     key = _labeled_key(config)
     if key not in _opened:
         data_cfg = config.data
         labeled = load_labeled(data_cfg.dataset, data_cfg.root, data_cfg.download)
         labeled_index, remainder_index = labeled_split(labeled.train_labels, data_cfg.num_labeled, config.run.seed)
-        check_against_labeled(config, len(labeled_index))
         _opened[key] = LabeledData(labeled, labeled_index, remainder_index)
     return _opened[key]
 

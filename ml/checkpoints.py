@@ -24,9 +24,6 @@ note says how to wrap the network with RobustBench's `normalize_model` to get ou
 from __future__ import annotations
 
 import os
-import pickle
-import re
-import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,7 +34,7 @@ import torch.nn as nn
 from pipeline.core.atomic import atomic_torch_save
 from pipeline.core.errors import UserError
 from pipeline.core.fingerprint import file_digest
-from ml.models import DATASET_STATS, build_model, load_model, strip_prefixes
+from ml.models import DATASET_STATS, build_model, load_model, read_checkpoint, strip_prefixes
 
 EXPORT_FORMATS = ("robustbench",)
 
@@ -75,33 +72,6 @@ def checkpoint_digest(path: str | os.PathLike) -> str:
         raise UserError(f"Checkpoint {os.fspath(path)} does not exist; check teacher.checkpoint (a path "
                         "relative to the directory you run from, or absolute).")
     return file_digest(path)
-
-
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    """torch.load with weights_only=True, every failure a UserError naming the file and the fix."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"Checkpoint {path} does not exist; check the path (relative to the directory "
-                        "you run from, or absolute).")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if refused:
-            # torch's own advice (weights_only=False) would run arbitrary code from the file.
-            raise UserError(
-                f"Checkpoint {path} holds pickled Python objects ({refused.group(1)}: a whole model or a "
-                "custom class) that safe loading (torch.load with weights_only=True) refuses to execute. "
-                "Re-save only the weights where the model's code is available: "
-                "torch.save(model.state_dict(), 'weights.pt'), and point at that file.") from e
-        raise _unreadable(path, e) from e
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
-        raise _unreadable(path, e) from e
-
-
-def _unreadable(path: str, error: Exception) -> UserError:
-    return UserError(f"Checkpoint {path} could not be read as a torch checkpoint ({type(error).__name__}); "
-                     "the file is truncated, corrupt or not a torch file. Copy it again from its source.")
 
 
 def import_checkpoint(path: str | os.PathLike, *, arch: str, num_classes: int, in_channels: int,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import re
 import zipfile
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
@@ -341,24 +342,46 @@ def save_model(path: str | os.PathLike, model: nn.Module, *, arch: str, num_clas
     atomic_torch_save(checkpoint, path)
 
 
+def read_checkpoint(path: str | os.PathLike, *, what: str = "Checkpoint",
+                    fix: str = "Copy it again from its source.", map_location: Any = "cpu") -> Any:
+    """The one place a checkpoint file is loaded (models, imported weights, training state): torch.load
+    with weights_only=True (never unpickling code), every failure a UserError naming the file and the
+    fix. `what` names the file in messages; `fix` says what to do about a missing, torn or foreign one."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} does not exist; check the path (relative to the directory you run "
+                        f"from, or absolute), or run the stage that writes it.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused:
+            # torch's own advice (weights_only=False) would run arbitrary code from the file.
+            raise UserError(
+                f"{what} {path} holds pickled Python objects ({refused.group(1)}: a whole model or a "
+                "custom class) that safe loading (torch.load with weights_only=True) refuses to execute. "
+                "Re-save only the weights where the model's code is available: "
+                "torch.save(model.state_dict(), 'weights.pt'), and point at that file.") from e
+        raise _unreadable(what, path, e, fix) from e
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+        raise _unreadable(what, path, e, fix) from e
+
+
+def _unreadable(what: str, path: str, error: Exception, fix: str) -> UserError:
+    # torch's own message suggests weights_only=False, which is wrong advice for a torn file.
+    return UserError(f"{what} {path} could not be read as a weights-only torch checkpoint ({type(error).__name__}); "
+                     f"the file is truncated, corrupt, not a torch file, or holds Python objects other than "
+                     f"tensors and plain values. {fix}")
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", channels_last: bool = False) -> nn.Module:
     """Rebuild the model a checkpoint describes, load its weights, move it to `device`, eval mode.
 
     channels_last changes only the weights' memory layout (faster oneDNN / cuDNN convolutions), not
     the arithmetic precision."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"Model checkpoint {path} does not exist; run the stage that writes it or "
-                        "check the path.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile,
-            OSError) as e:
-        # torch's own message suggests weights_only=False, which is wrong advice for a torn file.
-        raise UserError(f"Model checkpoint {path} could not be read as a weights-only torch "
-                        f"checkpoint ({type(e).__name__}); the file is corrupt, truncated, or holds "
-                        "Python objects other than tensors and plain values. Delete it and rerun "
-                        "the stage that writes it.") from e
+    checkpoint = read_checkpoint(path, what="Model checkpoint",
+                                 fix="Delete it and rerun the stage that writes it (or check the path).")
     if not isinstance(checkpoint, dict):
         raise UserError(f"Model checkpoint {path} holds a {type(checkpoint).__name__}, not a model "
                         f"checkpoint dict with keys {list(CHECKPOINT_KEYS)}.")

@@ -12,6 +12,7 @@ import torch
 
 from pipeline.core.atomic import atomic_torch_save
 from ml.devices import unwrap
+from ml.models import read_checkpoint
 
 STATE_FILE = "train_state.pt"  # in the stage's partial directory; removed when the stage completes
 
@@ -71,7 +72,8 @@ def load_training_state(path: Path, *, model, optimizer, scheduler, loader, ema,
     """
     if not Path(path).exists():
         return None
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    state = read_checkpoint(path, what="Training state", map_location=map_location,
+                            fix="Delete it to restart the stage from its first epoch.")
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--config", help=_CONFIG_HELP if name == "status" else "TOML config (default: configs/demo.toml)")
         sub.add_argument("--stages", default=None,
-                         help="comma-separated stages (default: teacher,pseudolabel,mart)")
+                         help="comma-separated stages (default: those the stages mark as default)")
         sub.add_argument("--workdir", help="where artifacts live (default: runs/<config name>, "
                                            "runs/<config name>-sweep for a sweep)")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--forget", action="append", default=[], metavar="PATH",
                     help="a registered work dir that no longer exists: stop keeping its entries (repeatable)")
     export = commands.add_parser("export", help="write a model.pt in another format (RobustBench)")
-    export.add_argument("model", help="a model.pt written by rst-mart, e.g. runs/demo/mart/model.pt")
+    export.add_argument("model", help="a model.pt written by a stage, e.g. runs/<config name>/<stage>/model.pt")
     export.add_argument("--format", default="robustbench", choices=["robustbench"])
     export.add_argument("-o", "--output", required=True, help="the file to write")
     report = commands.add_parser("report", help="write <workdir>/report.html: stages, curves, pseudo-labels, results")
@@ -137,9 +137,11 @@ def _usable_workdir(workdir: Path) -> Path:
 
 
 def _stage_names(args) -> list[str]:
-    from pipeline.runner import DEFAULT_STAGES
+    from pipeline import stage_registry
 
-    return [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else list(DEFAULT_STAGES)
+    if args.stages:
+        return [s.strip() for s in args.stages.split(",") if s.strip()]
+    return stage_registry.default_stages(stage_registry.stages())
 
 
 def _status(config, workdir: Path, names: list[str], *, verify: bool, note: str = "") -> int:
@@ -195,7 +197,7 @@ def _gc(args) -> int:
     --forget. Removing holds the store's lock exclusively (runs hold it shared), so it never races a run;
     --dry-run takes no lock and changes nothing."""
     from pipeline.core import locks
-    from pipeline.registry import read_id
+    from pipeline.workdir_registry import read_id
     from pipeline.runner import default_workdir, run_in_progress
     from pipeline.store import Store, store_dir
     from pipeline.workdir_record import choose_config
@@ -292,13 +294,15 @@ def _export(args) -> int:
 
 def _report(config, workdir: Path, *, note: str = "") -> int:
     from pipeline.report import write_report
-    from pipeline.runner import DEFAULT_STAGES, Runner
+    from pipeline import stage_registry
+    from pipeline.runner import Runner
 
     if note:
         print(f"report: {note}")
     runner = Runner(config, workdir)
-    # Every stage the work dir holds, and the default ones (shown as missing when they are).
-    names = [n for n in runner.stages if n in DEFAULT_STAGES or (workdir / n).exists()]
+    # The default stages (shown as missing when they are), and any other stage this work dir holds.
+    names = stage_registry.default_stages(runner.stages)
+    names += [n for n in runner.stages if n not in names and (workdir / n).exists()]
     rows = [{"name": p.stage.name, "state": "fresh" if p.fresh else p.reason, "fingerprint": p.fingerprint,
              # a stale stage: what the work dir still holds, its fingerprint shown beside the current one
              "dir": p.entry if p.fresh else workdir / p.stage.name} for p in runner.plan(names)]

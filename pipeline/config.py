@@ -1,5 +1,9 @@
 """Configuration: one dataclass per TOML section, every default commented with its unit.
 
+The engine's sections ([run], [data], [pool]) are here; every stage declares its own section next to its
+code, and `Config` is composed from the stage registry, so a plug-in stage's section is read, overridden
+with `--set` and checked like the built-ins'.
+
 A config file only needs the keys it changes; `--set section.key=value` overrides any key with a
 value parsed and checked against the field's type. Unknown sections and keys are refused, except in
 `[pool]`, whose extra keys belong to the pool provider (which refuses the ones it does not take).
@@ -54,65 +58,6 @@ class PoolConfig:
 
 
 @dataclass
-class TeacherConfig:
-    arch: str = "small-cnn"  # see ml.models.ARCHS
-    epochs: int = 10  # passes over the labeled set
-    batch_size: int = 128  # images per optimizer step
-    lr: float = 0.05  # SGD learning rate at the start of the schedule
-    momentum: float = 0.9  # SGD momentum (Nesterov off, as in the reference recipes)
-    weight_decay: float = 5e-4  # L2 penalty on all parameters
-    schedule: str = "cosine"  # cosine | piecewise (needs milestones) | constant
-    milestones: list[int] = field(default_factory=list)  # piecewise: lr x0.1 after each of these epochs (1..epochs-1)
-    augment: bool = True  # random crop (padding 3 at 28px, 4 at 32px) and horizontal flip
-    checkpoint: str = ""  # a classifier to import instead of training one (our model.pt, a state dict, RobustBench/MART/RST); "" = train
-    input_normalization: list = field(default_factory=list)  # for an imported checkpoint without its own: [] = [0,1] inputs, ["cifar10"], or [[means], [stds]]
-
-
-@dataclass
-class PseudolabelConfig:
-    batch_size: int = 512  # pool images per teacher forward
-    dedup_test: bool = False  # drop pool images that nearly duplicate a test image (test leakage)
-    dedup_threshold: float = 7.843  # L2 distance on [0,1] pixels below which an image is a duplicate (RST: 2000/255)
-    save_logits: bool = False  # also store float16 teacher logits (N, K)
-
-
-@dataclass
-class MartConfig:
-    loss: str = "mart"  # mart | trades | pgd-at
-    arch: str = "small-cnn"  # see ml.models.ARCHS
-    epochs: int = 10  # training epochs of epoch_size examples each
-    epoch_size: int = 0  # examples per epoch (labeled and pool together); 0 = the number of labeled images, as RST
-    batch_size: int = 128  # images per optimizer step (labeled and pool together)
-    lr: float = 0.01  # SGD learning rate at the start of the schedule
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 3.5e-3  # L2 penalty (MART's ResNet-18 recipe)
-    schedule: str = "cosine"  # cosine | piecewise (needs milestones) | constant
-    milestones: list[int] = field(default_factory=list)  # piecewise: lr x0.1 after each of these epochs (1..epochs-1)
-    beta: float = 6.0  # weight of the misclassification-aware KL term (TRADES: of the KL term)
-    epsilon: float = 0.031  # L-inf radius of the training attack, on [0,1] pixels
-    step_size: float = 0.007  # PGD step of the training attack
-    steps: int = 10  # PGD steps of the training attack
-    unsup_fraction: float = 0.5  # share of each batch drawn (with replacement) from the pseudo-labeled pool
-    pool_in_memory: str = "auto"  # load the pool's images into RAM up to this many GiB (0 = read pseudolabels.h5 in chunks); auto = a quarter of the available RAM
-    augment: bool = True  # random crop and horizontal flip on labeled and pool images alike
-    ema_decay: float = 0.0  # weight EMA decay per step (e.g. 0.995); 0 = no EMA
-    val_size: int = 0  # labeled images (fewer than there are) held out to pick the best epoch by PGD accuracy; 0 = keep the last
-    eval_n: int = 0  # test images for the stage's final clean / PGD-20 evaluation; 0 = the whole test set
-    eval_batch_size: int = 256  # images per evaluation batch
-
-
-@dataclass
-class EvalConfig:
-    models: list[str] = field(default_factory=lambda: ["mart"])  # mart (selected), mart-last, teacher, or a checkpoint file (imported as mart.arch)
-    attacks: list[str] = field(default_factory=lambda: ["clean", "fgsm", "pgd20", "cw30", "autoattack"])  # pgdN, cwN too
-    n: int = 1000  # the first n test images, in dataset order
-    eps: float = 0.0  # L-inf radius on [0, 1] pixels; 0 = the training radius mart.epsilon
-    sweep: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0])  # multiples of eps for the PGD-20 curve
-    batch_size: int = 256  # images per evaluation batch
-    checks: bool = True  # run the gradient-masking sanity checks into checks.csv
-
-
-@dataclass
 class LogConfig:
     """[log]: live curves while a stage trains (ml.live_log). No key changes results, so no stage declares
     one: they stay out of every fingerprint, and the runner hands the section to stages as ctx.live_log."""
@@ -135,16 +80,35 @@ class LogConfig:
                                 f"for both), or turn the option off with --set log.{option}=false.")
 
 
-@dataclass
+# The engine's sections; each stage declares its own next to its code (pipeline.stage.Stage.config).
+ENGINE_SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "pool": PoolConfig, "log": LogConfig}
+
+
+def section_types() -> dict[str, type]:
+    """Every section's dataclass: the engine's, then the registered stages' (built-ins and plug-ins)."""
+    from pipeline.stage_registry import stages
+
+    types = dict(ENGINE_SECTIONS)
+    for stage in stages().values():
+        if stage.config is not None:
+            if stage.section in ENGINE_SECTIONS:
+                raise UserError(f"the stage {stage.name!r} declares the config section [{stage.section}], which is "
+                                f"the engine's; give the stage a section of its own.")
+            types[stage.section] = stage.config
+    return types
+
+
 class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    pool: PoolConfig = field(default_factory=PoolConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    pseudolabel: PseudolabelConfig = field(default_factory=PseudolabelConfig)
-    mart: MartConfig = field(default_factory=MartConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    """The whole config: one attribute per section (`config.run.seed`), each that section's dataclass."""
+
+    def __init__(self, **sections: Any):
+        for name, kind in section_types().items():
+            setattr(self, name, sections.pop(name) if name in sections else kind())
+        if sections:
+            raise TypeError(f"Config has no sections {sorted(sections)}")
+
+    def section_names(self) -> list[str]:
+        return list(vars(self))
 
     def section(self, name: str) -> dict[str, Any]:
         """A section as a plain dict (pool options merged in), e.g. for fingerprints and stage.json."""
@@ -153,8 +117,11 @@ class Config:
             values.update(values.pop("options"))
         return values
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and vars(self) == vars(other)
 
-_SECTION_TYPES = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+    def __repr__(self) -> str:
+        return f"Config({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -162,11 +129,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     path = Path(path) if path else DEFAULT_CONFIG
     raw = _read_toml(path)
     config = Config()
+    sections = config.section_names()
     sources: dict[str, str] = {}  # "section.key" -> where its value came from, for error messages
     for section, values in raw.items():
-        if section not in _SECTION_TYPES:
+        if section not in sections:
             raise UserError(f"config file {path} has an unknown section [{section}]; the sections are "
-                            f"{', '.join(f'[{s}]' for s in _SECTION_TYPES)}.")
+                            f"{', '.join(f'[{s}]' for s in sections)}.")
         if not isinstance(values, dict):
             raise UserError(f"config file {path}: `{section}` must be a [section] table, not a value.")
         for key, value in values.items():
@@ -220,7 +188,7 @@ def parse_override(item: str) -> tuple[str, str, Any]:
     name, sep, text = item.partition("=")
     section, dot, key = name.strip().partition(".")
     if not sep or not dot or not key:
-        raise UserError(f"--set {item!r} is not of the form section.key=value (for example --set mart.beta=3).")
+        raise UserError(f"--set {item!r} is not of the form section.key=value (for example --set run.seed=3).")
     return section, key.strip(), _parse_value(text)
 
 
@@ -233,8 +201,8 @@ def _parse_value(text: str) -> Any:
 
 
 def _assign(config: Config, section: str, key: str, value: Any, where: str) -> None:
-    if section not in _SECTION_TYPES:
-        raise UserError(f"{where}: unknown section `{section}`; the sections are {', '.join(_SECTION_TYPES)}.")
+    if section not in config.section_names():
+        raise UserError(f"{where}: unknown section `{section}`; the sections are {', '.join(config.section_names())}.")
     target = getattr(config, section)
     hints = typing.get_type_hints(type(target))
     if section == "pool" and key not in hints:

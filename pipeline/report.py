@@ -40,9 +40,9 @@ def write_report(workdir: Path, stage_rows: list[dict] | None = None, *, stages:
         raise UserError(f"Work dir {workdir} does not exist; give the --workdir of a run (default "
                         "runs/<config name>), or run the pipeline first.")
     if stages is None:
-        from pipeline.runner import load_stages
+        from pipeline.stage_registry import stages as registered_stages
 
-        stages = load_stages()
+        stages = registered_stages()
     rows = (_recorded_rows(workdir, list(stages)) if stage_rows is None
             else [_with_record(workdir, r) for r in stage_rows])
     sections = [_stage_section(rows, checked=stage_rows is not None, config_note=config_note)]

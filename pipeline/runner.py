@@ -17,16 +17,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline import stage_registry
+from pipeline.config import Config
+from pipeline.config_checks import check_sources
 from pipeline.core import distributed, locks
 from pipeline.core.atomic import atomic_write_json
-from pipeline.config import Config
 from pipeline.core.errors import UserError, storage_errors
 from pipeline.core.fingerprint import fingerprint
 from pipeline.stage import Source, Stage, StageContext, StageInput
 from pipeline.store import Store, check_outputs, output_digest, read_record, store_dir
 from pipeline.workdir_record import record_config
 
-DEFAULT_STAGES = ("teacher", "pseudolabel", "mart")
 WORKDIR_LOCK = ".lock"
 
 
@@ -41,39 +42,24 @@ class StagePlan:
     entry: Path  # where its outputs are (fresh) or will be (stale)
 
 
-def load_stages() -> dict[str, Stage]:
-    """The stage registry (imported here, not at module import, so `pipeline` stays light)."""
-    from stages import STAGES
-
-    return STAGES
-
-
 class Runner:
     def __init__(self, config: Config, workdir: Path, *, log: Callable[[str], None] = print,
                  stages: dict[str, Stage] | None = None):
         self.config = config
         self.workdir = Path(workdir)
         self.log = log
-        self.stages = stages if stages is not None else load_stages()
+        self.stages = stages if stages is not None else stage_registry.stages()
         self.store = Store(store_dir(config.run.store, self.workdir))
         self._source_fingerprints: dict[str, str] = {}
         self._opened: dict[str, Any] = {}
 
     # -- planning: declarations and the store only; no data source is opened ----------------------
     def closure(self, names: list[str]) -> list[str]:
-        """The named stages and everything they require, in execution order."""
-        unknown = [n for n in names if n not in self.stages]
-        if unknown:
-            raise UserError(f"unknown stage {', '.join(unknown)}; the stages are {', '.join(self.stages)} "
-                            f"(for example --stages teacher,pseudolabel,mart).")
-        needed: set[str] = set()
-        todo = list(names)
-        while todo:
-            name = todo.pop()
-            if name not in needed:
-                needed.add(name)
-                todo.extend(self.stages[name].upstream(self.config))
-        return [n for n in self.stages if n in needed]
+        """The named stages and everything they require, each after its upstream stages."""
+        return stage_registry.in_graph_order(self.stages, names, self.config)
+
+    def default_stages(self) -> list[str]:
+        return stage_registry.default_stages(self.stages)
 
     def source_fingerprint(self, source: Source) -> str:
         if source.name not in self._source_fingerprints:
@@ -176,6 +162,8 @@ class Runner:
         for plan in to_run:
             for source in plan.stage.sources(self.config):
                 self._open(source, dist)
+        for plan in to_run:  # the stage's own checks against what the sources hold, e.g. the labeled set's size
+            check_sources(plan.stage, self.config, {s.name: self._opened[s.name] for s in plan.stage.sources(self.config)})
         if dist.is_main:  # what status and report plan with later; not written by a run refused for its input
             record_config(self.workdir, self.config)
         for plan in plans:
@@ -252,7 +240,7 @@ class Runner:
         distributed.barrier()
         by_name = {p.stage.name: p for p in plans}
         ctx = StageContext(
-            config=self.config, out_dir=partial, fingerprint=plan.fingerprint, dist=dist, log=self.log,
+            config=stage.view(self.config), out_dir=partial, fingerprint=plan.fingerprint, dist=dist, log=self.log,
             live_log=self.config.log,
             inputs={up: StageInput(by_name[up].entry, by_name[up].fingerprint) for up in stage.upstream(self.config)},
             sources={s.name: self._open(s, dist) for s in stage.sources(self.config)})

@@ -33,7 +33,7 @@ from pathlib import Path
 from pipeline.core.bounded import file_kind, read_regular
 from pipeline.core.errors import UserError
 from pipeline.core.fingerprint import hash_file
-from pipeline.registry import Registration, Registry, plain_name
+from pipeline.workdir_registry import Registration, Registry, plain_name
 
 STORE_ENV = "RST_MART_STORE"
 RECORD = "stage.json"

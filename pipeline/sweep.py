@@ -45,7 +45,7 @@ def expand_grid(overrides: list[str], seeds: str) -> tuple[list[str], list[list[
         key, sep, text = item.partition("=")
         if not sep:
             raise UserError(f"--set {item!r} is not of the form section.key=value[,value...] "
-                            f"(for example --set mart.beta=1,3,6).")
+                            f"(for example --set SECTION.KEY=1,3,6).")
         values = split_values(text)
         if not all(values):
             raise UserError(f"--set {item!r} has an empty value; give values separated by commas, "

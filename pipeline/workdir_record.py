@@ -7,7 +7,6 @@ Relative paths in it (pool.path, data.root) are as they were given, relative to 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -28,9 +27,9 @@ def record_path(workdir: Path) -> Path:
 def dump_config(config) -> str:
     """The config as TOML: one [section] per section of the config, every key, in declaration order."""
     lines = []
-    for field in dataclasses.fields(config):
-        lines.append(f"[{_key(field.name)}]")
-        lines += [f"{_key(key)} = {_value(value)}" for key, value in config.section(field.name).items()]
+    for name in config.section_names():
+        lines.append(f"[{_key(name)}]")
+        lines += [f"{_key(key)} = {_value(value)}" for key, value in config.section(name).items()]
         lines.append("")
     return "\n".join(lines)
 

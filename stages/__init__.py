@@ -1,4 +1,2 @@
-"""The stage registry: each stage module declares its `STAGE` next to its code; the runner reads these."""
-from stages import evaluate, mart, pseudolabel, teacher
-
-STAGES = {module.STAGE.name: module.STAGE for module in (teacher, pseudolabel, mart, evaluate)}
+"""The built-in stages, one module each, every one ending with `STAGE = Stage(...)`; pipeline.stage_registry
+finds them by walking this package (and third-party stages through the entry-point group rst_mart.stages)."""

@@ -6,15 +6,59 @@ eval.sweep multiples of eps), robustness.png (that curve) and checks.csv.
 """
 from __future__ import annotations
 
+import math
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from data.sources import LABELED
+from pipeline.core.checks import Range, at_least
 from pipeline.core.errors import UserError
 from pipeline.core.fingerprint import file_digest
 from pipeline.stage import Source, Stage, StageInput
 
 OUTPUTS = ("results.csv", "robustness.csv", "checks.csv", "robustness.png")
 MODEL_FILES = {"mart": ("mart", "model.pt"), "mart-last": ("mart", "last.pt"), "teacher": ("teacher", "model.pt")}
+
+# The names the eval stage accepts (ml.robustness imports torch, so they are repeated here; a test keeps them equal).
+EVAL_MODELS = tuple(MODEL_FILES)
+EVAL_ATTACK = re.compile(r"clean|fgsm|autoattack|apgd-ce|apgd-dlr|apgd-t|fab|fab-t|square|(pgd|cw)[1-9][0-9]*")
+
+
+@dataclass
+class EvalConfig:
+    models: list[str] = field(default_factory=lambda: ["mart"])  # mart (selected), mart-last, teacher, or a checkpoint file (imported as mart.arch)
+    attacks: list[str] = field(default_factory=lambda: ["clean", "fgsm", "pgd20", "cw30", "autoattack"])  # pgdN, cwN too
+    n: int = 1000  # the first n test images, in dataset order
+    eps: float = 0.0  # L-inf radius on [0, 1] pixels; 0 = the training radius mart.epsilon
+    sweep: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0])  # multiples of eps for the PGD-20 curve
+    batch_size: int = 256  # images per evaluation batch
+    checks: bool = True  # run the gradient-masking sanity checks into checks.csv
+
+    RANGES: ClassVar[dict] = {
+        "n": at_least(0, "0 = the whole test set", high=2**40),
+        "eps": Range(0, 1, meaning="the L-inf radius on [0, 1] pixels; 0 = the training radius mart.epsilon"),
+        "batch_size": at_least(1, high=2**24),
+    }
+
+    def check(self, config, refuse, world_size: int) -> None:
+        # Anything else is a checkpoint file to import (it must exist).
+        unknown = [m for m in self.models if m not in EVAL_MODELS and not Path(m).is_file()]
+        if unknown or not self.models:
+            raise refuse("eval.models", f"{f'{unknown[0]!r} is neither a model nor an existing file' if unknown else 'it names no model'}; "
+                                        f"the models are {', '.join(EVAL_MODELS)} or checkpoint files",
+                         "List some of them, e.g. --set eval.models=mart,teacher,/models/theirs.pt.")
+        unknown = [a for a in self.attacks if not EVAL_ATTACK.fullmatch(a)]
+        if unknown or not self.attacks:
+            raise refuse("eval.attacks", (f"{unknown[0]!r} is not an attack" if unknown else "it names no attack")
+                         + "; the forms are clean, fgsm, pgdN and cwN (N steps, e.g. pgd20, cw30), autoattack, or "
+                           "one AutoAttack part (apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square)",
+                         "Fix the name, e.g. --set eval.attacks=clean,pgd20,autoattack.")
+        bad = [m for m in self.sweep if not (math.isfinite(m) and m > 0)]
+        if bad:
+            raise refuse("eval.sweep", f"{bad[0]!r} is not a positive multiple of eps (the PGD-20 curve is "
+                                       "measured at eps x each item)", "Use numbers > 0, e.g. --set eval.sweep=0.5,1,2.")
 
 
 def inputs(config) -> tuple:
@@ -116,5 +160,9 @@ def report(entry: Path) -> str:
 
 
 STAGE = Stage(
-    name="eval", version=3, section="eval", run=run, inputs=inputs, outputs=OUTPUTS, results=results, report=report,
-    insignificant=("batch_size",), extra_params=("mart.epsilon",))
+    name="eval", version=3, section="eval", config=EvalConfig, run=run, inputs=inputs, outputs=OUTPUTS,
+    results=results, report=report,
+    # mart.arch: the architecture a checkpoint file in eval.models is imported as; run.seed: the attacks'
+    # random starts.
+    reads=("mart.epsilon", "mart.arch", "run.seed", "run.device", "run.channels_last"),
+    insignificant=("batch_size", "run.device", "run.channels_last"))

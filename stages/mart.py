@@ -6,11 +6,102 @@ L = CE(p(x'), y) - log(1 - max_{k != y} p_k(x')) + beta * KL(p(x) || p(x')) * (1
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from data.sources import LABELED
-from pipeline.stage import Stage
+from pipeline.core.checks import PIXEL_RADIUS, Range, at_least, below_1, fraction
+from pipeline.core.errors import UserError
+from pipeline.stage import RUNTIME, Stage
+from stages.recipe_checks import TRAINING_RANGES, check_batch_splits, check_schedule
+
+
+@dataclass
+class MartConfig:
+    loss: str = "mart"  # mart | trades | pgd-at
+    arch: str = "small-cnn"  # see ml.models.ARCHS
+    epochs: int = 10  # training epochs of epoch_size examples each
+    epoch_size: int = 0  # examples per epoch (labeled and pool together); 0 = the number of labeled images, as RST
+    batch_size: int = 128  # images per optimizer step (labeled and pool together)
+    lr: float = 0.01  # SGD learning rate at the start of the schedule
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 3.5e-3  # L2 penalty (MART's ResNet-18 recipe)
+    schedule: str = "cosine"  # cosine | piecewise (needs milestones) | constant
+    milestones: list[int] = field(default_factory=list)  # piecewise: lr x0.1 after each of these epochs (1..epochs-1)
+    beta: float = 6.0  # weight of the misclassification-aware KL term (TRADES: of the KL term)
+    epsilon: float = 0.031  # L-inf radius of the training attack, on [0,1] pixels
+    step_size: float = 0.007  # PGD step of the training attack, on [0,1] pixels
+    steps: int = 10  # PGD steps of the training attack
+    unsup_fraction: float = 0.5  # share of each batch drawn (with replacement) from the pseudo-labeled pool
+    pool_in_memory: str = "auto"  # load the pool's images into RAM up to this many GiB (0 = read pseudolabels.h5 in chunks); auto = a quarter of the available RAM
+    augment: bool = True  # random crop and horizontal flip on labeled and pool images alike
+    ema_decay: float = 0.0  # weight EMA decay per step (e.g. 0.995); 0 = no EMA
+    val_size: int = 0  # labeled images (fewer than there are) held out to pick the best epoch by PGD accuracy; 0 = keep the last
+    eval_n: int = 0  # test images for the stage's final clean / PGD-20 evaluation; 0 = the whole test set
+    eval_batch_size: int = 256  # images per evaluation batch
+
+    RANGES: ClassVar[dict] = {
+        **TRAINING_RANGES,
+        "loss": ("mart", "trades", "pgd-at"),
+        "epoch_size": at_least(0, "0 = as many examples as labeled images", high=2**40),
+        "beta": at_least(0, "the weight of the robust term; the papers use 5 or 6"),
+        "epsilon": PIXEL_RADIUS,
+        "step_size": Range(0, 1, low_open=True, meaning="the PGD step on [0, 1] pixels, e.g. 0.007 with epsilon 0.031"),
+        "steps": at_least(1, high=10**4),
+        "unsup_fraction": fraction("the share of each batch drawn from the pool"),
+        "ema_decay": below_1("0 = no EMA, e.g. 0.995"),
+        "val_size": at_least(0, "0 = no validation split", high=2**40),
+        "eval_n": at_least(0, "0 = the whole test set", high=2**40),
+        "eval_batch_size": at_least(1, high=2**24),
+    }
+
+    def check(self, config, refuse, world_size: int) -> None:
+        if self.pool_in_memory != "auto" and not _is_number_at_least_0(self.pool_in_memory):
+            raise refuse("mart.pool_in_memory", "it must be \"auto\" or a number of GiB >= 0 (0 reads the pool "
+                                                "from pseudolabels.h5 in chunks)", "")
+        check_schedule("mart", self, refuse)
+        if config.data.num_labeled > 0:
+            _check_val_size(self.val_size, config.data.num_labeled, refuse)
+        check_batch_splits("mart", self.batch_size, world_size, refuse)
+        # Each rank takes its slice of the batch's labeled part and of its pool part; the last rank gets
+        # the smallest slices, and must not get an empty batch.
+        pool_rows = round(self.batch_size * self.unsup_fraction)  # as MixedBatchSampler splits
+        labeled_rows = self.batch_size - pool_rows
+        if world_size > 1 and labeled_rows // world_size + pool_rows // world_size < 1:
+            raise refuse("mart.batch_size", f"split into {labeled_rows} labeled and {pool_rows} pool images, each "
+                                            f"shared among {world_size} processes, it leaves some process an "
+                                            "empty batch", f"Use a batch of at least {2 * world_size}.")
+
+    def check_sources(self, config, sources: dict) -> None:
+        """Once the labeled set is open (its size known even when data.num_labeled = 0)."""
+        check_against_labeled(config, len(sources["labeled"].labeled_index))
+
+
+def check_against_labeled(config, num_labeled_images: int) -> None:
+    """Refuse a validation split that would leave no labeled image to train on."""
+    def refuse(key: str, problem: str, fix: str) -> UserError:
+        return UserError(f"`{key}` is {config.mart.val_size!r}; {problem}. {fix}")
+
+    _check_val_size(config.mart.val_size, num_labeled_images, refuse)
+
+
+def _check_val_size(val_size: int, num_labeled_images: int, refuse) -> None:
+    if val_size >= num_labeled_images:
+        raise refuse("mart.val_size", f"the validation split must be smaller than the {num_labeled_images} "
+                                      "labeled images, or no labeled image is left to train on",
+                     f"Hold out fewer (e.g. --set mart.val_size={num_labeled_images // 10}), label more "
+                     "(data.num_labeled), or use 0 to keep the last epoch without a validation split.")
+
+
+def _is_number_at_least_0(text: str) -> bool:
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return math.isfinite(value) and value >= 0
 
 
 def inputs(config) -> tuple:
@@ -112,7 +203,8 @@ def report(entry) -> str:
 
 
 STAGE = Stage(
-    name="mart", version=3, section="mart", run=run, inputs=inputs, results=results, report=report,
+    name="mart", version=3, section="mart", config=MartConfig, run=run, inputs=inputs, default=True,
+    results=results, report=report, distributed_changes_results=True,
     outputs=("model.pt", "last.pt", "metrics.csv", "results.csv"),
-    insignificant=("eval_batch_size", "pool_in_memory"), extra_params=("data.num_labeled", "run.seed", "run.precision"),
-    distributed_changes_results=True)
+    reads=("data.num_labeled", "run.seed", "run.precision", *RUNTIME),
+    insignificant=("eval_batch_size", "pool_in_memory", *RUNTIME))

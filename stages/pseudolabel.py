@@ -9,10 +9,26 @@ own and rank 0 merges them in pool order.
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
+from typing import ClassVar
 
 from data.sources import LABELED, POOL
 from pipeline.core import distributed
-from pipeline.stage import Stage
+from pipeline.core.checks import at_least, positive
+from pipeline.stage import RUNTIME, Stage
+
+
+@dataclass
+class PseudolabelConfig:
+    batch_size: int = 512  # pool images per teacher forward
+    dedup_test: bool = False  # drop pool images that nearly duplicate a test image (test leakage)
+    dedup_threshold: float = 7.843  # L2 distance on [0,1] pixels below which an image is a duplicate (RST: 2000/255)
+    save_logits: bool = False  # also store float16 teacher logits (N, K)
+
+    RANGES: ClassVar[dict] = {
+        "batch_size": at_least(1, high=2**24),
+        "dedup_threshold": positive("an L2 distance on [0, 1] pixels; RST used 2000/255 = 7.843"),
+    }
 
 
 def run(ctx) -> None:
@@ -62,12 +78,12 @@ def _write_results(ctx, pool) -> None:
     """results.csv: the teacher's accuracy on the pool where the pool's true labels are known (the
     labeled remainder); quality.csv: per predicted class, how many, how precise, how confident.
     The columns are summed a block of rows at a time: memory does not grow with the pool."""
-    import h5py
     import numpy as np
     import pandas as pd
 
-    from pipeline.core.atomic import atomic_write_csv
+    from data.pseudolabel_file import iter_column_blocks
     from ml.evaluation import write_results
+    from pipeline.core.atomic import atomic_write_csv
 
     class_names = list(ctx.sources["labeled"].dataset.class_names)
     k = len(class_names)
@@ -77,15 +93,15 @@ def _write_results(ctx, pool) -> None:
     own_labels = ctx.config.pool.provider == "labeled-remainder"
     measured_against = "" if provided is None else ("dataset labels" if own_labels else "provided labels")
     count, hits, confidence = np.zeros(k), np.zeros(k), np.zeros(k)
-    with h5py.File(ctx.out_dir / "pseudolabels.h5", "r") as f:
-        rows = f["labels"].shape[0]
-        for a in range(0, rows, _SUM_BLOCK):
-            labels = f["labels"][a:a + _SUM_BLOCK]
-            count += np.bincount(labels, minlength=k)
-            confidence += np.bincount(labels, weights=f["confidence"][a:a + _SUM_BLOCK], minlength=k)
-            if provided is not None:
-                agree = provided[f["pool_index"][a:a + _SUM_BLOCK]] == labels
-                hits += np.bincount(labels, weights=agree, minlength=k)
+    rows = 0
+    columns = ("labels", "confidence", "pool_index")
+    for block in iter_column_blocks(ctx.out_dir / "pseudolabels.h5", columns, _SUM_BLOCK):
+        labels = block["labels"]
+        rows += len(labels)
+        count += np.bincount(labels, minlength=k)
+        confidence += np.bincount(labels, weights=block["confidence"], minlength=k)
+        if provided is not None:
+            hits += np.bincount(labels, weights=provided[block["pool_index"]] == labels, minlength=k)
 
     def quality(name: str, n: float, agreed: float, confidence_sum: float) -> dict:
         return {"class": name, "count": int(n),
@@ -121,7 +137,10 @@ def report(entry) -> str:
 
 
 STAGE = Stage(
-    name="pseudolabel", version=2, section="pseudolabel", run=run, results=results, report=report,
+    name="pseudolabel", version=2, section="pseudolabel", config=PseudolabelConfig, run=run, default=True,
+    results=results, report=report,
     inputs=lambda config: ("teacher", LABELED, POOL),
     outputs=("pseudolabels.h5", "results.csv", "quality.csv"),
-    insignificant=("batch_size",), extra_params=("run.precision",))
+    # pool.provider only says whether the pool's provided labels are the dataset's own; the pool's
+    # fingerprint (an input) already covers it.
+    reads=("run.precision", "pool.provider", *RUNTIME), insignificant=("batch_size", "pool.provider", *RUNTIME))

@@ -7,11 +7,35 @@ already has one names it with `teacher.checkpoint`; the stage then imports it in
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from data.sources import LABELED
 from pipeline.core.fingerprint import file_digest
-from pipeline.stage import Source, Stage
+from pipeline.stage import RUNTIME, Source, Stage
+from stages.recipe_checks import TRAINING_RANGES, check_batch_splits, check_schedule
+
+
+@dataclass
+class TeacherConfig:
+    arch: str = "small-cnn"  # see ml.models.ARCHS
+    epochs: int = 10  # passes over the labeled set
+    batch_size: int = 128  # images per optimizer step
+    lr: float = 0.05  # SGD learning rate at the start of the schedule
+    momentum: float = 0.9  # SGD momentum (Nesterov off, as in the reference recipes)
+    weight_decay: float = 5e-4  # L2 penalty on all parameters
+    schedule: str = "cosine"  # cosine | piecewise (needs milestones) | constant
+    milestones: list[int] = field(default_factory=list)  # piecewise: lr x0.1 after each of these epochs (1..epochs-1)
+    augment: bool = True  # random crop (padding 3 at 28px, 4 at 32px) and horizontal flip
+    checkpoint: str = ""  # a classifier to import instead of training one (our model.pt, a state dict, RobustBench/MART/RST); "" = train
+    input_normalization: list = field(default_factory=list)  # for an imported checkpoint without its own: [] = [0,1] inputs, ["cifar10"], or [[means], [stds]]
+
+    RANGES: ClassVar[dict] = TRAINING_RANGES
+
+    def check(self, config, refuse, world_size: int) -> None:
+        check_schedule("teacher", self, refuse)
+        check_batch_splits("teacher", self.batch_size, world_size, refuse)
 
 
 def run(ctx) -> None:
@@ -86,8 +110,9 @@ def report(entry: Path) -> str:
 
 
 STAGE = Stage(
-    name="teacher", version=2, section="teacher", run=run, inputs=inputs, results=results, report=report,
+    name="teacher", version=2, section="teacher", config=TeacherConfig, run=run, inputs=inputs, default=True,
+    results=results, report=report, distributed_changes_results=True,
     outputs=("model.pt", "metrics.csv", "results.csv"),
+    reads=("data.num_labeled", "run.seed", "run.precision", *RUNTIME),
     # The file is known by its digest (an input), so moving it does not re-import it.
-    insignificant=("checkpoint",), extra_params=("data.num_labeled", "run.seed", "run.precision"),
-    distributed_changes_results=True)
+    insignificant=("checkpoint", *RUNTIME))

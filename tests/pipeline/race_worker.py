@@ -46,7 +46,7 @@ def main(argv) -> int:
             os.kill(os.getpid(), signal.SIGSTOP)  # held here, planned but nothing linked, until SIGCONT
 
     pool = Source("pool", lambda config: "pool-v1", open_pool)
-    stages = {"teacher": Stage("teacher", 1, "teacher", ("out.txt",), build_teacher, extra_params=("run.seed",)),
+    stages = {"teacher": Stage("teacher", 1, "teacher", ("out.txt",), build_teacher, reads=("run.seed",)),
               "mart": Stage("mart", 1, "mart", ("out.txt",), build_mart, inputs=lambda c: ("teacher", pool))}
     config = Config()
     config.run.store = args.store

@@ -7,8 +7,10 @@ import typing
 import pytest
 
 from pipeline.config import CONFIG_DIR, DEFAULT_CONFIG, Config, load_config
-from pipeline.config_checks import EVAL_ATTACK, EVAL_MODELS, check_against_labeled, validate
+from pipeline.config_checks import validate
 from pipeline.core.errors import UserError
+from stages.evaluate import EVAL_ATTACK, EVAL_MODELS
+from stages.mart import check_against_labeled
 
 
 def test_demo_config_loads_with_defaults_for_omitted_keys():
@@ -131,9 +133,38 @@ def test_pool_keys_a_provider_takes_and_plugin_keys_pass_the_config_check():
 def test_every_number_has_a_range():
     from pipeline import config, config_checks
 
-    numbers = {f"{section}.{f.name}" for section, kind in config._SECTION_TYPES.items()
+    # The engine's sections' ranges are in config_checks; each stage's section declares its own (RANGES).
+    ranges = set(config_checks._RANGES) | {f"{section}.{key}" for section, kind in config.section_types().items()
+                                           for key in getattr(kind, "RANGES", {})}
+    numbers = {f"{section}.{f.name}" for section, kind in config.section_types().items()
                for f in dataclasses.fields(kind) if typing.get_type_hints(kind)[f.name] in (int, float)}
-    assert numbers - set(config_checks._RANGES) == set()
+    assert numbers - ranges == set()
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("teacher.epochs=99999999999999999999999", "it must be a 64-bit integer in [1, 1000000]"),
+    ("mart.epochs=10000000", "in [1, 1000000]"),
+    ("mart.batch_size=9223372036854775808", "64-bit integer"),
+    ("eval.n=99999999999999999999999", "64-bit integer"),
+    ("mart.epsilon=1e308", "it must be a finite number in (0, 1]"),
+    ("mart.step_size=2", "in (0, 1]"),
+    ("eval.eps=1.5", "in [0, 1]"),
+    ("eval.attacks=[]", "it names no attack"),
+    ("mart.loss=mse", "it must be one of mart, trades, pgd-at"),
+])
+def test_stage_sections_refuse_values_beyond_their_bounds(override, fragment):
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=re.escape(fragment)) as info:
+        load_config(DEFAULT_CONFIG, [override])
+    assert f"`{key}` is " in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_huge_integer_in_a_config_file_is_refused(tmp_path):
+    path = tmp_path / "huge.toml"
+    path.write_text("[teacher]\nepochs = 99999999999999999999999\n")
+    with pytest.raises(UserError, match=re.escape(f"`teacher.epochs` is 99999999999999999999999 (set by config "
+                                                  f"file {path}); it must be a 64-bit integer")):
+        load_config(path)
 
 
 @pytest.mark.parametrize("override", [

@@ -9,7 +9,7 @@ from pipeline.config import Config, load_config
 from pipeline.core.errors import UserError
 from pipeline.runner import Runner
 from pipeline.stage import Stage
-from stages import STAGES
+from pipeline.stage_registry import stages as registered_stages
 from tests.conftest import SMOKE
 
 LOG_ON = ["log.tensorboard=true", "log.wandb=true", "log.wandb_project=other", "log.wandb_mode=online",
@@ -19,7 +19,7 @@ LOG_ON = ["log.tensorboard=true", "log.wandb=true", "log.wandb_project=other", "
 def test_log_keys_are_in_no_stage_fingerprint():
     off, on = load_config(SMOKE), load_config(SMOKE, LOG_ON)
     assert (on.log.tensorboard, on.log.wandb, on.log.wandb_mode, on.log.every_steps) == (True, True, "online", 7)
-    for stage in STAGES.values():
+    for stage in registered_stages().values():
         assert stage.params(on) == stage.params(off), stage.name
         assert not any(key.startswith("log") for key in stage.params(on)), stage.name
 

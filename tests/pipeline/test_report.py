@@ -330,14 +330,14 @@ def test_renders_at_100_classes_in_headless_chromium(tmp_path):
 
 def test_a_stage_whose_section_fails_gets_a_note_and_the_others_their_sections(full_workdir):
     from pipeline.stage import Stage
-    from stages import STAGES
+    from pipeline.stage_registry import stages as registered_stages
 
     def broken(entry):
         raise KeyError("labels")
 
-    stages = dict(STAGES, mart=Stage(name="mart", version=1, section="mart", outputs=(), run=lambda ctx: None,
+    stages = dict(registered_stages(), mart=Stage(name="mart", version=1, section="mart", outputs=(), run=lambda ctx: None,
                                      report=broken))
     page = Page(write_report(full_workdir, stages=stages).read_text())
     assert "this section could not be drawn (KeyError: 'labels')" in page.all_text
-    assert [h for h in page.headings if h in STAGES] == ["teacher", "pseudolabel", "mart", "eval"]
+    assert [h for h in page.headings if h in registered_stages()] == ["teacher", "pseudolabel", "mart", "eval"]
     assert len(page.images) == 4  # mart's curves are missing, every other plot is there

@@ -40,7 +40,7 @@ def sources():
 def stages(sources):
     return {
         "teacher": Stage("teacher", 1, "teacher", ("out.txt",), writer("teacher"),
-                         inputs=lambda c: (sources.labeled,), extra_params=("run.seed",)),
+                         inputs=lambda c: (sources.labeled,), reads=("run.seed",)),
         "pseudolabel": Stage("pseudolabel", 1, "pseudolabel", ("out.txt",), writer("pseudolabel"),
                              inputs=lambda c: ("teacher", sources.labeled, sources.pool), insignificant=("batch_size",)),
         "mart": Stage("mart", 1, "mart", ("out.txt",), writer("mart"), inputs=lambda c: ("pseudolabel",)),
@@ -300,6 +300,6 @@ def test_the_world_size_enters_the_fingerprints_of_stages_it_changes(tmp_path, s
 
 
 def test_the_training_stages_declare_that_the_world_size_changes_their_weights():
-    from stages import STAGES
+    from pipeline.stage_registry import stages as registered_stages
 
-    assert {name for name, stage in STAGES.items() if stage.distributed_changes_results} == {"teacher", "mart"}
+    assert {name for name, stage in registered_stages().items() if stage.distributed_changes_results} == {"teacher", "mart"}

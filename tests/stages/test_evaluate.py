@@ -158,8 +158,8 @@ def test_stage_writes_its_outputs(trained, test_set, tmp_path):
     images, labels = test_set
     lines = []
     labeled = SimpleNamespace(test_images=images, test_labels=labels, class_names=("dark", "bright"), num_classes=2)
-    ctx = SimpleNamespace(
-        config=config, out_dir=tmp_path / "eval", inputs={"mart": StageInput(mart_dir, "test")}, log=lines.append,
+    ctx = SimpleNamespace(  # the config as the runner gives it: only what eval declares it reads
+        config=evaluate.STAGE.view(config), out_dir=tmp_path / "eval", inputs={"mart": StageInput(mart_dir, "test")}, log=lines.append,
         dist=DistInfo(), sources={"labeled": SimpleNamespace(dataset=labeled)})
     ctx.out_dir.mkdir()
     evaluate.run(ctx)
@@ -207,7 +207,7 @@ def test_eval_models_can_name_a_checkpoint_file(trained, test_set, tmp_path):
     assert evaluate.STAGE.upstream(config) == ()
     images, labels = test_set
     labeled = SimpleNamespace(test_images=images, test_labels=labels, class_names=("dark", "bright"), num_classes=2)
-    ctx = SimpleNamespace(config=config, out_dir=tmp_path / "eval", inputs={}, log=lambda line: None,
+    ctx = SimpleNamespace(config=evaluate.STAGE.view(config), out_dir=tmp_path / "eval", inputs={}, log=lambda line: None,
                           dist=DistInfo(), sources={"labeled": SimpleNamespace(dataset=labeled)})
     ctx.out_dir.mkdir()
     evaluate.run(ctx)

@@ -527,7 +527,7 @@ def run_checks(names: list[str], ctx: Context, out: Path, limit_s: float, cuda: 
             if cuda:
                 torch.cuda.empty_cache()
         seconds = time.perf_counter() - began
-        if status == "ok" and not ctx.rehearsal and seconds > budget:
+        if status == "ok" and cuda and not ctx.rehearsal and seconds > budget:
             detail += f" (over its {budget:g} s budget)"
         rows.append({"check": name, "status": status, "detail": detail, "seconds": round(seconds, 1)})
         write_table(rows, out)

@@ -1,6 +1,6 @@
 """GPU readiness in one command: does the pipeline's CUDA path work, and how fast is WRN-28-10 MART?
 
-    python -m benchmarks.gpu_check [--quick] [--out PATH] [--only a,b] [--device cuda|cpu] [--limit-s 450]
+    python -m benchmarks.gpu_check [--quick] [--out PATH] [--only a,b] [--device cuda|cpu] [--limit-s 465]
 
 Prints one table (check, status ok/FAIL/skipped, detail, seconds) and writes it as CSV to the path it
 prints (rewritten after every check, so a run that is killed keeps the rows it finished). Every check
@@ -14,7 +14,8 @@ CPU-side checks (always run, also in CI):
   ddp-gloo         DDP with gloo at world size 1 (a subprocess): the DDP-wrapped MART steps give the
                    plain model's weights
   compile-cpu      torch.compile of the model and of the attack's forwards (ml.devices.attack_forward),
-                   one MART step of tiny-cnn, equal to eager within 1e-4
+                   one MART step of tiny-cnn, equal to eager within 1e-4 (about a minute of inductor on 2
+                   cores; skipped where CUDA is present: mart-compile covers it)
   flops            WRN-28-10 FLOPs per image of a MART step (PGD-10), counted on the meta device
 CUDA checks (skipped with "no CUDA device" without one), on synthetic CIFAR-shaped data (32x32x3):
   loader-cuda      pinned host batches, non_blocking copies on the loader's copy stream: the batches equal
@@ -35,8 +36,8 @@ Peaks (dense, no sparsity) come from PEAK_TFLOPS by torch.cuda.get_device_name()
 bf16 peak, fp32 runs against the TF32 peak (cuDNN convolutions run in TF32 by PyTorch's default). H100 SXM:
 989 / 495 TFLOP/s; H200 is the same chip at the same clocks. An unknown card gets no MFU.
 
---device cpu runs the CUDA checks on the CPU at tiny sizes (a rehearsal of this script; the numbers mean
-nothing). --quick shrinks every size (the tests use it). Runtime: the CPU-side checks about 1 minute on 2
+--device cpu runs the CUDA checks on the CPU at --quick sizes (a rehearsal of this script; the numbers
+mean nothing; no time limit). --quick shrinks every size (the tests use it). Runtime: the CPU-side checks about 1 minute on 2
 cores; the whole default run is sized for under 8 minutes on one H100 (--limit-s: a check whose budget
 would end past it is skipped). Last seen: not yet run on a GPU (no GPU was lent to the session that wrote it).
 """
@@ -196,14 +197,14 @@ def check_fp16_scaler_cpu(ctx: Context) -> str:
     from ml import training
 
     # prepare_for_training refuses fp16 on a CPU (a user error); this drives the loop's scaler path directly.
-    t, model = tiny_training("cpu")
+    t, model = tiny_training("cpu", batches=1, batch_size=8)  # fp16 convolutions are emulated on CPUs: slow
     t.precision, t.scaler = "fp16", torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     before = copy.deepcopy(model.state_dict())
     stats = train_tiny(t)
     changed = any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     if not changed:
         raise AssertionError("the scaler skipped every step (no weight changed)")
-    return f"loss {stats['loss']:.3f}, scale {t.scaler.get_scale():g} after {len(t.loader)} steps"
+    return f"loss {stats['loss']:.3f}, scale {t.scaler.get_scale():g} after {len(t.loader)} step(s), weights updated"
 
 
 def check_ddp_gloo(ctx: Context) -> str:
@@ -211,6 +212,8 @@ def check_ddp_gloo(ctx: Context) -> str:
 
 
 def check_compile_cpu(ctx: Context) -> str:
+    if torch.cuda.is_available() and not ctx.rehearsal:
+        raise Skipped("CUDA present: mart-compile runs the same code on the GPU")
     eager, eager_model = tiny_training("cpu", batches=1)
     compiled, compiled_model = tiny_training("cpu", batches=1, compile=True)
     train_tiny(eager)
@@ -231,7 +234,8 @@ def mart_flops_per_image(arch: str = "wrn-28-10", steps: int = PGD_STEPS) -> dic
 
     from ml.models import build_model
 
-    model = build_model(arch, num_classes=10, in_channels=3).to("meta")
+    with torch.device("meta"):  # shapes only: no weights allocated or initialised
+        model = build_model(arch, num_classes=10, in_channels=3)
     x = torch.empty(2, 3, 32, 32, device="meta")
     y = torch.zeros(2, dtype=torch.long, device="meta")
     # The attack's gradient is the input's only (weights frozen here: FlopCounterMode cannot follow
@@ -286,7 +290,7 @@ def ddp_worker(device_type: str) -> None:
         train_tiny(wrapped)
         train_tiny(plain)
         difference = max_weight_difference(ddp_model, plain_model)
-        if not difference < 1e-5:
+        if not difference < 1e-4:  # DDP at world size 1 changes no arithmetic; 1e-4 leaves room for GPU atomics
             raise AssertionError(f"DDP and plain weights differ by {difference:.2e}")
         print(f"{dist.get_backend()} at world size 1: DDP weights within {difference:.1e} of the plain model's")
     finally:
@@ -336,8 +340,8 @@ def pipeline_args(ctx: Context, stages: str, *extra: str) -> list[str]:
     arch = "tiny-cnn" if ctx.quick else "small-cnn"
     sets = [f"run.device={ctx.device.type}", "data.dataset=benchmarks.gpu_check:synthetic_cifar",
             "data.num_labeled=500", "pool.limit=2000", f"teacher.arch={arch}", "teacher.epochs=1",
-            "teacher.batch_size=128", f"mart.arch={arch}", "mart.epochs=1", "mart.epoch_size=1024",
-            "mart.batch_size=128", "mart.epsilon=0.031", "mart.step_size=0.007",
+            "teacher.batch_size=128", f"mart.arch={arch}", "mart.epochs=1",
+            f"mart.epoch_size={256 if ctx.quick else 1024}", f"mart.batch_size={64 if ctx.quick else 128}", "mart.epsilon=0.031", "mart.step_size=0.007",
             f"mart.steps={2 if ctx.quick else PGD_STEPS}", "mart.eval_n=200", "mart.val_size=0", *extra]
     args = ["run", "--config", str(ROOT / "configs" / "smoke.toml"), "--stages", stages]
     for s in sets:
@@ -401,15 +405,20 @@ def check_resume(ctx: Context) -> str:
     args = pipeline_args(ctx, "mart", "mart.epochs=3", "run.checkpoint_every_s=0")
     workdir = ctx.workdir / "resume"
     command = [sys.executable, "-m", "pipeline", *args, "--workdir", str(workdir)]
-    proc = subprocess.Popen(command, cwd=ROOT, env=pipeline_env(ctx), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    checkpoints = lambda: list((ctx.workdir / "store" / "mart").glob("*.partial/train_state.pt"))  # noqa: E731
+    # A mart check that failed leaves its partial directory (with a checkpoint) behind: wait for a new one.
+    partials = lambda: set((ctx.workdir / "store" / "mart").glob("*.partial/train_state.pt"))  # noqa: E731
+    left_over = partials()
+    checkpoints = lambda: partials() - left_over  # noqa: E731
+    workdir.mkdir(parents=True, exist_ok=True)
+    stderr = workdir.parent / "resume-killed.stderr"  # a file, not a pipe: nobody reads it while it runs
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen(command, cwd=ROOT, env=pipeline_env(ctx), stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + 200
     try:
         while not checkpoints():  # wait for the checkpoint itself, not for a guessed duration
             if proc.poll() is not None:
                 raise AssertionError(f"the run ended (exit {proc.returncode}) before its first checkpoint: "
-                                     f"{last_line(proc.stderr.read())}")
+                                     f"{last_line(stderr.read_text())}")
             if time.monotonic() > deadline:
                 raise AssertionError("no mart checkpoint appeared in 200 s")
             time.sleep(0.01)
@@ -447,6 +456,8 @@ def wrn_check(precision: str, *, channels_last: bool = False, compile: bool = Fa
             if not native_bf16(ctx.device):
                 raise Skipped("this CPU has no native bf16")
         torch.manual_seed(0)
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
         data = synthetic_training_data((32, 32, 3), 4096 if not ctx.quick else 64, 8192 if not ctx.quick else 64)
         loop = StageLoop(build_model(arch, num_classes=10, in_channels=3), **data, batch_size=batch,
                          batches_per_epoch=timed, steps=PGD_STEPS, precision=precision, channels_last=channels_last,
@@ -548,7 +559,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--only", default="", help=f"comma-separated checks among: {', '.join(CHECKS)}")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: rehearse the CUDA checks on the CPU (numbers meaningless)")
-    parser.add_argument("--limit-s", type=float, default=450.0,
+    parser.add_argument("--limit-s", type=float, default=465.0,
                         help="seconds for the whole run; a check whose budget would end past it is skipped")
     parser.add_argument("--workdir", default="", help="keep the pipeline work dirs here (default: a temp dir, removed)")
     parser.add_argument("--ddp-worker", default="", help=argparse.SUPPRESS)
@@ -561,10 +572,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if unknown:
         parser.error(f"unknown checks {unknown}; choose among {', '.join(CHECKS)}")
     cuda = torch.cuda.is_available()
-    # A last resort against a hung CUDA call: dump every thread's stack and exit; the CSV has the rows so far.
-    faulthandler.dump_traceback_later(args.limit_s + 120, exit=True)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gpu_check-"))
-    ctx = Context(device=torch.device(args.device), quick=args.quick, workdir=workdir)
+    ctx = Context(device=torch.device(args.device), quick=args.quick or args.device == "cpu", workdir=workdir)
+    if not ctx.rehearsal:  # the limit is sized for a GPU; a rehearsal on a CPU takes what it takes
+        # A last resort against a hung CUDA call: dump every thread's stack and exit; the CSV has the rows so far.
+        faulthandler.dump_traceback_later(args.limit_s + 120, exit=True, file=sys.__stderr__)
     out = Path(args.out)
     device = torch.cuda.get_device_name() if cuda else "none"
     print(f"gpu_check: torch {torch.__version__}, CUDA device: {device}; rehearsal on cpu: {ctx.rehearsal}", flush=True)

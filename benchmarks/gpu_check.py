@@ -96,6 +96,10 @@ class Context:
     def rehearsal(self) -> bool:
         return self.device.type != "cuda"
 
+    def timeout(self, seconds: float) -> float:
+        """A subprocess's time limit: sized for a GPU, ten times that for a rehearsal on a CPU."""
+        return seconds * (10 if self.rehearsal else 1)
+
 
 def peak_tflops(device_name: str, precision: str) -> float | None:
     for fragment, bf16, tf32 in PEAK_TFLOPS:
@@ -208,7 +212,7 @@ def check_fp16_scaler_cpu(ctx: Context) -> str:
 
 
 def check_ddp_gloo(ctx: Context) -> str:
-    return run_ddp_worker(torch.device("cpu"), timeout=120)
+    return run_ddp_worker(torch.device("cpu"), timeout=300)
 
 
 def check_compile_cpu(ctx: Context) -> str:
@@ -259,8 +263,12 @@ def check_flops(ctx: Context) -> str:
 
 # -- DDP at world size 1, in a subprocess (a hung NCCL must not hang the whole check) ----------------------
 def run_ddp_worker(device: torch.device, timeout: float) -> str:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--ddp-worker", device.type], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--ddp-worker", device.type], cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the DDP worker ran past {timeout:g} s") from None
     if proc.returncode != 0:
         raise AssertionError(f"worker exit {proc.returncode}: {last_line(proc.stderr or proc.stdout)}")
     return proc.stdout.strip().splitlines()[-1]
@@ -350,8 +358,14 @@ def pipeline_args(ctx: Context, stages: str, *extra: str) -> list[str]:
 
 
 def run_pipeline(ctx: Context, workdir: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *args, "--workdir", str(ctx.workdir / workdir)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=pipeline_env(ctx))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pipeline", *args, "--workdir", str(ctx.workdir / workdir)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=ctx.timeout(timeout),
+                              env=pipeline_env(ctx))
+    except subprocess.TimeoutExpired as e:
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+        raise AssertionError(f"python -m pipeline run --stages {args[args.index('--stages') + 1]} ran past "
+                             f"{ctx.timeout(timeout):g} s: {last_line(stderr)}") from None
     if proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}: {last_line(proc.stderr or proc.stdout)}")
     return proc
@@ -413,14 +427,14 @@ def check_resume(ctx: Context) -> str:
     stderr = workdir.parent / "resume-killed.stderr"  # a file, not a pipe: nobody reads it while it runs
     with open(stderr, "w") as err:
         proc = subprocess.Popen(command, cwd=ROOT, env=pipeline_env(ctx), stdout=subprocess.DEVNULL, stderr=err)
-    deadline = time.monotonic() + 200
+    deadline = time.monotonic() + ctx.timeout(200)
     try:
         while not checkpoints():  # wait for the checkpoint itself, not for a guessed duration
             if proc.poll() is not None:
                 raise AssertionError(f"the run ended (exit {proc.returncode}) before its first checkpoint: "
                                      f"{last_line(stderr.read_text())}")
             if time.monotonic() > deadline:
-                raise AssertionError("no mart checkpoint appeared in 200 s")
+                raise AssertionError(f"no mart checkpoint appeared in {ctx.timeout(200):g} s")
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
     finally:

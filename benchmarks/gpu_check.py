@@ -11,8 +11,8 @@ CPU-side checks (always run, also in CI):
                    with and without the prefetch thread
   fp16-scaler-cpu  one MART step in fp16 autocast through torch.amp.GradScaler("cpu") (the scaler path of
                    ml.training.train_one_epoch)
-  ddp-gloo         DDP with gloo at world size 1 (a subprocess): the DDP-wrapped MART steps give the
-                   plain model's weights
+  ddp-gloo         DDP with gloo at world size 1: the DDP-wrapped MART steps give the plain model's
+                   weights
   compile-cpu      torch.compile of the model and of the attack's forwards (ml.devices.attack_forward),
                    one MART step of tiny-cnn, equal to eager within 1e-4 (about a minute of inductor on 2
                    cores; skipped where CUDA is present: mart-compile covers it)
@@ -26,7 +26,7 @@ CUDA checks (skipped with "no CUDA device" without one), on synthetic CIFAR-shap
                    the mart stage through the CLI in fp32, bf16, fp16 (GradScaler), bf16+channels_last,
                    bf16+channels_last+run.compile (the model and the attack's forwards)
   resume           SIGKILL of the mart stage after its first checkpoint, rerun: it resumes and finishes
-  ddp-nccl         DDP with NCCL at world size 1 (a subprocess), as ddp-gloo
+  ddp-nccl         DDP with NCCL at world size 1, as ddp-gloo, in a subprocess (a hung NCCL cannot hang the run)
   wrn-fp32, wrn-bf16-cl, wrn-compile
                    WRN-28-10 MART (PGD-10) images/s through the stage's step (benchmarks.bench_mart.StageLoop:
                    the real loader, attack, loss, SGD) at batch 256, 20 timed steps after 3 warm-up steps;
@@ -212,7 +212,7 @@ def check_fp16_scaler_cpu(ctx: Context) -> str:
 
 
 def check_ddp_gloo(ctx: Context) -> str:
-    return run_ddp_worker(torch.device("cpu"), timeout=300)
+    return ddp_worker("cpu")  # in this process: gloo at world size 1 does not hang, and saves a torch import
 
 
 def check_compile_cpu(ctx: Context) -> str:
@@ -274,7 +274,7 @@ def run_ddp_worker(device: torch.device, timeout: float) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
-def ddp_worker(device_type: str) -> None:
+def ddp_worker(device_type: str) -> str:
     """One rank: init the process group as pipeline.core.distributed does (NCCL on CUDA, gloo on CPU), then
     MART steps on the DDP-wrapped model equal the plain model's."""
     import torch.distributed as dist
@@ -300,7 +300,7 @@ def ddp_worker(device_type: str) -> None:
         difference = max_weight_difference(ddp_model, plain_model)
         if not difference < 1e-4:  # DDP at world size 1 changes no arithmetic; 1e-4 leaves room for GPU atomics
             raise AssertionError(f"DDP and plain weights differ by {difference:.2e}")
-        print(f"{dist.get_backend()} at world size 1: DDP weights within {difference:.1e} of the plain model's")
+        return f"{dist.get_backend()} at world size 1: DDP weights within {difference:.1e} of the plain model's"
     finally:
         dist.destroy_process_group()
 
@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--ddp-worker", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.ddp_worker:
-        ddp_worker(args.ddp_worker)
+        print(ddp_worker(args.ddp_worker))
         return pd.DataFrame(columns=COLUMNS)
     names = [n for n in args.only.split(",") if n] or list(CHECKS)
     unknown = sorted(set(names) - set(CHECKS))

@@ -39,7 +39,8 @@ bf16 peak, fp32 runs against the TF32 peak (cuDNN convolutions run in TF32 by Py
 --device cpu runs the CUDA checks on the CPU at --quick sizes (a rehearsal of this script; the numbers
 mean nothing; no time limit). --quick shrinks every size (the tests use it). Runtime: the CPU-side checks about 1 minute on 2
 cores; the whole default run is sized for under 8 minutes on one H100 (--limit-s: a check whose budget
-would end past it is skipped). Last seen: not yet run on a GPU (no GPU was lent to the session that wrote it).
+would end past it is skipped; 15 s past the limit a watchdog dumps every thread's stack and exits, the CSV
+holding the rows finished). Last seen: not yet run on a GPU (no GPU was lent to the session that wrote it).
 """
 from __future__ import annotations
 
@@ -590,7 +591,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ctx = Context(device=torch.device(args.device), quick=args.quick or args.device == "cpu", workdir=workdir)
     if not ctx.rehearsal:  # the limit is sized for a GPU; a rehearsal on a CPU takes what it takes
         # A last resort against a hung CUDA call: dump every thread's stack and exit; the CSV has the rows so far.
-        faulthandler.dump_traceback_later(args.limit_s + 120, exit=True, file=sys.__stderr__)
+        faulthandler.dump_traceback_later(args.limit_s + 15, exit=True, file=sys.__stderr__)
     out = Path(args.out)
     device = torch.cuda.get_device_name() if cuda else "none"
     print(f"gpu_check: torch {torch.__version__}, CUDA device: {device}; rehearsal on cpu: {ctx.rehearsal}", flush=True)

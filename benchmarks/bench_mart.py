@@ -85,14 +85,14 @@ class StageLoop:
 
     def __init__(self, model: nn.Module, *, images, labels, pool_images, pool_labels, batch_size: int,
                  batches_per_epoch: int, steps: int, precision: str, seed: int = 0, unsup_fraction: float = 0.5,
-                 channels_last: bool = False, compile: bool = False, device: str = "cpu", attack_model=None,
+                 channels_last: bool = False, compile: bool = False, device: str = "cpu",
                  prefetch: int | None = None, augment: bool = True):
         from data.augment import augmenter
         from data.mixed import MixedBatchLoader, MixedBatchSampler, prefetch_depth
         from pipeline.config import RunConfig
         from ml import training
         from ml.attacks import training_attack
-        from ml.devices import prepare_for_training, resolve_precision
+        from ml.devices import attack_forward, prepare_for_training, resolve_precision
         from ml.losses import LOSSES
         from ml.optim import make_optimizer, make_scheduler
 
@@ -110,12 +110,10 @@ class StageLoop:
         optimizer = make_optimizer(model, lr=0.01, momentum=0.9, weight_decay=3.5e-3)
         scheduler = make_scheduler(optimizer, schedule="constant", epochs=1, steps_per_epoch=len(sampler))
         attack = training_attack("mart", eps=EPSILON, step_size=STEP_SIZE, steps=steps)
-        if attack_model is not None:  # e.g. a compiled module for the attack too (bench_gpu)
-            attack = functools.partial(lambda model, x, y, generator, _attack: _attack(attack_model, x, y, generator),
-                                       _attack=attack)
         self.t = training.Training(model=train_model, optimizer=optimizer, scheduler=scheduler, loader=loader,
                                    loss=functools.partial(LOSSES["mart"], beta=BETA), attack=attack, device=self.device,
-                                   precision=resolve_precision(precision, self.device), seed=seed, scaler=scaler)
+                                   precision=resolve_precision(precision, self.device), seed=seed, scaler=scaler,
+                                   attack_model=attack_forward(model, compile))
         self._epoch = 0
 
     def _train(self, batches) -> dict:

@@ -6,7 +6,8 @@
 2. mart         the stage's MART loop vs a bare reference loop           fp32 >= 1.0, bf16 >= 1.5 (native bf16 only)
 3. loader       MixedBatchLoader delivery vs MART consumption            >= 5
 4. memory       peak RSS pseudo-labeling a 10x larger pool               <= 1.2x, growth <= 0.25x the pool's
-5. gpu          WRN-28-10 MART images/s and MFU (CUDA only)              informational
+
+GPU readiness and WRN-28-10 MART images/s and MFU are `python -m benchmarks.gpu_check` (its own table).
 
 Runtime on 2 idle CPU cores: --quick under 2 minutes (134 s with another job loading both cores),
 default under 15 minutes (--full: resnet18 teacher in the pseudolabel benchmark, longer). On a shared machine everything is slower and noisier,
@@ -26,10 +27,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from benchmarks import bench_gpu, bench_loader, bench_mart, bench_memory, bench_pseudolabel
+from benchmarks import bench_loader, bench_mart, bench_memory, bench_pseudolabel
 from benchmarks.common import Comparison, machine
 
-BENCHMARKS = ("pseudolabel", "mart", "loader", "memory", "gpu")
+BENCHMARKS = ("pseudolabel", "mart", "loader", "memory")
 
 
 def run_all(quick: bool = False, full: bool = False, only=BENCHMARKS) -> list[Comparison]:
@@ -45,8 +46,6 @@ def run_all(quick: bool = False, full: bool = False, only=BENCHMARKS) -> list[Co
         rows += bench_loader.run(quick=quick, consumer_images_per_s=consumer)
     if "memory" in only:
         rows += bench_memory.run(quick=quick)
-    if "gpu" in only:
-        rows += bench_gpu.run(quick=quick)
     return rows
 
 
@@ -81,8 +80,6 @@ def main(argv=None) -> int:
 
     print(f"\n== summary ({seconds:.0f} s, {'quick' if args.quick else 'full' if args.full else 'default'} sizes)")
     print(summary(rows))
-    if "gpu" in only and not torch.cuda.is_available():
-        print("gpu: skipped, no CUDA device")
     if args.out:
         frame = pd.DataFrame([r.row() for r in rows])
         frame["machine"] = where

@@ -127,15 +127,29 @@ def _seed_for(*words: int) -> int:
 
 class _BatchBuilder:
     """Gathers one batch's rows in numpy (no torch op, so a worker thread running it never starts a second
-    OpenMP team next to the training step's), and holds nothing that references the loader (so an
-    abandoned loader can be garbage collected and its __del__ stop the thread)."""
+    OpenMP team next to the training step's) and, for a CUDA device, copies them to pinned host memory;
+    holds nothing that references the loader (so an abandoned loader can be garbage collected and its
+    __del__ stop the thread)."""
 
-    def __init__(self, labeled_images, labeled_targets, pool_images, pool_targets, seed, rank):
+    def __init__(self, labeled_images, labeled_targets, pool_images, pool_targets, seed, rank,
+                 pin_device: torch.device | None = None):
         self.labeled_images, self.labeled_targets = labeled_images, labeled_targets
         self.pool_images, self.pool_targets = pool_images, pool_targets
-        self.seed, self.rank = seed, rank
+        self.seed, self.rank, self.pin_device = seed, rank, pin_device
 
-    def __call__(self, epoch: int, batch: int, lab: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, epoch: int, batch: int, lab: np.ndarray, pool: np.ndarray):
+        x, y = self._rows(epoch, batch, lab, pool)
+        if self.pin_device is None:
+            return x, y
+        # For a CUDA device only, where no OpenMP team computes the step on the host: page-locked copies
+        # let the consumer's host-to-device copy run asynchronously (from pageable memory
+        # .to(non_blocking=True) stages through a bounce buffer and waits). The worker thread selects the
+        # rank's GPU first, as DataLoader's pin-memory thread does: otherwise pinning would open a CUDA
+        # context on cuda:0 in every rank.
+        with torch.cuda.device(self.pin_device):
+            return torch.from_numpy(x).pin_memory(), torch.from_numpy(y).pin_memory()
+
+    def _rows(self, epoch: int, batch: int, lab: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         images = [self.labeled_images[lab]]
         targets = [self.labeled_targets[lab]]
         if len(pool):
@@ -193,6 +207,11 @@ class MixedBatchLoader:
     consumer converts each batch to float on `device` and augments it there; prefetch=0 gathers in the
     consumer's thread, with no thread at all.
 
+    On a CUDA device the rows are gathered into pinned host memory and copied with non_blocking=True on
+    a dedicated copy stream, one batch ahead: batch k+1 crosses the bus while the step of batch k
+    computes, and the compute stream waits for that copy (wait_stream) before it touches the batch. On a
+    CPU the arrays are used as they are (no pinning, no copy).
+
     Yields (x float32 NCHW in [0, 1] on `device`, in channels_last memory format with `channels_last`;
     y int64). `pool_images` is an in-memory uint8 NHWC
     array or a PseudoLabelReader (read with .gather). `augment(x, generator)` runs on `device` on the
@@ -216,9 +235,12 @@ class MixedBatchLoader:
         self.augment, self.seed = augment, int(seed)
         # The layout the model's convolutions take (run.channels_last), so no forward reorders its input.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        cuda = self.device.type == "cuda"
         self._build = _BatchBuilder(labeled_images, np.asarray(labeled_targets), pool_images,
                                     None if pool_targets is None else np.asarray(pool_targets), self.seed,
-                                    sampler.rank)
+                                    sampler.rank, pin_device=self.device if cuda else None)
+        # The host-to-device copies run here, so the compute stream never queues behind them.
+        self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
         # One generator re-seeded per batch with (seed, epoch, batch, rank): building one costs more than seeding it.
         self._generator = torch.Generator()
         self._thread: threading.Thread | None = None
@@ -236,13 +258,55 @@ class MixedBatchLoader:
         self.sampler.load_state_dict(d)
         self._consumed = self.sampler.state_dict()
 
-    def _tensors(self, epoch: int, batch: int, x: np.ndarray, y: np.ndarray) -> tuple[Tensor, Tensor]:
+    def _tensors(self, epoch: int, batch: int, x, y) -> tuple[Tensor, Tensor]:
         # Move uint8 first (4x less traffic than float), then convert to NCHW float32 on the device.
-        x = torch.from_numpy(x).to(self.device)
+        x, y = torch.as_tensor(x).to(self.device), torch.as_tensor(y).to(self.device)
         x = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=self.memory_format).div_(255)
         if self.augment is not None:
             x = self.augment(x, self._generator.manual_seed(_seed_for(self.seed, epoch, batch, self.sampler.rank, 1)))
-        return x, torch.from_numpy(y).to(self.device)
+        return x, y
+
+    def _start_copy(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Queue the pinned batch's copy to the GPU on the copy stream; returns at once."""
+        with torch.cuda.stream(self._copy_stream):
+            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _finish_copy(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Make the batch the copy stream filled safe to use on the current (compute) stream."""
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self._copy_stream)  # kernels queued from here on start after the copy
+        # The memory was allocated on the copy stream: without this the caching allocator could hand it
+        # out again as soon as the tensor is freed, while compute kernels still read it.
+        x.record_stream(compute)
+        y.record_stream(compute)
+        return x, y
+
+    def _deliver(self, rows, epoch: int):
+        """(batch number, (x, y) host rows) -> training tensors on the device, recording the position."""
+        try:
+            if self._copy_stream is None:
+                for b, (x, y) in rows:
+                    tensors = self._tensors(epoch, b, x, y)
+                    self._consumed = {"epoch": epoch, "batch": b + 1}
+                    yield tensors
+                return
+            in_flight = None  # (batch number, its device tensors, whose copy is queued on the copy stream)
+            for b, (x, y) in rows:
+                # Hand out the batch in flight before queuing the next copy, so that its wait_stream
+                # covers its own copy only; the next copy then runs during its step.
+                ready = None if in_flight is None else self._hand_out(epoch, *in_flight)
+                in_flight = (b, self._start_copy(x, y))
+                if ready is not None:
+                    yield ready
+            if in_flight is not None:
+                yield self._hand_out(epoch, *in_flight)
+        finally:
+            rows.close()  # stops the worker thread at once when the consumer breaks out
+
+    def _hand_out(self, epoch: int, b: int, copied: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        tensors = self._tensors(epoch, b, *self._finish_copy(*copied))
+        self._consumed = {"epoch": epoch, "batch": b + 1}
+        return tensors
 
     def __iter__(self):
         self.close()  # a previous, abandoned iteration must not keep its thread
@@ -250,22 +314,20 @@ class MixedBatchLoader:
         batches = self.sampler.iter_batches()
         self._consumed = self.sampler.state_dict()  # the resume point, before the worker runs ahead
         if self.prefetch == 0:
-            return self._gather_here(batches, epoch)
+            return self._deliver(self._gather_here(batches, epoch), epoch)
         items: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         thread = threading.Thread(target=_produce, name="MixedBatchLoader-worker", daemon=True,
                                   args=(batches, self._build, epoch, items, stop))
         self._thread, self._stop = thread, stop
         thread.start()
-        return self._consume(items, stop, thread, epoch)
+        return self._deliver(self._consume(items, stop, thread), epoch)
 
     def _gather_here(self, batches, epoch: int):
         for b, lab, pool in batches:
-            tensors = self._tensors(epoch, b, *self._build(epoch, b, lab, pool))
-            self._consumed = {"epoch": epoch, "batch": b + 1}
-            yield tensors
+            yield b, self._build(epoch, b, lab, pool)
 
-    def _consume(self, items: queue.Queue, stop: threading.Event, thread: threading.Thread, epoch: int):
+    def _consume(self, items: queue.Queue, stop: threading.Event, thread: threading.Thread):
         try:
             while True:
                 try:
@@ -278,10 +340,7 @@ class MixedBatchLoader:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                b, rows = item
-                tensors = self._tensors(epoch, b, *rows)
-                self._consumed = {"epoch": epoch, "batch": b + 1}
-                yield tensors
+                yield item  # (batch number, rows)
         finally:
             # Runs on exhaustion, on an exception, and when the consumer breaks out (generator close).
             stop.set()

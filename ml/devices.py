@@ -1,5 +1,6 @@
 """Where and in what precision the training stages compute: the device, bf16/fp16 autocast, and the
-model's placement for training (channels_last, SyncBN, DDP, torch.compile, the fp16 loss scaler)."""
+model's placement for training (channels_last, SyncBN, DDP, torch.compile of the model and of the attack's
+forwards, the fp16 loss scaler)."""
 from __future__ import annotations
 
 import contextlib
@@ -92,5 +93,28 @@ def prepare_for_training(model: nn.Module, *, run_cfg, device: torch.device, dis
             model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
     if run_cfg.compile:
         train_model = torch.compile(train_model)
-    scaler = torch.amp.GradScaler("cuda") if run_cfg.precision == "fp16" else None
+    # fp16 only: bf16 has fp32's exponent range. On the training device's type (prepare_for_training
+    # refuses fp16 elsewhere than CUDA; the CPU scaler exists for tests).
+    scaler = torch.amp.GradScaler(device.type) if run_cfg.precision == "fp16" else None
     return train_model, scaler
+
+
+def attack_forward(model: nn.Module, compile: bool):
+    """What the training attack calls for its forwards: the plain module, or with run.compile a compiled
+    forward of it that takes the weights as detached inputs.
+
+    The attack only needs the gradient w.r.t. its input. Eager autograd skips the weight gradients by
+    itself (only the nodes leading to the input run), but a compiled graph's backward computes the
+    gradient of every graph input that requires one, so compiling the module as it is would add the
+    weight gradients to each of the attack's steps (about +50% of its backward). Detached views share the
+    weights' storage, so the forward sees the current weights without copying them.
+    """
+    if not compile:
+        return model
+    compiled = torch.compile(lambda tensors, x: torch.func.functional_call(model, tensors, (x,)))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        tensors = {name: t.detach() for name, t in (*model.named_parameters(), *model.named_buffers())}
+        return compiled(tensors, x)
+
+    return forward

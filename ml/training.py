@@ -29,7 +29,7 @@ from data.augment import augmenter
 from data.mixed import MixedBatchLoader, MixedBatchSampler, prefetch_depth
 from pipeline.core import distributed
 from pipeline.core.atomic import atomic_write_csv
-from ml.devices import autocast, prepare_for_training, resolve_device, resolve_precision, unwrap
+from ml.devices import attack_forward, autocast, prepare_for_training, resolve_device, resolve_precision, unwrap
 from ml.evaluation import evaluate
 from ml.live_log import open_scalar_log
 from ml.models import build_model, save_model
@@ -105,6 +105,7 @@ class Training:
     rank: int = 0
     world_size: int = 1
     live: Any = None  # ml.live_log.ScalarLog for live curves (rank 0); None = off
+    attack_model: Callable | None = None  # what the attack's forwards call (run.compile: compiled); None = unwrap(model)
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
@@ -137,7 +138,8 @@ def set_up(recipe: Recipe, data: TrainData, *, run_cfg, dist, mean, std) -> tupl
                                steps_per_epoch=len(sampler), milestones=recipe.milestones)
     training = Training(model=train_model, optimizer=optimizer, scheduler=scheduler, loader=loader, loss=recipe.loss,
                         attack=recipe.attack, device=device, precision=resolve_precision(run_cfg.precision, device),
-                        seed=run_cfg.seed, ema=ema, scaler=scaler, rank=dist.rank, world_size=dist.world_size)
+                        seed=run_cfg.seed, ema=ema, scaler=scaler, rank=dist.rank, world_size=dist.world_size,
+                        attack_model=attack_forward(model, run_cfg.compile))
     return training, model
 
 
@@ -247,6 +249,7 @@ def train_one_epoch(t: Training, epoch: int, *, start_batch: int = 0, totals: di
     """
     batches = t.loader if batches is None else batches
     raw_model = unwrap(t.model)
+    attack_model = raw_model if t.attack_model is None else t.attack_model
     amp = autocast(t.device, t.precision)
     generator = torch.Generator(device=t.device)  # re-seeded per batch: building one costs more than seeding it
     # Running sums stay on the device: a .item() per step would sync the GPU every batch.
@@ -280,7 +283,7 @@ def train_one_epoch(t: Training, epoch: int, *, start_batch: int = 0, totals: di
             raw_model.eval()
             generator.manual_seed(seed_from(t.seed, epoch, batch_index, t.rank))
             with amp:
-                x_adv = t.attack(raw_model, x, y, generator)
+                x_adv = t.attack(attack_model, x, y, generator)
 
         # The loss: train mode, natural and adversarial forwards kept separate (BatchNorm sees each).
         # Under DDP two forwards before one backward are correct: each parameter's gradient accumulator

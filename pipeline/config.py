@@ -33,7 +33,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda ("auto" takes CUDA when present)
     precision: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 where native, else fp32): training autocast only; evaluation is always fp32
     channels_last: bool = False  # NHWC memory format for convolutions (faster on GPUs, and with oneDNN on CPUs)
-    compile: bool = False  # torch.compile the model (not the attack loop)
+    compile: bool = False  # torch.compile the model, for the training forwards and the attack's (ml.devices.attack_forward)
     num_workers: int = 2  # batches gathered ahead by a background thread, used on GPUs or where a CPU core is spare (data.mixed.prefetch_depth); 0 = none
     checkpoint_every_s: float = 60.0  # seconds between mid-epoch checkpoints (plus one at every epoch end); 0 = every step
     sync_bn: bool = False  # SyncBatchNorm across ranks under torchrun (GPU)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmarks import bench_gpu, bench_loader, bench_mart, bench_memory, bench_pseudolabel, run_all
+from benchmarks import bench_loader, bench_mart, bench_memory, bench_pseudolabel, run_all
 from benchmarks.common import Comparison
 
 
@@ -63,21 +63,6 @@ def test_memory(tmp_path):
                       "large_peak_rss_file_mib", "large_images_per_s"])
     assert len(bench_memory.comparisons(result)) == 2
     assert not list(tmp_path.rglob("*.npy"))  # the pools are deleted
-
-
-def test_gpu_skips_without_cuda_and_runs_its_loop_on_cpu():
-    if not torch.cuda.is_available():
-        assert bench_gpu.bench_gpu() == {"skipped": "no CUDA device"}
-    settings = {"fp32": ("fp32", False, False, False), "bf16+channels_last": ("bf16", True, False, False)}
-    result = bench_gpu.bench_gpu(arch="tiny-cnn", batch_size=8, steps=1, train_steps=1, warmup=1, settings=settings,
-                                 device="cpu", num_labeled=32, num_pool=32)
-    for name in settings:
-        assert "error" not in result[name], result[name]
-        positive(result[name], ["images_per_s", "warmup_s"])  # no FLOP count for tiny-cnn: tflops is nan
-    assert len(bench_gpu.comparisons(result)) == 3
-    assert bench_gpu.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
-    assert bench_gpu.peak_tflops("NVIDIA H100 PCIe", "fp32") == 378.0
-    assert bench_gpu.peak_tflops("Some Future GPU", "bf16") is None
 
 
 def test_run_all_writes_the_csv(tmp_path, monkeypatch):

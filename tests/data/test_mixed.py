@@ -233,3 +233,68 @@ def test_channels_last_changes_the_layout_not_the_values():
                                             channels_last=True)]
     assert all(b.is_contiguous(memory_format=torch.channels_last) and not b.is_contiguous() for b in nhwc)
     assert all(torch.equal(a, b) for a, b in zip(plain, nhwc))
+
+
+def test_a_cpu_loader_neither_pins_nor_uses_a_copy_stream(monkeypatch):
+    """On a CPU the gathered arrays are used as they are: no pinned copy (it would need CUDA), no stream."""
+    def no_pinning(self, *args, **kwargs):
+        raise AssertionError("a CPU loader pinned a batch")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", no_pinning)
+    lab_x, pool_x = encoded_images(70, 0), encoded_images(30, 1)
+    lab_y, pool_y = np.arange(70) % 10, (np.arange(30) * 3) % 10
+    for prefetch in (0, 2):
+        loader = MixedBatchLoader(sampler(), lab_x, lab_y, pool_x, pool_y, seed=1, prefetch=prefetch)
+        assert loader._copy_stream is None
+        check_loader_output(loader, lab_x, lab_y, pool_x, pool_y)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_copy_stream_path_hands_out_a_batch_before_queuing_the_next_copy(prefetch):
+    """The CUDA path's order, with the CUDA calls replaced by recorders: batch k+1's copy is queued before
+    batch k reaches the step (so it overlaps the step), batch k's wait on the copy stream comes before
+    batch k+1's copy is queued (so that wait does not cover it), and state_dict counts batches handed
+    out, not copies queued. The batches are the CPU path's."""
+    lab_x, pool_x = encoded_images(70, 0), encoded_images(30, 1)
+    lab_y, pool_y = np.arange(70) % 10, (np.arange(30) * 3) % 10
+    expected = list(MixedBatchLoader(sampler(), lab_x, lab_y, pool_x, pool_y, seed=1, prefetch=prefetch))
+
+    events = []
+    loader = MixedBatchLoader(sampler(), lab_x, lab_y, pool_x, pool_y, seed=1, prefetch=prefetch)
+    loader._copy_stream = "stream"
+
+    def start_copy(x, y):
+        events.append(("copy", int(x[0, 0, 0, 0])))  # the first row's encoded index tells the batches apart
+        return torch.as_tensor(x), torch.as_tensor(y)
+
+    def finish_copy(x, y):
+        events.append(("wait", int(x[0, 0, 0, 0])))
+        return x, y
+
+    loader._start_copy, loader._finish_copy = start_copy, finish_copy
+    got = []
+    for k, (x, y) in enumerate(loader):
+        assert loader.state_dict()["batch"] == k + 1
+        events.append(("step", k))
+        got.append((x, y))
+    assert len(got) == len(expected) == 10
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, expected))
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["copy"] + ["wait", "copy", "step"] * 9 + ["wait", "step"]
+    copies = [i for kind, i in events if kind == "copy"]
+    waits = [i for kind, i in events if kind == "wait"]
+    assert copies == waits  # every batch waited for its own copy, in order
+
+
+def test_copy_stream_path_stops_the_worker_when_the_consumer_breaks_out():
+    lab_x, pool_x = encoded_images(70, 0), encoded_images(30, 1)
+    loader = MixedBatchLoader(sampler(epoch_size=10_000), lab_x, np.zeros(70), pool_x, np.zeros(30), prefetch=1)
+    loader._copy_stream = "stream"
+    loader._start_copy = lambda x, y: (torch.as_tensor(x), torch.as_tensor(y))
+    loader._finish_copy = lambda x, y: (x, y)
+    it = iter(loader)
+    next(it)
+    thread = loader._thread
+    it.close()  # what a `break` out of the for loop does
+    thread.join(timeout=5)
+    assert not thread.is_alive()

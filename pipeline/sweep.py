@@ -260,7 +260,9 @@ def launch_sweep(config_path, overrides: list[str], names: list[str], sweep_dir:
     log(f"sweep: {len(rows)} of {len(variants)} variants in {sweep_dir / 'sweep.csv'} and sweep.png")
     if failed:
         _print_failures(sweep_dir, failed, log=log)
-        codes = {finished.get(name) for name in failed}
+        # A variant that never started takes its shared-stages job's status (a user error there: 2).
+        shared_codes = {code for name, code in finished.items() if name.startswith("shared-") and code}
+        codes = {finished.get(name, max(shared_codes, default=None)) for name in failed}
         return EXIT_USER if codes == {EXIT_USER} else EXIT_FAILED
     return EXIT_OK
 
@@ -361,6 +363,8 @@ def sweep_status(config_path, overrides: list[str], names: list[str], sweep_dir:
         states = {name: f"{live[j['job_id']]} (job {j['job_id']})" for name, j in jobs.items()}
     elif jobs:
         states = {name: "exit 0" if j["exit"] == 0 else f"FAILED (exit {j['exit']})" for name, j in jobs.items()}
+    shared_failed = any(state.split(" ")[0] in FAILED_STATES - {"ENDED"} for name, state in states.items()
+                        if name.startswith("shared-"))
     failed = []
     for v in variants:
         plans = _plans(v, names)
@@ -368,9 +372,9 @@ def sweep_status(config_path, overrides: list[str], names: list[str], sweep_dir:
             in_store = "done"
         else:
             in_store = ", ".join(f"{p.stage.name} {p.reason}" for p in plans if not p.fresh) or "not linked yet"
-        job = states.get(v.name, "not launched")
+        job = states.get(v.name, "not started (its shared-stages job failed)" if shared_failed else "not launched")
         log(f"{v.name}: {in_store}; job: {job}")
-        if in_store != "done" and job.split(" ")[0] in FAILED_STATES | {"FAILED"}:
+        if in_store != "done" and (job.split(" ")[0] in FAILED_STATES or job.startswith("not started")):
             failed.append(v.name)
     if failed:
         _print_failures(sweep_dir, failed, log=log)
@@ -383,16 +387,23 @@ def _print_failures(sweep_dir: Path, failed: list[str], *, log) -> None:
 
     record = _read_record(sweep_dir)
     jobs = record.get("jobs", {})
-    for name in failed:
-        job = jobs.get(name) or jobs.get(f"shared-{name}")
+    slurm_states = {}
+    if record.get("launcher") == "slurm" and jobs:
+        from pipeline.launchers import slurm
+
+        slurm_states = slurm.states([j["job_id"] for j in jobs.values()], Path(record["folder"]))
+    broken_shared = [n for n, j in jobs.items() if j["kind"] == "shared" and
+                     (j.get("exit", 0) != 0 or slurm_states.get(j.get("job_id")) in FAILED_STATES - {"ENDED"})]
+    for name in broken_shared + failed:
+        job = jobs.get(name)
         if job is None:
-            log(f"\n{name} FAILED: no job ran it (a shared-stages job it needs failed first); see above.")
+            log(f"\n{name} FAILED: not started, because the shared-stages job it needs failed (above).")
             continue
         if record.get("launcher") == "slurm":
             from pipeline.launchers import slurm
 
             out, err = slurm.log_paths(Path(record["folder"]), job["job_id"])
-            state = slurm.states([job["job_id"]], Path(record["folder"]))[job["job_id"]]
+            state = slurm_states[job["job_id"]]
             log(f"\n{name} FAILED: job {job['job_id']} {state}; its logs are {out} and {err}. Last lines of "
                 f"the error log:\n" + _indent(tail(err)) + "\nRerun the same sweep to resubmit only what is "
                 f"missing or failed.")

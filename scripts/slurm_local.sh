@@ -23,6 +23,8 @@ ClusterName=rstmart
 SlurmctldHost=${host}
 SlurmUser=root
 AuthType=auth/munge
+# A requeued job may start again after this many seconds (default 120: a slow requeue test).
+AuthInfo=cred_expire=10
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

@@ -77,10 +77,11 @@ class RunJob:
     def checkpoint(self, job: Job):
         import submitit
 
-        # The run's stage saves its state every run.checkpoint_every_s into the store's partial dir;
-        # stop it now (SIGINT: the run exits without writing half a file) and requeue a fresh RunJob.
+        # The run's stage saves its state every run.checkpoint_every_s into the store's partial dir,
+        # written atomically, so stopping it anywhere loses at most that interval (SIGTERM, not SIGINT:
+        # a batch script starts its steps with SIGINT ignored). Then a fresh RunJob is requeued.
         if self._child is not None and self._child.poll() is None:
-            self._child.send_signal(signal.SIGINT)
+            self._child.send_signal(signal.SIGTERM)
             try:
                 self._child.wait(timeout=30)
             except subprocess.TimeoutExpired:

@@ -66,7 +66,9 @@ if ! running munged; then
     su -s /bin/sh munge -c "munged --force" 2>/dev/null || munged --force
 fi
 if [ "$changed" -eq 1 ] && running slurmctld; then
-    scontrol reconfigure
+    # A restart, not `scontrol reconfigure`: slurmctld reads some settings (cred_expire) only at start.
+    scontrol shutdown >/dev/null 2>&1 || true
+    while running slurmctld || running slurmd; do sleep 0.2; done
 fi
 running slurmctld || slurmctld
 running slurmd || slurmd

@@ -18,6 +18,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 from pipeline.core.errors import UserError
@@ -80,12 +81,17 @@ class RunJob:
         # The run's stage saves its state every run.checkpoint_every_s into the store's partial dir,
         # written atomically, so stopping it anywhere loses at most that interval (SIGTERM, not SIGINT:
         # a batch script starts its steps with SIGINT ignored). Then a fresh RunJob is requeued.
-        if self._child is not None and self._child.poll() is None:
-            self._child.send_signal(signal.SIGTERM)
-            try:
-                self._child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._child.kill()
+        child = self._child
+        if child is not None and child.returncode is None:
+            child.send_signal(signal.SIGTERM)
+            # This runs inside a signal handler that interrupted __call__'s child.wait(), which holds the
+            # Popen's wait lock: look without reaping (WNOWAIT) instead of a second wait().
+            deadline = time.monotonic() + 30
+            while os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                if time.monotonic() > deadline:
+                    child.kill()
+                    break
+                time.sleep(0.05)
         return submitit.helpers.DelayedSubmission(RunJob(), job)
 
     def __getstate__(self) -> dict:

@@ -93,3 +93,21 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(tmp_path, s
     assert "resumed from checkpoint at epoch 1" in log, log
     assert log.count("mart: missing, running") == 2
     assert model_digest(out / "base") == reference["long"]
+
+
+def test_one_variant_over_two_tasks_trains_as_under_torchrun(tmp_path, slurm, serial):
+    """nodes x tasks_per_node processes for one variant: submitit's rendezvous (MASTER_ADDR/PORT, RANK,
+    WORLD_SIZE, LOCAL_RANK from SLURM's variables) starts the same process group torchrun would."""
+    serial_store, _ = serial
+    store = tmp_path / "store"
+    for stage in ("teacher", "pseudolabel"):
+        shutil.copytree(serial_store / stage, store / stage)
+    out = tmp_path / "sweep"
+    proc = sweep("--workdir", out, "--set", f"run.store={store}", "--set", "mart.beta=2", "--launcher", "slurm",
+                 "--tasks-per-node", "2", "--cpus", "1")
+    (job,) = _jobs(out).values()
+    rank0 = (out / "slurm" / f"{job['job_id']}_0_log.out").read_text()
+    rank1 = (out / "slurm" / f"{job['job_id']}_1_log.out").read_text()
+    assert "global_rank=0(2)" in rank0 and "global_rank=1(2)" in rank1
+    assert "mart: ran in" in rank0 and "mart: ran in" not in rank1  # only rank 0 reports, as under torchrun
+    assert "mart: ran in" in proc.stdout and (out / "base" / "mart" / "model.pt").exists()

@@ -132,9 +132,10 @@ def _dispatch(args) -> int:
 
 def _sweep(args, workdir: Path) -> int:
     from pipeline import sweep
+    from pipeline.launchers import sweep as launched
 
     if args.status:
-        return sweep.sweep_status(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds)
+        return launched.sweep_status(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds)
     if args.launcher == "serial":
         if args.jobs != 1:
             raise UserError(f"--jobs {args.jobs} runs variants at once, which the serial launcher does not; "
@@ -143,8 +144,8 @@ def _sweep(args, workdir: Path) -> int:
         return EXIT_OK
     flags = {key: getattr(args, key) for key in ("partition", "time_min", "nodes", "tasks_per_node",
                                                  "gpus_per_node", "cpus_per_task", "mem_gb", "sbatch")}
-    return sweep.launch_sweep(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds,
-                              launcher=args.launcher, jobs=args.jobs, wait=args.wait, launcher_flags=flags)
+    return launched.launch_sweep(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds,
+                                 launcher=args.launcher, jobs=args.jobs, wait=args.wait, launcher_flags=flags)
 
 
 def _stage_names(args) -> list[str]:

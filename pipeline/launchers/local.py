@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,15 +29,17 @@ class Outcome:
 
 
 def gpu_devices(run_device: str) -> list[str]:
-    """The GPUs jobs may take, one each ([] on CPUs or with run.device = cpu)."""
+    """The GPUs jobs may take, one each ([] on CPUs or with run.device = cpu). Asked of CUDA_VISIBLE_DEVICES
+    or nvidia-smi, not torch: the engine does not import it."""
     if run_device == "cpu":
         return []
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return [d for d in visible.split(",") if d.strip()]
-    import torch
-
-    return [str(i) for i in range(torch.cuda.device_count())]
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return [str(i) for i, line in enumerate(l for l in listing.stdout.splitlines() if l.startswith("GPU "))]
 
 
 def check_jobs(jobs: int, devices: list[str]) -> None:
@@ -48,8 +51,8 @@ def check_jobs(jobs: int, devices: list[str]) -> None:
 
 
 def run_phases(phases: list[list[Job]], *, jobs: int, devices: list[str], log_dir: Path,
-               log: Callable[[str], None] = print, on_done: Callable[[Outcome], None] = lambda o: None,
-               ) -> list[Outcome]:
+               log: Callable[[str], None] = print, on_start: Callable[[Job, Path, int], None] = lambda j, p, pid: None,
+               on_done: Callable[[Outcome], None] = lambda o: None) -> list[Outcome]:
     """Run each phase's jobs, `jobs` at a time; a phase starts only when the previous one succeeded."""
     cores = len(os.sched_getaffinity(0))
     threads = max(1, cores // jobs)
@@ -69,7 +72,9 @@ def run_phases(phases: list[list[Job]], *, jobs: int, devices: list[str], log_di
             with open(path, "w") as out:
                 out.write(f"$ {job}\n")
                 out.flush()
-                code = subprocess.run(job.command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+                child = subprocess.Popen(job.command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+                on_start(job, path, child.pid)
+                code = child.wait()
         finally:
             if device is not None:
                 free.put(device)

@@ -1,5 +1,4 @@
 """Launcher mistakes exit 2 with the fix, before anything is submitted or written."""
-import os
 
 import pytest
 

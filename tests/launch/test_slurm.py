@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import time
 
-import pytest
 
 from pipeline.config import load_config
 from pipeline.runner import Runner

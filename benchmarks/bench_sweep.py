@@ -6,7 +6,12 @@ and runs `python -m pipeline sweep` as a user would, so process start-up, planni
 scheduling count. The cores are split so that the comparison is fair: the serial sweep's one process
 gets every core as torch threads; each of the two local jobs gets half of them (the launcher sets
 OMP_NUM_THREADS = cores // jobs); the SLURM array tasks ask for half the cores each (--cpus), so two run
-at once. All three must train the same models (checked: equal MART weights per variant).
+at once. The table also says whether each way trained the same MART weights as the serial sweep and
+as the local one: on CPUs torch's kernels sum in an order that depends on the thread count, so weights
+match only between runs with equal threads (local and SLURM here; tests/launch compares launched and
+serial sweeps at equal threads and finds them identical); on GPUs they match whatever the split.
+Each way's 1-minute load average at its start is printed: other processes on the machine skew a way's
+wall time, so compare figures taken at similar load.
 
 What a 2-core CPU machine can show: that launched sweeps run and agree with the serial one, and their
 overhead (a process start per job, the shared-stages job running before the variants, SLURM's
@@ -62,6 +67,7 @@ def bench_sweep(*, ways=WAYS, quick: bool = False, tmp_dir: str | None = None, l
             launch = {"serial": [], "local": ["--launcher", "local", "--jobs", "2"],
                       "slurm": ["--launcher", "slurm", "--cpus", str(half)]}[way]
             env = {**os.environ, "RST_MART_STORE": "", "PYTHONPATH": str(ROOT)}
+            load = os.getloadavg()[0]
             if way == "serial":
                 env["OMP_NUM_THREADS"] = str(cores)  # one process, every core
             command = [sys.executable, "-m", "pipeline", "sweep", "--config", str(SMOKE), "--workdir", str(out),
@@ -73,8 +79,8 @@ def bench_sweep(*, ways=WAYS, quick: bool = False, tmp_dir: str | None = None, l
                 raise RuntimeError(f"{way} sweep failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
             models = {d.name: _model_digest(d / "mart" / "model.pt") for d in sorted(out.iterdir())
                       if (d / "mart" / "model.pt").exists()}
-            results[way] = {"seconds": seconds, "models": models}
-            log(f"{way}: {seconds:.1f} s")
+            results[way] = {"seconds": seconds, "models": models, "load": load}
+            log(f"{way}: {seconds:.1f} s (load average {load:.1f} at start)")
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return results
@@ -82,17 +88,21 @@ def bench_sweep(*, ways=WAYS, quick: bool = False, tmp_dir: str | None = None, l
 
 def table(results: dict) -> str:
     serial = results.get("serial", {}).get("seconds")
-    reference = results.get("serial", {}).get("models")
-    lines = [f"{'way':<34} {'wall s':>8} {'vs serial':>10}  same models as serial"]
+
+    def same(result, way):
+        reference = results.get(way, {}).get("models")
+        return "-" if reference is None else ("yes" if result["models"] == reference else "no")
+
+    lines = [f"{'way':<38} {'wall s':>7} {'vs serial':>9} {'load':>5}  same weights as serial / local"]
     labels = {"serial": "serial (1 process, all cores)", "local": "local --jobs 2 (half the cores each)",
-              "slurm": "slurm array (--cpus half each)"}
+              "slurm": "slurm array (--cpus half the cores)"}
     for way, result in results.items():
         if "skipped" in result:
-            lines.append(f"{labels[way]:<34} {'-':>8} {'-':>10}  skipped: {result['skipped']}")
+            lines.append(f"{labels[way]:<38} {'-':>7} {'-':>9} {'-':>5}  skipped: {result['skipped']}")
             continue
         ratio = f"{serial / result['seconds']:.2f}x" if serial else "-"
-        same = "-" if reference is None else ("yes" if result["models"] == reference else "NO")
-        lines.append(f"{labels[way]:<34} {result['seconds']:>8.1f} {ratio:>10}  {same}")
+        lines.append(f"{labels[way]:<38} {result['seconds']:>7.1f} {ratio:>9} {result.get('load', float('nan')):>5.1f}"
+                     f"  {same(result, 'serial')} / {same(result, 'local')}")
     return "\n".join(lines)
 
 

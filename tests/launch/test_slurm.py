@@ -45,7 +45,9 @@ def test_a_2x2_sweep_through_slurm_survives_scancel_and_matches_the_serial_sweep
     shared = [j for j in jobs.values() if j["kind"] == "shared"]
     variants = {n: j for n, j in jobs.items() if j["kind"] == "variant"}
     assert len(shared) == 1 and len(variants) == 4, first.stdout
-    assert {j["job_id"].split("_")[0] for j in variants.values()} != {shared[0]["job_id"]}  # one array, after
+    (array,) = {j["job_id"].split("_")[0] for j in variants.values()}  # one array, after the shared job
+    script = (out / "slurm" / f"{array}_submission.sh").read_text()
+    assert f"#SBATCH --dependency=afterok:{shared[0]['job_id']}" in script and "#SBATCH --array=0-3" in script
     victim, victim_job = next(iter(variants.items()))
     _until(lambda: _state(victim_job["job_id"]) == "RUNNING", f"job {victim_job['job_id']} to start")
     subprocess.run(["scancel", victim_job["job_id"]], check=True)

@@ -37,10 +37,10 @@ def test_a_failed_job_is_named_with_its_log_and_sets_the_exit_status(tmp_path):
     args = ["--workdir", out, "--set", f"teacher.checkpoint={bad}", "--set", "mart.beta=1,6"]
     proc = sweep(*args, "--launcher", "local", "--jobs", "2", check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    paragraph = proc.stdout[proc.stdout.index("FAILED: exit 2"):]
-    assert str(out / "logs") in paragraph and f"Checkpoint {bad} could not" in paragraph
+    paragraph = " ".join(proc.stdout[proc.stdout.index("FAILED: exit 2"):].split())  # the run's lines are wrapped
+    assert str(out / "logs") in paragraph and f"Checkpoint {bad} could not be read" in paragraph
     assert proc.stdout.count("not started, because the shared-stages job it needs failed") == 2
     assert not (out / "mart.beta=1" / "mart").exists()
     status = sweep(*args, "--status", check=False)
     assert status.returncode == 1 and "FAILED: exit 2" in status.stdout, status.stdout
-    assert f"Checkpoint {bad} could not" in status.stdout
+    assert f"Checkpoint {bad} could not be read" in " ".join(status.stdout.split())

@@ -144,4 +144,3 @@ def plot(frame, keys: list[str], path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-

@@ -1,5 +1,7 @@
 """Shared pieces of the launcher tests: tiny sweep settings, the serial reference, a real SLURM or a skip."""
 import hashlib
+import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -56,12 +58,23 @@ def slurm_up() -> bool:
 
 
 @pytest.fixture
-def slurm():
+def slurm(tmp_path):
     """A reachable SLURM with an idle node. Skipped without one, except in CI (CI=true), where a missing
-    scheduler is a failure: .ci/run sets one up (scripts/slurm_local.sh)."""
+    scheduler (or submitit) is a failure: .ci/run sets one up (scripts/slurm_local.sh). Afterwards the
+    jobs this test's sweeps submitted (their launch.json files) are cancelled, so a failed test leaves
+    nothing queued."""
+    in_ci = os.environ.get("CI") == "true"
     if not slurm_up():
-        if os.environ.get("CI") == "true":
+        if in_ci:
             pytest.fail("CI=true but no SLURM node is up (sbatch/sinfo); .ci/run should have run "
                         "scripts/slurm_local.sh")
         pytest.skip("no SLURM here (sbatch absent or no node up); as root: bash scripts/slurm_local.sh")
-    pytest.importorskip("submitit") if os.environ.get("CI") != "true" else __import__("submitit")
+    if importlib.util.find_spec("submitit") is None:
+        if in_ci:
+            pytest.fail("CI=true but submitit is not installed; scripts/setup.sh installs '.[test,slurm]'")
+        pytest.skip("submitit is not installed: pip install 'rst-mart[slurm]'")
+    yield
+    ids = [job["job_id"] for record in tmp_path.rglob("launch.json")
+           for job in json.loads(record.read_text()).get("jobs", {}).values() if "job_id" in job]
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True)

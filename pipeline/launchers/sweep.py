@@ -240,6 +240,8 @@ def sweep_status(config_path, overrides: list[str], names: list[str], sweep_dir:
         states = {name: _local_state(j) for name, j in jobs.items()}
     shared_failed = any(state.split(" ")[0] in FAILED_STATES - {"ENDED"} for name, state in states.items()
                         if name.startswith("shared-"))
+    for name in sorted(n for n, j in jobs.items() if j["kind"] == "shared"):
+        log(f"{name} (stages the variants share): job: {states[name]}")
     failed = []
     for v in variants:
         plans = _plans(v, names)

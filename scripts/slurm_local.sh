@@ -31,6 +31,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+# Pending jobs (a requeued one whose begin time has come) are looked at every 2 s, not every 60 s.
+SchedulerParameters=sched_interval=2
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldPidFile=/run/slurmctld.pid

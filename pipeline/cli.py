@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--verify", action="store_true",
                              help="also check every output's recorded checksum (reads the outputs)")
         if name == "sweep":
-            sub.add_argument("--seeds", default="", help="comma-separated run.seed values, e.g. 0,1,2")
+            _sweep_options(sub)
     gc = commands.add_parser("gc", help="list (--dry-run) or remove store entries that no registered work dir "
                                         "links to (a moved or deleted work dir keeps its entries until --forget)")
     gc.add_argument("--store", help="the store (default: as a run with --config/--workdir would use)")
@@ -62,6 +62,29 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--workdir", help="the work dir (default: runs/<config name>)")
     report.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     return parser
+
+
+def _sweep_options(sub) -> None:
+    sub.add_argument("--seeds", default="", help="comma-separated run.seed values, e.g. 0,1,2")
+    sub.add_argument("--launcher", choices=["serial", "local", "slurm"], default="serial",
+                     help="serial: one variant after another in this process (default); local: --jobs processes "
+                          "on this machine; slurm: a job array through submitit ([launcher] settings)")
+    sub.add_argument("--jobs", type=int, default=1,
+                     help="local: variants at once (one GPU each, or the CPU cores split between them)")
+    sub.add_argument("--no-wait", dest="wait", action="store_false",
+                     help="slurm: return once the jobs are submitted")
+    sub.add_argument("--status", action="store_true",
+                     help="show each variant's state in the store and its job's, without waiting")
+    slurm = sub.add_argument_group("slurm (override the config's [launcher] section)")
+    slurm.add_argument("--partition", help="SLURM partition")
+    slurm.add_argument("--time", dest="time_min", type=int, help="minutes per job before it is checkpointed and requeued")
+    slurm.add_argument("--nodes", type=int, help="nodes per variant (multi-node training)")
+    slurm.add_argument("--tasks-per-node", type=int, help="processes per node, one per GPU")
+    slurm.add_argument("--gpus", dest="gpus_per_node", type=int, help="GPUs per node")
+    slurm.add_argument("--cpus", dest="cpus_per_task", type=int, help="CPU cores per process")
+    slurm.add_argument("--mem", dest="mem_gb", type=int, help="memory per node, GiB")
+    slurm.add_argument("--sbatch", action="append", default=None, metavar="--OPTION[=VALUE]",
+                       help="another sbatch option, e.g. --sbatch=--qos=high; repeatable")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,11 +130,8 @@ def _dispatch(args) -> int:
     if args.command == "export":
         return _export(args)
     if args.command == "sweep":
-        from pipeline.sweep import run_sweep
-
-        workdir = _usable_workdir(Path(args.workdir or f"{default_workdir(args.config)}-sweep"))
-        run_sweep(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds)
-        return EXIT_OK
+        return _sweep(args, _usable_workdir(Path(args.workdir) if args.workdir
+                                            else Path(f"{default_workdir(args.config)}-sweep")))
     workdir = _usable_workdir(Path(args.workdir) if args.workdir else default_workdir(args.config))
     config, note = choose_config(args.config, args.overrides, workdir, use_record=args.command != "run")
     if args.command == "report":
@@ -134,6 +154,24 @@ def _usable_workdir(workdir: Path) -> Path:
                             "--workdir a directory (an existing one, or a new path whose parent is a directory), "
                             "or move the file away.")
     return workdir
+
+
+def _sweep(args, workdir: Path) -> int:
+    from pipeline import sweep
+    from pipeline.launchers import sweep as launched
+
+    if args.status:
+        return launched.sweep_status(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds)
+    if args.launcher == "serial":
+        if args.jobs != 1:
+            raise UserError(f"--jobs {args.jobs} runs variants at once, which the serial launcher does not; "
+                            f"add --launcher local (or drop --jobs).")
+        sweep.run_sweep(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds)
+        return EXIT_OK
+    flags = {key: getattr(args, key) for key in ("partition", "time_min", "nodes", "tasks_per_node",
+                                                 "gpus_per_node", "cpus_per_task", "mem_gb", "sbatch")}
+    return launched.launch_sweep(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds,
+                                 launcher=args.launcher, jobs=args.jobs, wait=args.wait, launcher_flags=flags)
 
 
 def _stage_names(args) -> list[str]:

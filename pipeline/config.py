@@ -80,8 +80,23 @@ class LogConfig:
                                 f"for both), or turn the option off with --set log.{option}=false.")
 
 
+@dataclass
+class LauncherConfig:
+    """How `sweep --launcher slurm` asks SLURM for each job (no stage reads it: not in any fingerprint)."""
+    partition: str = ""  # SLURM partition; "" = the cluster's default
+    time_min: int = 60  # wall-clock limit per job, minutes; a job reaching it checkpoints and is requeued
+    nodes: int = 1  # nodes per variant; > 1 trains one variant across nodes (torch.distributed, as torchrun)
+    tasks_per_node: int = 1  # processes per node, one per GPU
+    gpus_per_node: int = 0  # GPUs per node; 0 = none
+    cpus_per_task: int = 0  # CPU cores per process (also its torch threads); 0 = the cluster's default
+    mem_gb: int = 0  # memory per node, GiB; 0 = the cluster's default
+    sbatch: list[str] = field(default_factory=list)  # other sbatch options, e.g. ["--qos=high", "--account=lab"]
+    max_requeues: int = 3  # time-outs a job may checkpoint and be requeued after before it counts as failed
+
+
 # The engine's sections; each stage declares its own next to its code (pipeline.stage.Stage.config).
-ENGINE_SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "pool": PoolConfig, "log": LogConfig}
+ENGINE_SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "pool": PoolConfig, "log": LogConfig,
+                                   "launcher": LauncherConfig}
 
 
 def section_types() -> dict[str, type]:

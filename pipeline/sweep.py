@@ -5,6 +5,9 @@ an ordinary run in its own work dir under the sweep's directory; all of them use
 stages whose fingerprints agree (the teacher across beta values, say) are built once. An interrupted
 sweep resumes by running the same command: finished variants are cached, a killed one resumes from its
 checkpoint. A list-valued key takes TOML lists as its values: `--set 'mart.milestones=[5,8],[6,9]'`.
+
+Serially (the default) the variants run one after another in this process; `--launcher local|slurm`
+runs each as a job (pipeline.launchers.sweep).
 """
 from __future__ import annotations
 

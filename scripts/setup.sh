@@ -10,4 +10,4 @@ fi
 # The pinned build first: pip takes it from this machine's disk (a looser request can pull GBs of CUDA wheels),
 # and the package's range (torch>=2.14,<3) is then already satisfied.
 python3 -m pip install -q torch==2.14.1 torchvision==0.29.1
-python3 -m pip install -q -e '.[test]'
+python3 -m pip install -q -e '.[test,slurm]'

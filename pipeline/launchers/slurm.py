@@ -1,0 +1,169 @@
+"""`sweep --launcher slurm`: the variants as one SLURM job array through submitit.
+
+The stages variants share are their own array, which the variants' array depends on (afterok; a failed
+dependency cancels the dependants). Every task runs the ordinary `python -m pipeline run` from the
+repository root. On a time-out or preemption SLURM signals the job, submitit calls `RunJob.checkpoint`
+(the run is stopped; its stage keeps its last checkpoint in the store's partial dir) and requeues it;
+the requeued `run` resumes from that checkpoint. A job over several tasks (nodes x tasks_per_node)
+exports MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from SLURM's environment, the variables
+torchrun sets, so training takes the same distributed path as under torchrun.
+
+Job state comes from squeue (kept there MinJobAge after the end) and submitit's result files; sacct is
+not needed, so a cluster without accounting works too.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from pipeline.core.errors import UserError
+from pipeline.launchers import ROOT, Job, job_env
+
+INSTALL = "pip install 'rst-mart[slurm]' (or: pip install submitit==1.5.4)"
+ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
+          "RESIZING", "SUSPENDED", "PREEMPTED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+
+
+def require_slurm():
+    """submitit, imported; a UserError (exit 2) naming the install command when it or sbatch is missing."""
+    try:
+        import submitit
+    except ImportError:
+        raise UserError(f"--launcher slurm needs submitit, which is not installed; install it with {INSTALL}.") from None
+    if shutil.which("sbatch") is None:
+        raise UserError("--launcher slurm needs SLURM's sbatch, which is not on PATH; run the sweep on a SLURM "
+                        "login node, or for a one-node test cluster on this machine run (as root) "
+                        "bash scripts/slurm_local.sh (it installs slurm-wlm and munge).")
+    return submitit
+
+
+def sbatch_options(options: list[str]) -> dict:
+    """["--qos=high", "--exclusive"] -> {"qos": "high", "exclusive": True} (submitit's additional_parameters)."""
+    parsed = {}
+    for option in options:
+        key, sep, value = option.lstrip("-").partition("=")
+        if not option.startswith("--") or not key:
+            raise UserError(f"launcher.sbatch option {option!r} must be a long sbatch option, --name or "
+                            f"--name=value (for example --qos=high).")
+        parsed[key.replace("-", "_")] = value if sep else True
+    return parsed
+
+
+class RunJob:
+    """The callable submitit pickles: runs `job` as a subprocess and is checkpointable (requeued on time-out)."""
+
+    def __init__(self) -> None:
+        self._child: subprocess.Popen | None = None
+
+    def __call__(self, job: Job) -> int:
+        import submitit
+
+        tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+        if tasks > 1:
+            # The rendezvous torchrun would give: rank 0's host and a port derived from the job id.
+            # Every task sees all of its node's GPUs; LOCAL_RANK picks one (pipeline.core.distributed).
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        threads = os.environ.get("SLURM_CPUS_PER_TASK")
+        self._child = subprocess.Popen(job.command, cwd=ROOT, env=job_env(int(threads) if threads else None))
+        code = self._child.wait()
+        if code != 0:
+            raise RuntimeError(f"`{job}` exited with status {code}")
+        return code
+
+    def checkpoint(self, job: Job):
+        import submitit
+
+        # The run's stage saves its state every run.checkpoint_every_s into the store's partial dir,
+        # written atomically, so stopping it anywhere loses at most that interval (SIGTERM, not SIGINT:
+        # a batch script starts its steps with SIGINT ignored). Then a fresh RunJob is requeued.
+        child = self._child
+        if child is not None and child.returncode is None:
+            child.send_signal(signal.SIGTERM)
+            # This runs inside a signal handler that interrupted __call__'s child.wait(), which holds the
+            # Popen's wait lock: look without reaping (WNOWAIT) instead of a second wait().
+            deadline = time.monotonic() + 30
+            while os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                if time.monotonic() > deadline:
+                    child.kill()
+                    break
+                time.sleep(0.05)
+        return submitit.helpers.DelayedSubmission(RunJob(), job)
+
+    def __getstate__(self) -> dict:
+        return {}  # the child process is this attempt's, not something to resubmit
+
+    def __setstate__(self, state: dict) -> None:
+        self._child = None
+
+
+def make_executor(folder: Path, launcher, *, name: str):
+    submitit = require_slurm()
+    if launcher.nodes < 1 or launcher.tasks_per_node < 1 or launcher.time_min < 1:
+        raise UserError(f"launcher.nodes, launcher.tasks_per_node and launcher.time_min must be at least 1 "
+                        f"(got {launcher.nodes}, {launcher.tasks_per_node}, {launcher.time_min}); set them in "
+                        f"[launcher] or with --nodes/--tasks-per-node/--time.")
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=launcher.max_requeues)
+    params = {"job_name": name, "time": launcher.time_min, "nodes": launcher.nodes,
+              "ntasks_per_node": launcher.tasks_per_node, "signal_delay_s": 60,
+              "additional_parameters": sbatch_options(launcher.sbatch),
+              # submitit unpickles RunJob in the job: this worktree's code must be importable there.
+              "setup": [f"export PYTHONPATH={shlex.quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]}
+    if launcher.partition:
+        params["partition"] = launcher.partition
+    if launcher.gpus_per_node:
+        params["gpus_per_node"] = launcher.gpus_per_node
+    if launcher.cpus_per_task:
+        params["cpus_per_task"] = launcher.cpus_per_task
+    if launcher.mem_gb:
+        params["mem"] = f"{launcher.mem_gb}G"
+    executor.update_parameters(**params)
+    return executor
+
+
+def submit(executor, jobs: list[Job], *, after: str | None = None) -> list[str]:
+    """Submit `jobs` as one array (after the array `after` succeeded); their SLURM ids ("123_0", ...)."""
+    if not jobs:
+        return []
+    extra = dict(executor.parameters.get("additional_parameters") or {})
+    if after:
+        extra.update(dependency=f"afterok:{after}", kill_on_invalid_dep="yes")
+    else:
+        extra.pop("dependency", None)
+        extra.pop("kill_on_invalid_dep", None)
+    executor.update_parameters(additional_parameters=extra)
+    submitted = executor.map_array(RunJob(), jobs)
+    return [job.job_id for job in submitted]
+
+
+def array_id(job_id: str) -> str:
+    return job_id.split("_")[0]
+
+
+def states(job_ids: list[str], folder: Path) -> dict[str, str]:
+    """Each job's SLURM state (squeue), else DONE/ERROR from submitit's result file, else GONE."""
+    found: dict[str, str] = {}
+    arrays = sorted({array_id(j) for j in job_ids})
+    if arrays and shutil.which("squeue"):
+        out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", ",".join(arrays)],
+                             capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            job_id, _, state = line.strip().partition("|")
+            found[job_id] = state
+    result = {}
+    for job_id in job_ids:
+        if job_id in found:
+            result[job_id] = found[job_id]
+            continue
+        pickle = folder / f"{job_id}_0_result.pkl"
+        result[job_id] = "ENDED" if pickle.exists() else "GONE"
+    return result
+
+
+def log_paths(folder: Path, job_id: str) -> tuple[Path, Path]:
+    """(stdout, stderr) of the job's first task: submitit's file names."""
+    return folder / f"{job_id}_0_log.out", folder / f"{job_id}_0_log.err"

@@ -42,6 +42,13 @@ _RANGES = {
     "data.num_labeled": (*_INT64_COUNT, "0 = the whole training split"),
     "pool.limit": (*_INT64_COUNT, "0 = the whole pool"),
     "log.every_steps": (lambda v: v >= 1, ">= 1", "optimizer steps between live-curve writes"),
+    "launcher.time_min": (lambda v: v >= 1, ">= 1", "minutes of wall clock per SLURM job"),
+    "launcher.nodes": (lambda v: v >= 1, ">= 1", "nodes per variant"),
+    "launcher.tasks_per_node": (lambda v: v >= 1, ">= 1", "processes per node, one per GPU"),
+    "launcher.gpus_per_node": (*_AT_LEAST_0, "0 = none"),
+    "launcher.cpus_per_task": (*_AT_LEAST_0, "0 = the cluster's default"),
+    "launcher.mem_gb": (*_AT_LEAST_0, "0 = the cluster's default"),
+    "launcher.max_requeues": (*_AT_LEAST_0, "time-outs a job may be requeued after"),
 }
 
 

@@ -20,7 +20,8 @@ from pipeline.config import DEFAULT_CONFIG, Config, load_config
 from pipeline.core.atomic import atomic_write_json
 from pipeline.core.errors import UserError
 from pipeline.launchers import Job
-from pipeline.runner import Runner, load_stages
+from pipeline.runner import Runner
+from pipeline.stage_registry import stages as registered_stages
 from pipeline.store import store_dir
 from pipeline.sweep import _row, expand_grid, variant_name, write_table
 
@@ -145,7 +146,7 @@ def _launch_local(sweep_dir: Path, shared: list[Job], per_variant: list[Job], *,
     from pipeline.launchers import local, stage_lines
 
     record = {"launcher": "local", "jobs": {}}
-    stage_names = list(load_stages())
+    stage_names = list(registered_stages())
 
     def on_start(job, path, pid) -> None:  # so that `sweep --status` sees the job while it runs
         with lock:
@@ -210,7 +211,7 @@ def _launch_slurm(sweep_dir: Path, shared: list[Job], per_variant: list[Job], se
         time.sleep(POLL_S)  # the scheduler has no push notification we could wait on
     from pipeline.launchers import stage_lines
 
-    stage_names = list(load_stages())
+    stage_names = list(registered_stages())
     for name, job_id in watched.items():
         out, _ = slurm.log_paths(folder, job_id)
         if out.exists():

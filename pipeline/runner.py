@@ -44,8 +44,11 @@ class StagePlan:
 
 class Runner:
     def __init__(self, config: Config, workdir: Path, *, log: Callable[[str], None] = print,
-                 stages: dict[str, Stage] | None = None):
+                 stages: dict[str, Stage] | None = None, world_size: int | None = None):
         self.config = config
+        # The processes the stages run on: torchrun's (from the environment) unless a launcher plans for
+        # jobs of another size than the process planning (a SLURM sweep's multi-task variants).
+        self.world_size = world_size
         self.workdir = Path(workdir)
         self.log = log
         self.stages = stages if stages is not None else stage_registry.stages()
@@ -75,7 +78,7 @@ class Runner:
             for source in stage.sources(self.config):
                 inputs[source.name] = self.source_fingerprint(source)
             params = stage.params(self.config)
-            world_size = distributed.dist_info().world_size
+            world_size = self.world_size or distributed.dist_info().world_size
             if stage.distributed_changes_results and world_size != 1:  # absent at 1: old entries stay valid
                 params.update({"run.world_size": world_size, "run.sync_bn": self.config.run.sync_bn})
             fp = fingerprint({"stage": name, "code_version": stage.code_version, "params": params,

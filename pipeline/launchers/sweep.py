@@ -37,6 +37,7 @@ class Variant:
     overrides: list[str]  # its --set items, the grid's values included
     config: Config
     workdir: Path
+    world_size: int = 1  # processes per job: a multi-task SLURM job trains at another fingerprint than one process
 
 
 def _variants(config_path, overrides: list[str], seeds: str, sweep_dir: Path):
@@ -56,7 +57,7 @@ def _variants(config_path, overrides: list[str], seeds: str, sweep_dir: Path):
 
 
 def _plans(variant: Variant, names: list[str]):
-    return Runner(variant.config, variant.workdir, log=lambda message: None).plan(names)
+    return Runner(variant.config, variant.workdir, log=lambda message: None, world_size=variant.world_size).plan(names)
 
 
 def _done(plans, workdir: Path) -> bool:
@@ -100,6 +101,8 @@ def launch_sweep(config_path, overrides: list[str], names: list[str], sweep_dir:
         from pipeline.launchers import slurm
 
         slurm.require_slurm()  # before anything is written: exit 2 with the install command
+        for v in variants:
+            v.world_size = settings.nodes * settings.tasks_per_node
     else:
         from pipeline.launchers import local
 
@@ -177,7 +180,7 @@ def _launch_slurm(sweep_dir: Path, shared: list[Job], per_variant: list[Job], se
 
     folder = (sweep_dir / "slurm").resolve()
     record = _read_record(sweep_dir) if _read_record(sweep_dir).get("launcher") == "slurm" else {}
-    record.update(launcher="slurm", folder=str(folder))
+    record.update(launcher="slurm", folder=str(folder), world_size=settings.nodes * settings.tasks_per_node)
     known = record.setdefault("jobs", {})
     live = slurm.states([j["job_id"] for j in known.values()], folder) if known else {}
     queued = {name for name, j in known.items() if live.get(j["job_id"]) in slurm.ACTIVE}
@@ -230,6 +233,8 @@ def sweep_status(config_path, overrides: list[str], names: list[str], sweep_dir:
     """Each variant's state from the store and from its job (scheduler or exit status); never blocks."""
     _, variants, _ = _variants(config_path, overrides, seeds, sweep_dir)
     record = _read_record(sweep_dir)
+    for v in variants:
+        v.world_size = record.get("world_size", 1)
     jobs = record.get("jobs", {})
     states = {}
     if record.get("launcher") == "slurm" and jobs:

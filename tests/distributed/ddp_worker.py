@@ -105,6 +105,9 @@ def main(out_path: str) -> None:
                 "eval_sharded": sharded, "eval_whole": whole,  # per rank: [{"epoch", "batch", "labeled": [rows]}]
                 "stats": stats,
             }, f)
+    # Both ranks done before either tears down its gloo pairs: rank 1 once aborted ("terminate called
+    # without an active exception") tearing down while rank 0 was still writing the report under load.
+    dist.barrier()
     distributed.destroy_process_group()
 
 

@@ -95,6 +95,6 @@ def run(ctx) -> None:
 
 
 STAGE = Stage(
-    name="mart", version=3, section="mart", run=run, inputs=inputs,
+    name="mart", version=4, section="mart", run=run, inputs=inputs,
     outputs=("model.pt", "last.pt", "metrics.csv", "results.csv"),
     insignificant=("eval_batch_size", "pool_in_memory"), extra_params=("data.num_labeled", "run.seed", "run.precision"))

@@ -149,3 +149,83 @@ def test_validation_picks_the_best_epoch_as_model_pt(tmp_path, monkeypatch):
     for key, value in best["state_dict"].items():  # the EMA weights scored in epoch 2
         assert torch.equal(value, weights[1][key]), key
     assert any(not torch.equal(v, last["state_dict"][k]) for k, v in best["state_dict"].items())
+
+
+def _official_step(model, x, y, *, method, eps, step_size, steps, beta, noise):
+    """One training step of the MART / TRADES algorithm transcribed from the papers' published code
+    (YisenWang/MART mart.py, yaodongyu/TRADES and yaircarmon/semisup-adv trades.py): returns the loss."""
+    import torch.nn.functional as F
+
+    model.eval()
+    if method == "trades":
+        p_natural = F.softmax(model(x), dim=1).detach()
+    x_adv = x.detach() + 0.001 * noise  # not clamped: the first gradient is taken here
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            if method == "mart":
+                objective = F.cross_entropy(model(x_adv), y)
+            else:
+                objective = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_natural, reduction="sum")
+        grad = torch.autograd.grad(objective, [x_adv])[0]
+        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+        x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    model.train()
+    x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    logits, logits_adv = model(x), model(x_adv)
+    batch_size = len(x)
+    if method == "trades":
+        return F.cross_entropy(logits, y) + beta * F.kl_div(
+            F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1), reduction="sum") / batch_size
+    adv_probs = F.softmax(logits_adv, dim=1)
+    top2 = torch.argsort(adv_probs, dim=1)[:, -2:]
+    new_y = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+    loss_adv = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), new_y)
+    nat_probs = F.softmax(logits, dim=1)
+    true_probs = torch.gather(nat_probs, 1, y.unsqueeze(1).long()).squeeze()
+    kl = F.kl_div(torch.log(adv_probs + 1e-12), nat_probs, reduction="none")
+    return loss_adv + beta * (1.0 / batch_size) * torch.sum(torch.sum(kl, dim=1) * (1.0000001 - true_probs))
+
+
+@pytest.mark.parametrize("method", ["mart", "trades"])
+def test_one_step_equals_the_official_algorithm_on_pixels_at_0_and_1(method):
+    """The training attack starts at x + 0.001 N(0, 1) unclamped, as the official code does: on images with
+    exact zeros and ones (Fashion-MNIST's background) the loss and every parameter gradient of one
+    training step equal the transcription's, bit for bit."""
+    import copy
+    import functools
+
+    from ml.attacks import training_attack
+    from ml.losses import LOSSES
+    from ml.models import build_model
+    from ml.resume import seed_from
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(16, 1, 12, 12, generator=g)
+    x[:, :, :4] = 0.0
+    x[:, :, -3:] = 1.0
+    y = torch.randint(0, 10, (16,), generator=g)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_model("tiny-cnn", num_classes=10, in_channels=1)
+    reference = copy.deepcopy(model)
+    kw = dict(eps=0.1, step_size=0.03, steps=3)
+    losses = []
+
+    def loss(*args):
+        losses.append(functools.partial(LOSSES[method], beta=6.0)(*args))
+        return losses[-1]
+
+    optimizer = optim.make_optimizer(model, lr=0.0, momentum=0.0, weight_decay=0.0)
+    t = training.Training(model=model, optimizer=optimizer, scheduler=optim.make_scheduler(
+        optimizer, schedule="constant", epochs=1, steps_per_epoch=1), loader=[(x, y)], loss=loss,
+        attack=training_attack(method, **kw), device=torch.device("cpu"), precision="fp32", seed=7)
+    training.train_one_epoch(t, 0, progress_bar=False)
+
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed_from(7, 0, 0, 0)))
+    expected = _official_step(reference, x, y, method=method, beta=6.0, noise=noise, **kw)
+    expected.backward()
+    assert torch.equal(losses[0], expected)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p.grad, q.grad), name

@@ -148,7 +148,7 @@ class _BatchBuilder:
         order = np.random.default_rng([self.seed, epoch, batch, self.rank, 0]).permutation(len(lab) + len(pool))
         x = np.concatenate(images)[order]
         y = np.concatenate(targets).astype(np.int64, copy=False)[order]
-        return x, y
+        return x, y, order >= len(lab)  # the last: which rows came from the pool
 
 
 def prefetch_depth(requested: int, device) -> int:
@@ -194,7 +194,7 @@ class MixedBatchLoader:
     consumer's thread, with no thread at all.
 
     Yields (x float32 NCHW in [0, 1] on `device`, in channels_last memory format with `channels_last`;
-    y int64). `pool_images` is an in-memory uint8 NHWC
+    y int64; with `with_source`, also a bool tensor, True on the rows drawn from the pool). `pool_images` is an in-memory uint8 NHWC
     array or a PseudoLabelReader (read with .gather). `augment(x, generator)` runs on `device` on the
     whole batch. The sampler runs ahead of the consumer by up to `prefetch` batches, so checkpoint the
     loader's state_dict (batches consumed), not the sampler's.
@@ -203,7 +203,7 @@ class MixedBatchLoader:
     def __init__(self, sampler: MixedBatchSampler, labeled_images: np.ndarray, labeled_targets: np.ndarray,
                  pool_images, pool_targets: np.ndarray | None, *, device="cpu",
                  augment: Callable[[Tensor, torch.Generator], Tensor] | None = None, prefetch: int = 2,
-                 seed: int = 0, channels_last: bool = False):
+                 seed: int = 0, channels_last: bool = False, with_source: bool = False):
         if labeled_images.ndim != 4 or labeled_images.dtype != np.uint8:
             raise ValueError(f"labeled_images must be uint8 NHWC, got {labeled_images.dtype} {labeled_images.shape}")
         if sampler.num_pool and (pool_images is None or pool_targets is None):
@@ -214,6 +214,7 @@ class MixedBatchLoader:
         self.device = torch.device(device)
         self.prefetch = int(prefetch)
         self.augment, self.seed = augment, int(seed)
+        self.with_source = with_source  # also yield a bool tensor marking the pool rows (recipe options use it)
         # The layout the model's convolutions take (run.channels_last), so no forward reorders its input.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._build = _BatchBuilder(labeled_images, np.asarray(labeled_targets), pool_images,
@@ -236,12 +237,14 @@ class MixedBatchLoader:
         self.sampler.load_state_dict(d)
         self._consumed = self.sampler.state_dict()
 
-    def _tensors(self, epoch: int, batch: int, x: np.ndarray, y: np.ndarray) -> tuple[Tensor, Tensor]:
+    def _tensors(self, epoch: int, batch: int, x: np.ndarray, y: np.ndarray, from_pool: np.ndarray) -> tuple:
         # Move uint8 first (4x less traffic than float), then convert to NCHW float32 on the device.
         x = torch.from_numpy(x).to(self.device)
         x = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=self.memory_format).div_(255)
         if self.augment is not None:
             x = self.augment(x, self._generator.manual_seed(_seed_for(self.seed, epoch, batch, self.sampler.rank, 1)))
+        if self.with_source:
+            return x, torch.from_numpy(y).to(self.device), torch.from_numpy(from_pool).to(self.device)
         return x, torch.from_numpy(y).to(self.device)
 
     def __iter__(self):

@@ -15,19 +15,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ml.losses import ATTACK_LOSS
+from ml.losses import ATTACK_LOSS, Targets
 
 ATTACK_LOSSES = ("ce", "kl", "cw")
 RANDOM_STARTS = ("uniform", "normal", None)
 EVAL_STEPS = 20  # PGD-20, the papers' headline white-box attack
 
 
-def _attack_objective(logits: torch.Tensor, y: torch.Tensor, loss: str,
+def _attack_objective(logits: torch.Tensor, y: torch.Tensor | Targets, loss: str,
                       natural_probs: torch.Tensor | None) -> torch.Tensor:
     """The scalar each step ascends; summed over the batch so its per-example gradient does not
     shrink with batch size (sign() ignores the scale, but the masking checks read magnitudes)."""
     # fp32 even under autocast: a bf16 softmax loses the small differences the sign() follows.
     logits = logits.float()
+    if isinstance(y, Targets):
+        # Recipe targets: label smoothing and loss weights shape the training loss, not the attack; a
+        # CutMix example's cross-entropy is that of its two labels' area mixture.
+        y = y.labels if y.mixed_labels is None or loss != "ce" else y.label_weights(logits.shape[1], logits.dtype)
     if loss == "ce":
         return F.cross_entropy(logits, y, reduction="sum")
     if loss == "kl":

@@ -99,6 +99,11 @@ class MartConfig:
     val_size: int = 0  # labeled images (fewer than there are) held out to pick the best epoch by PGD accuracy; 0 = keep the last
     eval_n: int = 0  # test images for the stage's final clean / PGD-20 evaluation; 0 = the whole test set
     eval_batch_size: int = 256  # images per evaluation batch
+    # Recipe options of the frontier (README "Training recipe options"); the defaults are the papers' losses.
+    label_smoothing: float = 0.0  # label smoothing of the labeled examples' cross-entropy targets, in [0, 1) (DM-AT: 0.1)
+    pool_label_smoothing: float = 0.0  # the same for the pool's pseudo-labeled examples, in [0, 1)
+    pool_cutmix: float = 0.0  # probability, per pool example, of a CutMix box from another pool example (Rebuffi et al.)
+    pool_loss_weight: float = 1.0  # weight of each pool example's loss against a labeled one's 1 (RST's w); >= 0
 
 
 @dataclass

@@ -25,7 +25,7 @@ _CHOICES = {
 
 # The names the eval stage accepts (ml.robustness imports torch, so they are repeated here; a test keeps them equal).
 EVAL_MODELS = ("mart", "mart-last", "teacher")
-EVAL_ATTACK = re.compile(r"clean|fgsm|autoattack|apgd-ce|apgd-dlr|apgd-t|fab|fab-t|square|(pgd|cw)[1-9][0-9]*")
+EVAL_ATTACK = re.compile(r"clean|fgsm|autoattack|autoattack-fast|apgd-ce|apgd-dlr|apgd-t|fab|fab-t|square|(pgd|cw)[1-9][0-9]*")
 
 _AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
 _AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
@@ -52,6 +52,10 @@ _RANGES = {
     "mart.val_size": (*_AT_LEAST_0, "0 = no validation split"),
     "mart.eval_n": (*_AT_LEAST_0, "0 = the whole test set"),
     "mart.eval_batch_size": (*_AT_LEAST_1, ""),
+    "mart.label_smoothing": (*_BELOW_1, "0 = one-hot targets; DM-AT uses 0.1"),
+    "mart.pool_label_smoothing": (*_BELOW_1, "0 = one-hot targets for the pool's pseudo-labels"),
+    "mart.pool_cutmix": (*_FRACTION, "the probability that a pool example gets a CutMix box; 0 = no CutMix"),
+    "mart.pool_loss_weight": (*_AT_LEAST_0, "1 = pool examples count as much as labeled ones"),
     "eval.n": (*_AT_LEAST_0, "0 = the whole test set"),
     "eval.eps": (*_AT_LEAST_0, "0 = the training radius mart.epsilon"),
     "eval.batch_size": (*_AT_LEAST_1, ""),
@@ -178,7 +182,8 @@ def _check_eval(config: Config, refuse) -> None:
     unknown = [a for a in config.eval.attacks if not EVAL_ATTACK.fullmatch(a)]
     if unknown:
         raise refuse("eval.attacks", f"{unknown[0]!r} is not an attack; the forms are clean, fgsm, pgdN and "
-                                     "cwN (N steps, e.g. pgd20, cw30), autoattack, or one AutoAttack part "
+                                     "cwN (N steps, e.g. pgd20, cw30), autoattack, autoattack-fast (its "
+                                     "apgd-ce and apgd-t only), or one AutoAttack part "
                                      "(apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square)",
                      "Fix the name, e.g. --set eval.attacks=clean,pgd20,autoattack.")
     bad = [m for m in config.eval.sweep if not (math.isfinite(m) and m > 0)]

@@ -102,5 +102,5 @@ def load(name: str, path: Path, config, labeled, *, device, channels_last: bool)
 
 
 STAGE = Stage(
-    name="eval", version=3, section="eval", run=run, inputs=inputs, outputs=OUTPUTS,
+    name="eval", version=4, section="eval", run=run, inputs=inputs, outputs=OUTPUTS,
     insignificant=("batch_size",), extra_params=("mart.epsilon",))

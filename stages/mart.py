@@ -25,6 +25,16 @@ def mart_loss(logits_natural, logits_adv, targets, beta=6.0):
     return loss(logits_natural, logits_adv, targets, beta=beta)
 
 
+def recipe_options(cfg) -> dict:
+    """The training.Recipe fields of the frontier's options ([mart] label_smoothing, pool_label_smoothing,
+    pool_loss_weight, pool_cutmix); their defaults leave the papers' losses."""
+    from ml.losses import TargetRecipe
+
+    return {"targets": TargetRecipe(label_smoothing=cfg.label_smoothing, pool_label_smoothing=cfg.pool_label_smoothing,
+                                    pool_loss_weight=cfg.pool_loss_weight),
+            "pool_cutmix": cfg.pool_cutmix}
+
+
 def _pool_images(reader, pool_in_memory: str):
     """The pool's images in RAM when they fit under `pool_in_memory` GiB ("auto": a quarter of the
     available memory), else the reader, which gathers whole chunks per batch."""
@@ -78,7 +88,7 @@ def run(ctx) -> None:
         attack=training_attack(cfg.loss, eps=cfg.epsilon, step_size=cfg.step_size, steps=cfg.steps),
         augment=cfg.augment, unsup_fraction=cfg.unsup_fraction, ema_decay=cfg.ema_decay,
         select_attack=eval_attack(cfg.epsilon), eval_batch_size=cfg.eval_batch_size,
-        checkpoint_info={"epsilon": cfg.epsilon, "loss": cfg.loss})
+        checkpoint_info={"epsilon": cfg.epsilon, "loss": cfg.loss}, **recipe_options(cfg))
     training.train(recipe, data, run_cfg=run_cfg, dist=ctx.dist, out_dir=ctx.out_dir, log=ctx.log)
 
     checkpoints = {"mart": "model.pt", "mart-last": "last.pt"}

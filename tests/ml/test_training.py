@@ -229,3 +229,59 @@ def test_one_step_equals_the_official_algorithm_on_pixels_at_0_and_1(method):
     assert torch.equal(losses[0], expected)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert torch.equal(p.grad, q.grad), name
+
+
+def _options_run(recipe_targets, pool_cutmix, labeled=12, pool=12):
+    """One epoch of 3 batches of 8 (half from the pool) through train_one_epoch with a spy attack and
+    loss; returns what each received."""
+    from data.mixed import MixedBatchLoader, MixedBatchSampler
+    from ml.losses import Targets
+
+    rng = np.random.default_rng(0)
+    images = np.full((labeled, 4, 4, 1), 0, np.uint8)  # labeled images all black, pool images all white
+    pool_images = np.full((pool, 4, 4, 1), 255, np.uint8)
+    sampler = MixedBatchSampler(labeled, pool, batch_size=8, unsup_fraction=0.5, epoch_size=24, seed=0)
+    loader = MixedBatchLoader(sampler, images, rng.integers(0, 3, labeled), pool_images, rng.integers(0, 3, pool),
+                              prefetch=0, with_source=True)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    seen = []
+
+    def attack(m, x, targets, generator):
+        seen.append((x.clone(), targets))
+        return x
+
+    def loss(logits_natural, logits_adv, targets):
+        labels = targets.labels if isinstance(targets, Targets) else targets
+        return torch.nn.functional.cross_entropy(logits_adv, labels)
+
+    optimizer = optim.make_optimizer(model, lr=0.1, momentum=0.0, weight_decay=0.0)
+    t = training.Training(model=model, optimizer=optimizer, scheduler=optim.make_scheduler(
+        optimizer, schedule="constant", epochs=1, steps_per_epoch=3), loader=loader, loss=loss, attack=attack,
+        device=torch.device("cpu"), precision="fp32", seed=0, targets=recipe_targets, pool_cutmix=pool_cutmix)
+    sampler.set_epoch(0)
+    training.train_one_epoch(t, 0, progress_bar=False)
+    return seen
+
+
+def test_without_options_the_attack_and_loss_get_plain_labels():
+    from ml.losses import TargetRecipe
+
+    for x, targets in _options_run(TargetRecipe(), 0.0):
+        assert isinstance(targets, torch.Tensor) and targets.dtype == torch.int64
+
+
+def test_options_apply_per_source_and_cutmix_stays_in_the_pool():
+    from ml.losses import TargetRecipe
+
+    seen = _options_run(TargetRecipe(label_smoothing=0.1, pool_label_smoothing=0.3, pool_loss_weight=0.5), 1.0)
+    for x, targets in seen:
+        white = (x == 1.0).flatten(1).all(1)  # a pool image, untouched or with a box from another pool image
+        smoothing, weights = targets.smoothing.tolist(), targets.weights.tolist()
+        from_pool = [s == pytest.approx(0.3) for s in smoothing]
+        assert sum(from_pool) == 4  # half the batch of 8
+        assert all(s == pytest.approx(0.1) for s, p in zip(smoothing, from_pool) if not p)
+        assert weights == [0.5 if p else 1.0 for p in from_pool]
+        assert white.tolist() == from_pool  # CutMix pasted pool into pool only: labeled stay black
+        assert (x[~white] == 0).all()
+        share = targets.mixed_share
+        assert (share[~white] == 0).all() and (share[white] > 0).any()

@@ -27,9 +27,9 @@ from ml.attacks import cw_linf, eval_attack, fgsm, input_gradient_norms
 from ml.evaluation import evaluate, to_tensor_images
 
 AUTOATTACK_PARTS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
-# The cheaper suite: the standard one's first two parts with its settings (Croce & Hein 2020 report
-# APGD-CE + APGD-T within a few tenths of a percent of the full suite on most defenses); it can only
-# overstate robustness against `autoattack`, never understate it.
+# The cheaper suite for quick checks: the standard one's first two parts (the gradient-based ones) with
+# its settings. Its robust set is the standard suite's before FAB-T and Square, so it can only overstate
+# robustness against `autoattack`, never understate it.
 AUTOATTACK_FAST = "autoattack-fast"
 FAST_PARTS = ("apgd-ce", "apgd-t")
 AUTOATTACKS = ("autoattack", AUTOATTACK_FAST, *AUTOATTACK_PARTS)

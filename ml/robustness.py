@@ -5,6 +5,8 @@ Every number is measured on the first `eval.n` test images in dataset order, in 
 with random starts drawn per image from generators seeded by (run.seed, image index): a rerun reproduces
 it, batch size and sharding do not change it, and
 the same (attack, eps, images) asked twice (a headline attack that is also a sweep point) is run once.
+AutoAttack is the exception to per-image seeds: pyautoattack seeds each part's batch with run.seed, and
+it runs over the whole set part by part (run_autoattack) so that each part shows its progress.
 """
 from __future__ import annotations
 

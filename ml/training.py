@@ -240,7 +240,7 @@ def train_one_epoch(t: Training, epoch: int, *, start_batch: int = 0, totals: di
     `t.attack(model, x, targets, generator) -> x_adv` (targets: the labels, or ml.losses.Targets when the
     recipe has options) runs with the model in eval mode (BatchNorm uses running
     statistics and the attack does not update them, as in the official MART code); `t.loss(logits_natural,
-    logits_adv, y)` runs in train mode with separate natural and adversarial forwards. With attack=None
+    logits_adv, targets)` runs in train mode with separate natural and adversarial forwards. With attack=None
     the loss gets logits_adv=None (natural training). Under torchrun (`t.world_size` > 1) `t.model` is the
     DDP wrapper, the batches this rank's slice of each global batch, and the returned metrics are global.
     """
@@ -269,10 +269,6 @@ def train_one_epoch(t: Training, epoch: int, *, start_batch: int = 0, totals: di
         if t.world_size > 1:
             distributed.broadcast_buffers(raw_model)
 
-        # The attack: eval mode, on the unwrapped module so DDP hooks fire once per optimizer step. The
-        # rank is part of the seed (as in data.mixed's augmentation): ranks hold different images and must
-        # not draw the same start noise. Rank 0's stream is the single-process one (SeedSequence pads its
-        # 4-word pool with zeros, so (s, e, b, 0) seeds as (s, e, b)).
         # The recipe options ([mart] pool_cutmix, label smoothing, pool_loss_weight): CutMix boxes among the
         # pool rows, then Targets for the attack and the loss; without options the labels stay a tensor and
         # the losses run the papers' code. CutMix draws from its own stream, so the attack's stays the same.
@@ -286,6 +282,10 @@ def train_one_epoch(t: Training, epoch: int, *, start_batch: int = 0, totals: di
                 mixed = {"mixed_labels": y[partner], "mixed_share": share}
             targets = t.targets(y, from_pool, **mixed)
 
+        # The attack: eval mode, on the unwrapped module so DDP hooks fire once per optimizer step. The
+        # rank is part of the seed (as in data.mixed's augmentation): ranks hold different images and must
+        # not draw the same start noise. Rank 0's stream is the single-process one (SeedSequence pads its
+        # 4-word pool with zeros, so (s, e, b, 0) seeds as (s, e, b)).
         x_adv = None
         if t.attack is not None:
             raw_model.eval()

@@ -54,3 +54,36 @@ def random_crop_flip(x: Tensor, *, padding: int, flip: bool, generator: torch.Ge
     wp = w + 2 * padding
     out = padded.gather(2, rows[:, None, :, None].expand(n, c, h, wp))       # (N, C, H, W+2p)
     return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))         # (N, C, H, W)
+
+
+def cutmix(x: Tensor, rows: Tensor, probability: float, generator: torch.Generator | None = None
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    """CutMix (Yun et al. 2019) among the marked rows of a batch: each row with rows[i] True, with
+    `probability`, gets a box pasted from another marked row (a random permutation of them), the box's
+    area ratio drawn from U(0, 1) (Beta(1, 1), CutMix's alpha = 1) and its centre uniformly over the
+    image, clipped at the border as in the reference code. Unmarked rows are left alone.
+
+    Returns (mixed x, partner (B,) int64: the row each box came from, itself where none was pasted,
+    share (B,) float: the box's share of the image's area after clipping, 0 where none was pasted). The
+    label of a mixed row is (1 - share) of its own plus share of its partner's.
+    """
+    n, _, h, w = x.shape
+    device = x.device
+    candidates = rows.nonzero().flatten()
+    order = _draw(generator, device, torch.randperm, len(candidates))
+    partner = torch.arange(n, device=device)
+    partner[candidates] = candidates[order]
+    mixed = rows & (_draw(generator, device, torch.rand, (n,)) < probability)
+    # The box: side ratio sqrt(area ratio) (reference: cut_rat = sqrt(1 - lam), lam ~ Beta(1, 1)).
+    side = _draw(generator, device, torch.rand, (n,)).sqrt()
+    cy = _draw(generator, device, torch.randint, 0, h, (n,))
+    cx = _draw(generator, device, torch.randint, 0, w, (n,))
+    half_h, half_w = (side * h).long() // 2, (side * w).long() // 2
+    top, bottom = (cy - half_h).clamp(0, h), (cy + half_h).clamp(0, h)
+    left, right = (cx - half_w).clamp(0, w), (cx + half_w).clamp(0, w)
+    in_rows = (torch.arange(h, device=device) >= top[:, None]) & (torch.arange(h, device=device) < bottom[:, None])
+    in_cols = (torch.arange(w, device=device) >= left[:, None]) & (torch.arange(w, device=device) < right[:, None])
+    box = (in_rows[:, :, None] & in_cols[:, None, :] & mixed[:, None, None])[:, None]  # (N, 1, H, W)
+    out = torch.where(box, x[partner], x)
+    share = box.flatten(1).float().mean(dim=1)
+    return out, partner, share

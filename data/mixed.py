@@ -138,18 +138,18 @@ class _BatchBuilder:
         self.seed, self.rank, self.pin_device = seed, rank, pin_device
 
     def __call__(self, epoch: int, batch: int, lab: np.ndarray, pool: np.ndarray):
-        x, y = self._rows(epoch, batch, lab, pool)
+        x, y, from_pool = self._rows(epoch, batch, lab, pool)
         if self.pin_device is None:
-            return x, y
+            return x, y, from_pool
         # For a CUDA device only, where no OpenMP team computes the step on the host: page-locked copies
         # let the consumer's host-to-device copy run asynchronously (from pageable memory
         # .to(non_blocking=True) stages through a bounce buffer and waits). The worker thread selects the
         # rank's GPU first, as DataLoader's pin-memory thread does: otherwise pinning would open a CUDA
         # context on cuda:0 in every rank.
         with torch.cuda.device(self.pin_device):
-            return torch.from_numpy(x).pin_memory(), torch.from_numpy(y).pin_memory()
+            return torch.from_numpy(x).pin_memory(), torch.from_numpy(y).pin_memory(), from_pool
 
-    def _rows(self, epoch: int, batch: int, lab: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _rows(self, epoch: int, batch: int, lab: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, ...]:
         images = [self.labeled_images[lab]]
         targets = [self.labeled_targets[lab]]
         if len(pool):
@@ -162,7 +162,7 @@ class _BatchBuilder:
         order = np.random.default_rng([self.seed, epoch, batch, self.rank, 0]).permutation(len(lab) + len(pool))
         x = np.concatenate(images)[order]
         y = np.concatenate(targets).astype(np.int64, copy=False)[order]
-        return x, y
+        return x, y, order >= len(lab)  # the last: which rows came from the pool
 
 
 def prefetch_depth(requested: int, device) -> int:
@@ -213,8 +213,8 @@ class MixedBatchLoader:
     CPU the arrays are used as they are (no pinning, no copy).
 
     Yields (x float32 NCHW in [0, 1] on `device`, in channels_last memory format with `channels_last`;
-    y int64). `pool_images` is an in-memory uint8 NHWC
-    array or a PseudoLabelReader (read with .gather). `augment(x, generator)` runs on `device` on the
+    y int64; with `with_source`, also a bool tensor, True on the rows drawn from the pool). `pool_images`
+    is an in-memory uint8 NHWC array or a PseudoLabelReader (read with .gather). `augment(x, generator)` runs on `device` on the
     whole batch. The sampler runs ahead of the consumer by up to `prefetch` batches, so checkpoint the
     loader's state_dict (batches consumed), not the sampler's.
     """
@@ -222,7 +222,7 @@ class MixedBatchLoader:
     def __init__(self, sampler: MixedBatchSampler, labeled_images: np.ndarray, labeled_targets: np.ndarray,
                  pool_images, pool_targets: np.ndarray | None, *, device="cpu",
                  augment: Callable[[Tensor, torch.Generator], Tensor] | None = None, prefetch: int = 2,
-                 seed: int = 0, channels_last: bool = False):
+                 seed: int = 0, channels_last: bool = False, with_source: bool = False):
         if labeled_images.ndim != 4 or labeled_images.dtype != np.uint8:
             raise ValueError(f"labeled_images must be uint8 NHWC, got {labeled_images.dtype} {labeled_images.shape}")
         if sampler.num_pool and (pool_images is None or pool_targets is None):
@@ -233,6 +233,7 @@ class MixedBatchLoader:
         self.device = torch.device(device)
         self.prefetch = int(prefetch)
         self.augment, self.seed = augment, int(seed)
+        self.with_source = with_source  # also yield a bool tensor marking the pool rows (recipe options use it)
         # The layout the model's convolutions take (run.channels_last), so no forward reorders its input.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         cuda = self.device.type == "cuda"
@@ -258,20 +259,22 @@ class MixedBatchLoader:
         self.sampler.load_state_dict(d)
         self._consumed = self.sampler.state_dict()
 
-    def _tensors(self, epoch: int, batch: int, x, y) -> tuple[Tensor, Tensor]:
+    def _tensors(self, epoch: int, batch: int, x, y, from_pool: np.ndarray) -> tuple:
         # Move uint8 first (4x less traffic than float), then convert to NCHW float32 on the device.
         x, y = torch.as_tensor(x).to(self.device), torch.as_tensor(y).to(self.device)
         x = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=self.memory_format).div_(255)
         if self.augment is not None:
             x = self.augment(x, self._generator.manual_seed(_seed_for(self.seed, epoch, batch, self.sampler.rank, 1)))
+        if self.with_source:
+            return x, y, torch.from_numpy(from_pool).to(self.device)
         return x, y
 
-    def _start_copy(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _start_copy(self, x: Tensor, y: Tensor, from_pool: np.ndarray) -> tuple:
         """Queue the pinned batch's copy to the GPU on the copy stream; returns at once."""
         with torch.cuda.stream(self._copy_stream):
-            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), from_pool
 
-    def _finish_copy(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _finish_copy(self, x: Tensor, y: Tensor, from_pool: np.ndarray) -> tuple:
         """Make the batch the copy stream filled safe to use on the current (compute) stream."""
         compute = torch.cuda.current_stream(self.device)
         compute.wait_stream(self._copy_stream)  # kernels queued from here on start after the copy
@@ -279,23 +282,23 @@ class MixedBatchLoader:
         # out again as soon as the tensor is freed, while compute kernels still read it.
         x.record_stream(compute)
         y.record_stream(compute)
-        return x, y
+        return x, y, from_pool
 
     def _deliver(self, rows, epoch: int):
-        """(batch number, (x, y) host rows) -> training tensors on the device, recording the position."""
+        """(batch number, (x, y, from_pool) host rows) -> training tensors on the device, recording the position."""
         try:
             if self._copy_stream is None:
-                for b, (x, y) in rows:
-                    tensors = self._tensors(epoch, b, x, y)
+                for b, batch in rows:
+                    tensors = self._tensors(epoch, b, *batch)
                     self._consumed = {"epoch": epoch, "batch": b + 1}
                     yield tensors
                 return
             in_flight = None  # (batch number, its device tensors, whose copy is queued on the copy stream)
-            for b, (x, y) in rows:
+            for b, batch in rows:
                 # Hand out the batch in flight before queuing the next copy, so that its wait_stream
                 # covers its own copy only; the next copy then runs during its step.
                 ready = None if in_flight is None else self._hand_out(epoch, *in_flight)
-                in_flight = (b, self._start_copy(x, y))
+                in_flight = (b, self._start_copy(*batch))
                 if ready is not None:
                     yield ready
             if in_flight is not None:
@@ -303,7 +306,7 @@ class MixedBatchLoader:
         finally:
             rows.close()  # stops the worker thread at once when the consumer breaks out
 
-    def _hand_out(self, epoch: int, b: int, copied: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def _hand_out(self, epoch: int, b: int, copied: tuple) -> tuple:
         tensors = self._tensors(epoch, b, *self._finish_copy(*copied))
         self._consumed = {"epoch": epoch, "batch": b + 1}
         return tensors

@@ -15,19 +15,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ml.losses import ATTACK_LOSS
+from ml.losses import ATTACK_LOSS, Targets
 
 ATTACK_LOSSES = ("ce", "kl", "cw")
 RANDOM_STARTS = ("uniform", "normal", None)
 EVAL_STEPS = 20  # PGD-20, the papers' headline white-box attack
 
 
-def _attack_objective(logits: torch.Tensor, y: torch.Tensor, loss: str,
+def _attack_objective(logits: torch.Tensor, y: torch.Tensor | Targets, loss: str,
                       natural_probs: torch.Tensor | None) -> torch.Tensor:
     """The scalar each step ascends; summed over the batch so its per-example gradient does not
     shrink with batch size (sign() ignores the scale, but the masking checks read magnitudes)."""
     # fp32 even under autocast: a bf16 softmax loses the small differences the sign() follows.
     logits = logits.float()
+    if isinstance(y, Targets):
+        # Recipe targets: label smoothing and loss weights shape the training loss, not the attack; a
+        # CutMix example's cross-entropy is that of its two labels' area mixture.
+        y = y.labels if y.mixed_labels is None or loss != "ce" else y.label_weights(logits.shape[1], logits.dtype)
     if loss == "ce":
         return F.cross_entropy(logits, y, reduction="sum")
     if loss == "kl":
@@ -74,8 +78,9 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, 
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Projected sign-gradient ascent on `loss` ("ce", "kl" or "cw") inside the eps L-inf ball.
 
-    random_start: "uniform" adds U(-eps, eps) (Madry et al., evaluation); "normal" adds
-    init_std * N(0, 1) (the MART/TRADES training attack); None starts at x. `generator` (on x's
+    random_start: "uniform" adds U(-eps, eps), projected (Madry et al., evaluation); "normal" adds
+    init_std * N(0, 1), not projected before the first step (the MART/TRADES training attack, as their
+    official code); None starts at x. `generator` (on x's
     device; or ExampleSeeds, one stream per example) makes the start reproducible. For "kl", `logits_natural` are the clean logits the
     divergence is measured from; they are computed here without gradient when not given.
     """
@@ -93,12 +98,14 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, 
         natural_probs = F.softmax(logits_natural.detach().float(), dim=1)
 
     if random_start == "uniform":
-        x_adv = x + (2.0 * _noise(torch.rand, x, generator) - 1.0) * eps
+        # Madry et al. clip the uniform start into the image range before the first gradient.
+        x_adv = _project(x + (2.0 * _noise(torch.rand, x, generator) - 1.0) * eps, x, eps)
     elif random_start == "normal":
+        # MART's and TRADES' official code take the first gradient at x + 0.001 N(0, 1) as drawn, outside
+        # [0, 1] where x is 0 or 1 (a third of Fashion-MNIST's pixels), and clamp only after each step.
         x_adv = x + init_std * _noise(torch.randn, x, generator)
     else:
         x_adv = x.clone()
-    x_adv = _project(x_adv, x, eps)
 
     for _ in range(steps):
         x_adv.requires_grad_(True)
@@ -107,7 +114,9 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, 
             objective = _attack_objective(model(x_adv), y, loss, natural_probs)
             (grad,) = torch.autograd.grad(objective, x_adv)
         x_adv = _project(x_adv.detach() + step_size * grad.sign(), x, eps)
-    return x_adv.detach()
+    # Every step ends projected; a normal start with no step is projected here, as the official code's
+    # final clamp does.
+    return _project(x_adv, x, eps).detach() if steps == 0 else x_adv.detach()
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float) -> torch.Tensor:

@@ -5,27 +5,39 @@ Every number is measured on the first `eval.n` test images in dataset order, in 
 with random starts drawn per image from generators seeded by (run.seed, image index): a rerun reproduces
 it, batch size and sharding do not change it, and
 the same (attack, eps, images) asked twice (a headline attack that is also a sweep point) is run once.
+AutoAttack is the exception to per-image seeds: pyautoattack seeds each part's batch with run.seed, and
+it runs over the whole set part by part (run_autoattack) so that each part shows its progress.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
+from pipeline.core import distributed
 from pipeline.core.atomic import atomic_path
 from pipeline.core.errors import UserError
 from ml.attacks import cw_linf, eval_attack, fgsm, input_gradient_norms
 from ml.evaluation import evaluate, to_tensor_images
 
 AUTOATTACK_PARTS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+# The cheaper suite for quick checks: the standard one's first two parts (the gradient-based ones) with
+# its settings. Its robust set is the standard suite's before FAB-T and Square, so it can only overstate
+# robustness against `autoattack`, never understate it.
+AUTOATTACK_FAST = "autoattack-fast"
+FAST_PARTS = ("apgd-ce", "apgd-t")
+AUTOATTACKS = ("autoattack", AUTOATTACK_FAST, *AUTOATTACK_PARTS)
 ATTACK_FORMS = ("clean, fgsm, pgdN (PGD-CE with N steps, e.g. pgd20), cwN (PGD on the CW margin, e.g. cw30), "
-                f"autoattack (the standard suite), or one AutoAttack part ({', '.join(AUTOATTACK_PARTS)})")
+                f"autoattack (the standard suite), {AUTOATTACK_FAST} (its apgd-ce and apgd-t only), or one "
+                f"AutoAttack part ({', '.join(AUTOATTACK_PARTS)})")
 SWEEP_ATTACK = "pgd20-sweep"
 CHECK_COLUMNS = ["model", "check", "passed", "detail"]
 CHECK_IMAGES = 256  # the checks' extra attack runs use at most this many images
@@ -50,37 +62,134 @@ def build_attack(name: str, eps: float, *, seed: int = 0, log: Callable[[str], N
         n = int(steps[2])
         return lambda model, x, y, generator: cw_linf(model, x, y, eps=eps, step_size=2.5 * eps / n, steps=n,
                                                       generator=generator)
-    if name == "autoattack" or name in AUTOATTACK_PARTS:
+    if name in AUTOATTACKS:
         forwarded: set[str] = set()  # AutoAttack warnings already logged, shared by this attack's batches
-        return lambda model, x, y, generator: _autoattack(model, x, y, name=name, eps=eps, seed=seed, log=log,
-                                                          forwarded=forwarded)
+        return lambda model, x, y, generator: run_autoattack(model, x, y, name=name, eps=eps, seed=seed,
+                                                             batch_size=len(x), log=log, forwarded=forwarded,
+                                                             progress=False)[0]
     raise UserError(f"unknown attack {name!r} in eval.attacks; the forms are {ATTACK_FORMS}.")
 
 
-def _autoattack(model, x, y, *, name: str, eps: float, seed: int, log, forwarded: set) -> torch.Tensor:
-    """The reference implementation (pyautoattack), one batch at a time; its own seed makes it repeatable."""
+def _adversary(model, name: str, eps: float, seed: int, num_classes: int, device):
+    """pyautoattack's AutoAttack set up for `name`: the standard version's settings for the suites, the
+    custom version's for a single part (as the package runs a part on its own)."""
     from pyautoattack import AutoAttack
 
-    with torch.no_grad():
-        num_classes = model(x[:1]).shape[1]
-    if name == "autoattack":
-        adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=x.device, seed=seed)
-        # The DLR losses read the 3rd and 4th largest logits: with fewer classes the standard suite keeps
-        # its other parts (CIFAR-10 and Fashion-MNIST, 10 classes, get it unchanged).
-        adversary.attacks_to_run = [a for a in adversary.attacks_to_run if num_classes >= DLR_MIN_CLASSES.get(a, 2)]
-    elif num_classes < DLR_MIN_CLASSES.get(name, 2):
-        raise UserError(f"eval attack {name} needs at least {DLR_MIN_CLASSES[name]} classes (its DLR loss reads "
-                        f"the runner-up logits); the model has {num_classes}. Use autoattack or apgd-ce instead.")
-    else:
-        adversary = AutoAttack(model, norm="Linf", eps=eps, version="custom", attacks=[name], device=x.device,
+    if name in AUTOATTACK_PARTS:
+        if num_classes < DLR_MIN_CLASSES.get(name, 2):
+            raise UserError(f"eval attack {name} needs at least {DLR_MIN_CLASSES[name]} classes (its DLR loss "
+                            f"reads the runner-up logits); the model has {num_classes}. Use autoattack or apgd-ce "
+                            "instead.")
+        adversary = AutoAttack(model, norm="Linf", eps=eps, version="custom", attacks=[name], device=device,
                                seed=seed)
+    else:
+        adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=device, seed=seed)
+        if name == AUTOATTACK_FAST:
+            adversary.attacks_to_run = list(FAST_PARTS)
+        # The DLR losses read the 3rd and 4th largest logits: with fewer classes the suites keep their other
+        # parts (CIFAR-10 and Fashion-MNIST, 10 classes, get them unchanged).
+        adversary.attacks_to_run = [a for a in adversary.attacks_to_run if num_classes >= DLR_MIN_CLASSES.get(a, 2)]
     # Targeted parts aim at the 9 runner-up classes of a 10-class problem; fewer classes, fewer targets.
     adversary.apgd_targeted.n_target_classes = min(9, num_classes - 1)
     adversary.fab.n_target_classes = min(9, num_classes - 1)
     adversary.verbose = False
-    with _forward_warnings(logging.getLogger("auto-attack"), log, forwarded):
-        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
-    return x_adv.detach()
+    return adversary
+
+
+def _run_part(adversary, part: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One AutoAttack part on a batch, set up as AutoAttack.run_standard_evaluation sets it up."""
+    if part in ("apgd-ce", "apgd-dlr"):
+        adversary.apgd.loss = part.removeprefix("apgd-")
+        adversary.apgd.seed = adversary.get_seed()
+        return adversary.apgd.perturb(x, y)
+    if part == "apgd-t":
+        adversary.apgd_targeted.seed = adversary.get_seed()
+        return adversary.apgd_targeted.perturb(x, y)
+    if part in ("fab", "fab-t"):
+        adversary.fab.targeted = part == "fab-t"
+        if part == "fab-t":
+            adversary.fab.n_restarts = 1
+        adversary.fab.seed = adversary.get_seed()
+        return adversary.fab.perturb(x, y)
+    adversary.square.seed = adversary.get_seed()
+    return adversary.square.perturb(x, y)
+
+
+def run_autoattack(model, x: torch.Tensor, y: torch.Tensor, *, name: str, eps: float, seed: int, batch_size: int,
+                   log: Callable[[str], None] = print, forwarded: set | None = None, progress: bool = True,
+                   desc: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_adv, robust): AutoAttack `name` ("autoattack", "autoattack-fast" or one part) on all of (x, y),
+    computed as pyautoattack's run_standard_evaluation(x, y, batch_size=batch_size) computes it (the same
+    parts, settings, seeds and batches: each part in turn on the images still robust, batch_size at a
+    time), but run here part by part so that each shows a progress bar (images left, robust so far, time
+    left) and, with `progress`, logs its robust accuracy when done. The reference implementation does the
+    attacking; its own seed makes it repeatable."""
+    from pyautoattack import checks
+
+    forwarded = set() if forwarded is None else forwarded
+    model.eval()
+    with torch.no_grad():
+        num_classes = model(x[:1]).shape[1]
+    adversary = _adversary(model, name, eps, seed, num_classes, x.device)
+    logger = adversary.logger
+    x_adv = x.clone()
+    with _forward_warnings(logger, log, forwarded), torch.no_grad():
+        # The package's checks for randomised, non-softmax-like or dynamic models: masking evidence.
+        first = slice(0, batch_size)
+        checks.check_randomized(adversary.get_logits, x[first], y[first], bs=batch_size, logger=logger)
+        checks.check_range_output(adversary.get_logits, x[first], logger=logger)
+        checks.check_dynamic(model, x[first], False, logger=logger)
+        checks.check_n_classes(num_classes, adversary.attacks_to_run, adversary.apgd_targeted.n_target_classes,
+                               adversary.fab.n_target_classes, logger=logger)
+        robust = torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
+                            for i in range(0, len(x), batch_size)])
+        accuracies = {"clean": robust.float().mean().item()}
+        for part in adversary.attacks_to_run:
+            targets = robust.nonzero().flatten()
+            if len(targets) == 0:
+                break
+            started = time.perf_counter()
+            with tqdm(total=len(targets), desc=f"{desc} {part}".strip(), unit="img", leave=False,
+                      disable=not progress) as bar:
+                for chunk in targets.split(batch_size):
+                    adv = _run_part(adversary, part, x[chunk].clone(), y[chunk].clone())
+                    fooled = model(adv).argmax(1) != y[chunk]
+                    robust[chunk[fooled]] = False
+                    x_adv[chunk[fooled]] = adv[fooled].detach()
+                    bar.update(len(chunk))
+                    bar.set_postfix_str(f"robust {int(robust.sum())}/{len(x)}")
+            accuracies[part] = robust.float().mean().item()
+            if progress:
+                log(f"eval: {desc + ' ' if desc else ''}{part}: robust {accuracies[part]:.4f} of {len(x)} images "
+                    f"({time.perf_counter() - started:.0f} s)")
+        checks.check_square_sr(accuracies, logger=logger)
+    return x_adv.detach(), robust
+
+
+def autoattack_accuracy(model, images: np.ndarray, labels: np.ndarray, *, name: str, eps: float,
+                        device: torch.device, batch_size: int, seed: int, log: Callable[[str], None] = print,
+                        desc: str = "", rank: int = 0, world_size: int = 1,
+                        output_dtypes: set | None = None) -> float:
+    """Accuracy under AutoAttack `name`, run over the whole set part by part (run_autoattack) rather than
+    batch by batch, so each part's progress bar covers every image. Under torchrun each rank attacks its
+    run of whole batches (as ml.evaluation.evaluate shards) and the correct counts are summed."""
+    first, stop = distributed.shard_range(len(images), rank, world_size, block=batch_size)
+    x = to_tensor_images(images[first:stop], device)
+    y = torch.from_numpy(np.asarray(labels[first:stop], dtype=np.int64)).to(device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    if len(y):
+        x_adv, _ = run_autoattack(model, x, y, name=name, eps=eps, seed=seed, batch_size=batch_size, log=log,
+                                  progress=rank == 0, desc=desc)
+        # Scored like every other attack: the returned images through the model, in fp32.
+        with torch.no_grad():
+            for i in range(0, len(y), batch_size):
+                logits = model(x_adv[i:i + batch_size])
+                correct += (logits.argmax(1) == y[i:i + batch_size]).sum()
+                if output_dtypes is not None:
+                    output_dtypes.add(logits.dtype)
+    if world_size > 1:
+        distributed.all_reduce_sum(correct)
+    return correct.item() / max(1, len(images))
 
 
 @contextlib.contextmanager
@@ -121,6 +230,11 @@ class Scorer:
         count = len(self.labels) if count is None else min(count, len(self.labels))
         eps = 0.0 if attack == "clean" else float(eps)
         key = (attack, round(eps, 9), count)
+        if key not in self.scores and attack in AUTOATTACKS:
+            self.scores[key] = autoattack_accuracy(
+                self.model, self.images[:count], self.labels[:count], name=attack, eps=eps, device=self.device,
+                batch_size=self.batch_size, seed=self.seed, log=self.log, desc=f"{self.desc} {attack}".strip(),
+                rank=self.rank, world_size=self.world_size, output_dtypes=self.output_dtypes)
         if key not in self.scores:
             self.scores[key] = evaluate(
                 self.model, self.images[:count], self.labels[:count], device=self.device,

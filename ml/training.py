@@ -25,13 +25,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data.augment import augmenter
+from data.augment import augmenter, cutmix
 from data.mixed import MixedBatchLoader, MixedBatchSampler, prefetch_depth
 from pipeline.core import distributed
 from pipeline.core.atomic import atomic_write_csv
 from ml.devices import attack_forward, autocast, prepare_for_training, resolve_device, resolve_precision, unwrap
 from ml.evaluation import evaluate
 from ml.live_log import open_scalar_log
+from ml.losses import TargetRecipe
 from ml.models import build_model, save_model
 from ml.optim import WeightEMA, make_optimizer, make_scheduler
 from ml.resume import STATE_FILE, load_training_state, save_training_state, seed_from
@@ -66,6 +67,8 @@ class Recipe:
     select_attack: Callable | None = None  # with validation data: model.pt = the epoch most accurate under it
     eval_batch_size: int = 256
     checkpoint_info: Mapping[str, Any] = field(default_factory=dict)  # extra entries of model.pt / last.pt
+    targets: TargetRecipe = TargetRecipe()  # label smoothing and pool loss weight (plain: the papers' losses)
+    pool_cutmix: float = 0.0  # probability that a pool example gets a CutMix box from another pool example
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,8 @@ class Training:
     world_size: int = 1
     live: Any = None  # ml.live_log.ScalarLog for live curves (rank 0); None = off
     attack_model: Callable | None = None  # what the attack's forwards call (run.compile: compiled); None = unwrap(model)
+    targets: TargetRecipe = TargetRecipe()
+    pool_cutmix: float = 0.0
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
@@ -132,14 +137,16 @@ def set_up(recipe: Recipe, data: TrainData, *, run_cfg, dist, mean, std) -> tupl
                                 rank=dist.rank, world_size=dist.world_size)
     loader = MixedBatchLoader(sampler, data.images, data.labels, data.pool_images, data.pool_labels, device=device,
                               augment=augmenter(recipe.augment, data.images.shape[1]), seed=run_cfg.seed,
-                              prefetch=prefetch_depth(run_cfg.num_workers, device), channels_last=run_cfg.channels_last)
+                              prefetch=prefetch_depth(run_cfg.num_workers, device), channels_last=run_cfg.channels_last,
+                              with_source=True)
     optimizer = make_optimizer(model, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     scheduler = make_scheduler(optimizer, schedule=recipe.schedule, epochs=recipe.epochs,
                                steps_per_epoch=len(sampler), milestones=recipe.milestones)
     training = Training(model=train_model, optimizer=optimizer, scheduler=scheduler, loader=loader, loss=recipe.loss,
                         attack=recipe.attack, device=device, precision=resolve_precision(run_cfg.precision, device),
                         seed=run_cfg.seed, ema=ema, scaler=scaler, rank=dist.rank, world_size=dist.world_size,
-                        attack_model=attack_forward(model, run_cfg.compile))
+                        attack_model=attack_forward(model, run_cfg.compile),
+                        targets=recipe.targets, pool_cutmix=recipe.pool_cutmix)
     return training, model
 
 
@@ -239,11 +246,13 @@ def train(recipe: Recipe, data: TrainData, *, run_cfg, dist, out_dir: Path,
 def train_one_epoch(t: Training, epoch: int, *, start_batch: int = 0, totals: dict | None = None,
                     checkpoint: Callable[[int, dict], None] | None = None, checkpoint_every_s: float = 60.0,
                     progress_bar: bool = True, batches=None) -> dict:
-    """Train on the batches of `t.loader` (or `batches`, (x, y) pairs) from batch index `start_batch` on.
+    """Train on the batches of `t.loader` (or `batches`: (x, y) pairs, or (x, y, from_pool) with a bool
+    tensor marking the pool rows) from batch index `start_batch` on.
 
-    `t.attack(model, x, y, generator) -> x_adv` runs with the model in eval mode (BatchNorm uses running
+    `t.attack(model, x, targets, generator) -> x_adv` (targets: the labels, or ml.losses.Targets when the
+    recipe has options) runs with the model in eval mode (BatchNorm uses running
     statistics and the attack does not update them, as in the official MART code); `t.loss(logits_natural,
-    logits_adv, y)` runs in train mode with separate natural and adversarial forwards. With attack=None
+    logits_adv, targets)` runs in train mode with separate natural and adversarial forwards. With attack=None
     the loss gets logits_adv=None (natural training). Under torchrun (`t.world_size` > 1) `t.model` is the
     DDP wrapper, the batches this rank's slice of each global batch, and the returned metrics are global.
     """
@@ -268,11 +277,24 @@ def train_one_epoch(t: Training, epoch: int, *, start_batch: int = 0, totals: di
     bar = tqdm(desc=f"epoch {epoch + 1}", leave=False, disable=not progress_bar, initial=start_batch,
                total=len(t.loader), mininterval=PROGRESS_INTERVAL_S)
     batch_index = start_batch
-    for batch_index, (x, y) in enumerate(batches, start=start_batch):
+    for batch_index, (x, y, *source) in enumerate(batches, start=start_batch):
         # DDP keeps the weights equal; the BatchNorm statistics each rank updated on its own slice are
         # replaced by rank 0's (the ones checkpointed), as DDP's broadcast_buffers would at the forward.
         if t.world_size > 1:
             distributed.broadcast_buffers(raw_model)
+
+        # The recipe options ([mart] pool_cutmix, label smoothing, pool_loss_weight): CutMix boxes among the
+        # pool rows, then Targets for the attack and the loss; without options the labels stay a tensor and
+        # the losses run the papers' code. CutMix draws from its own stream, so the attack's stays the same.
+        targets = y
+        if t.pool_cutmix > 0 or not t.targets.plain:
+            from_pool = source[0] if source else None
+            mixed = {}
+            if t.pool_cutmix > 0 and from_pool is not None:
+                generator.manual_seed(seed_from(t.seed, epoch, batch_index, t.rank, 2))
+                x, partner, share = cutmix(x, from_pool, t.pool_cutmix, generator)
+                mixed = {"mixed_labels": y[partner], "mixed_share": share}
+            targets = t.targets(y, from_pool, **mixed)
 
         # The attack: eval mode, on the unwrapped module so DDP hooks fire once per optimizer step. The
         # rank is part of the seed (as in data.mixed's augmentation): ranks hold different images and must
@@ -283,7 +305,7 @@ def train_one_epoch(t: Training, epoch: int, *, start_batch: int = 0, totals: di
             raw_model.eval()
             generator.manual_seed(seed_from(t.seed, epoch, batch_index, t.rank))
             with amp:
-                x_adv = t.attack(attack_model, x, y, generator)
+                x_adv = t.attack(attack_model, x, targets, generator)
 
         # The loss: train mode, natural and adversarial forwards kept separate (BatchNorm sees each).
         # Under DDP two forwards before one backward are correct: each parameter's gradient accumulator
@@ -293,7 +315,7 @@ def train_one_epoch(t: Training, epoch: int, *, start_batch: int = 0, totals: di
         with amp:
             logits_natural = t.model(x)
             logits_adv = t.model(x_adv) if x_adv is not None else None
-            loss = t.loss(logits_natural.float(), None if logits_adv is None else logits_adv.float(), y)
+            loss = t.loss(logits_natural.float(), None if logits_adv is None else logits_adv.float(), targets)
 
         # The update: backward, optimizer and schedule steps, EMA.
         t.optimizer.zero_grad(set_to_none=True)

@@ -23,7 +23,7 @@ MODEL_FILES = {"mart": ("mart", "model.pt"), "mart-last": ("mart", "last.pt"), "
 
 # The names the eval stage accepts (ml.robustness imports torch, so they are repeated here; a test keeps them equal).
 EVAL_MODELS = tuple(MODEL_FILES)
-EVAL_ATTACK = re.compile(r"clean|fgsm|autoattack|apgd-ce|apgd-dlr|apgd-t|fab|fab-t|square|(pgd|cw)[1-9][0-9]*")
+EVAL_ATTACK = re.compile(r"clean|fgsm|autoattack|autoattack-fast|apgd-ce|apgd-dlr|apgd-t|fab|fab-t|square|(pgd|cw)[1-9][0-9]*")
 
 
 @dataclass
@@ -52,8 +52,9 @@ class EvalConfig:
         unknown = [a for a in self.attacks if not EVAL_ATTACK.fullmatch(a)]
         if unknown or not self.attacks:
             raise refuse("eval.attacks", (f"{unknown[0]!r} is not an attack" if unknown else "it names no attack")
-                         + "; the forms are clean, fgsm, pgdN and cwN (N steps, e.g. pgd20, cw30), autoattack, or "
-                           "one AutoAttack part (apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square)",
+                         + "; the forms are clean, fgsm, pgdN and cwN (N steps, e.g. pgd20, cw30), autoattack, "
+                           "autoattack-fast (its apgd-ce and apgd-t only), or one AutoAttack part (apgd-ce, "
+                           "apgd-dlr, apgd-t, fab, fab-t, square)",
                          "Fix the name, e.g. --set eval.attacks=clean,pgd20,autoattack.")
         bad = [m for m in self.sweep if not (math.isfinite(m) and m > 0)]
         if bad:
@@ -160,7 +161,7 @@ def report(entry: Path) -> str:
 
 
 STAGE = Stage(
-    name="eval", version=3, section="eval", config=EvalConfig, run=run, inputs=inputs, outputs=OUTPUTS,
+    name="eval", version=4, section="eval", config=EvalConfig, run=run, inputs=inputs, outputs=OUTPUTS,
     results=results, report=report,
     # mart.arch: the architecture a checkpoint file in eval.models is imported as; run.seed: the attacks'
     # random starts.

@@ -42,6 +42,11 @@ class MartConfig:
     val_size: int = 0  # labeled images (fewer than there are) held out to pick the best epoch by PGD accuracy; 0 = keep the last
     eval_n: int = 0  # test images for the stage's final clean / PGD-20 evaluation; 0 = the whole test set
     eval_batch_size: int = 256  # images per evaluation batch
+    # Recipe options of the frontier (README "Training recipe options"); the defaults are the papers' losses.
+    label_smoothing: float = 0.0  # label smoothing of the labeled examples' cross-entropy targets, in [0, 1) (DM-AT: 0.1)
+    pool_label_smoothing: float = 0.0  # the same for the pool's pseudo-labeled examples, in [0, 1)
+    pool_cutmix: float = 0.0  # probability, per pool example, of a CutMix box from another pool example (Rebuffi et al.)
+    pool_loss_weight: float = 1.0  # weight of each pool example's loss against a labeled one's 1 (RST's w); >= 0
 
     RANGES: ClassVar[dict] = {
         **TRAINING_RANGES,
@@ -56,6 +61,10 @@ class MartConfig:
         "val_size": at_least(0, "0 = no validation split", high=2**40),
         "eval_n": at_least(0, "0 = the whole test set", high=2**40),
         "eval_batch_size": at_least(1, high=2**24),
+        "label_smoothing": below_1("0 = one-hot targets; DM-AT uses 0.1"),
+        "pool_label_smoothing": below_1("0 = one-hot targets for the pool's pseudo-labels"),
+        "pool_cutmix": fraction("the probability that a pool example gets a CutMix box; 0 = no CutMix"),
+        "pool_loss_weight": at_least(0, "1 = pool examples count as much as labeled ones", high=1e6),
     }
 
     def check(self, config, refuse, world_size: int) -> None:
@@ -116,6 +125,16 @@ def mart_loss(logits_natural, logits_adv, targets, beta=6.0):
     return loss(logits_natural, logits_adv, targets, beta=beta)
 
 
+def recipe_options(cfg) -> dict:
+    """The training.Recipe fields of the frontier's options ([mart] label_smoothing, pool_label_smoothing,
+    pool_loss_weight, pool_cutmix); their defaults leave the papers' losses."""
+    from ml.losses import TargetRecipe
+
+    return {"targets": TargetRecipe(label_smoothing=cfg.label_smoothing, pool_label_smoothing=cfg.pool_label_smoothing,
+                                    pool_loss_weight=cfg.pool_loss_weight),
+            "pool_cutmix": cfg.pool_cutmix}
+
+
 def _pool_images(reader, pool_in_memory: str):
     """The pool's images in RAM when they fit under `pool_in_memory` GiB ("auto": a quarter of the
     available memory), else the reader, which gathers whole chunks per batch."""
@@ -169,7 +188,7 @@ def run(ctx) -> None:
         attack=training_attack(cfg.loss, eps=cfg.epsilon, step_size=cfg.step_size, steps=cfg.steps),
         augment=cfg.augment, unsup_fraction=cfg.unsup_fraction, ema_decay=cfg.ema_decay,
         select_attack=eval_attack(cfg.epsilon), eval_batch_size=cfg.eval_batch_size,
-        checkpoint_info={"epsilon": cfg.epsilon, "loss": cfg.loss})
+        checkpoint_info={"epsilon": cfg.epsilon, "loss": cfg.loss}, **recipe_options(cfg))
     training.train(recipe, data, run_cfg=run_cfg, dist=ctx.dist, out_dir=ctx.out_dir, log=ctx.log,
                    live_log=ctx.live_log, run_name=f"mart-{ctx.fingerprint[:12]}",
                    run_params={"fingerprint": ctx.fingerprint, **vars(cfg)})
@@ -203,7 +222,7 @@ def report(entry) -> str:
 
 
 STAGE = Stage(
-    name="mart", version=3, section="mart", config=MartConfig, run=run, inputs=inputs, default=True,
+    name="mart", version=4, section="mart", config=MartConfig, run=run, inputs=inputs, default=True,
     results=results, report=report, distributed_changes_results=True,
     outputs=("model.pt", "last.pt", "metrics.csv", "results.csv"),
     reads=("data.num_labeled", "run.seed", "run.precision", *RUNTIME),

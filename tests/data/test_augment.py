@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -72,3 +73,41 @@ def test_deterministic_with_seeded_generator():
     b = random_crop_flip(x, padding=4, flip=True, generator=torch.Generator().manual_seed(7))
     c = random_crop_flip(x, padding=4, flip=True, generator=torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_cutmix_pastes_boxes_only_among_the_marked_rows():
+    from data.augment import cutmix
+
+    n = 64
+    x = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 1, 8, 8).clone()  # row i is all i
+    rows = torch.arange(n) % 2 == 1
+    out, partner, share = cutmix(x, rows, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(out[~rows], x[~rows]) and (share[~rows] == 0).all()
+    assert torch.equal(partner[~rows], torch.arange(n)[~rows])
+    assert rows[partner].equal(rows)  # boxes come from marked rows only
+    for i in range(n):
+        pasted = out[i] == partner[i].float()
+        own = out[i] == float(i)
+        assert (pasted | own).all()
+        if partner[i] != i:
+            # The box is a rectangle whose area is the reported share.
+            assert pasted.float().mean().item() == pytest.approx(share[i].item())
+            r, c = pasted[0].nonzero().T
+            if len(r):
+                assert pasted[0, r.min():r.max() + 1, c.min():c.max() + 1].all()
+    # Box areas spread over (0, 1): CutMix's Beta(1, 1).
+    assert 0.2 < share[rows].mean().item() < 0.7
+
+
+def test_cutmix_probability_and_determinism():
+    from data.augment import cutmix
+
+    x = torch.rand(400, 1, 8, 8)
+    rows = torch.ones(400, dtype=torch.bool)
+    _, _, none = cutmix(x, rows, 0.0, torch.Generator().manual_seed(1))
+    assert (none == 0).all()
+    a = cutmix(x, rows, 0.5, torch.Generator().manual_seed(1))
+    b = cutmix(x, rows, 0.5, torch.Generator().manual_seed(1))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    mixed = (a[2] > 0).float().mean().item()
+    assert 0.35 < mixed < 0.55  # half the rows drawn, a few of those with an empty or self box

@@ -166,3 +166,26 @@ def test_each_methods_training_attack_starts_where_its_paper_does(method, start)
         assert 0.0005 < delta.std() < 0.002
     else:
         assert delta.abs().max() > 0.099 and abs(delta.std() - 0.1 / 3 ** 0.5) < 0.005
+
+
+def test_recipe_targets_attack_the_labels_and_a_cutmix_mixture(trained):
+    """Smoothing and weights shape the training loss only: the attack on Targets without CutMix is the
+    attack on the labels; with CutMix it ascends the cross-entropy of the two labels' area mixture."""
+    from ml.losses import Targets
+
+    model, x, y = trained
+    kw = dict(eps=0.1, step_size=0.02, steps=3, random_start="normal")
+    plain = pgd_linf(model, x, y, generator=torch.Generator().manual_seed(2), **kw)
+    targets = Targets(y, smoothing=torch.full((len(y),), 0.3), weights=torch.full((len(y),), 0.5))
+    assert torch.equal(pgd_linf(model, x, targets, generator=torch.Generator().manual_seed(2), **kw), plain)
+    # A box of the other class covering all the image: the mixture is the other label, so the attack
+    # pushes towards y (the image's own label) instead of away from it.
+    flipped = Targets(y, mixed_labels=1 - y, mixed_share=torch.ones(len(y)))
+    towards = pgd_linf(model, x, flipped, generator=torch.Generator().manual_seed(2), **kw)
+
+    def margin(images):  # mean logit of the label over the other class
+        with torch.no_grad():
+            logits = model(images)
+        return (logits.gather(1, y[:, None]) - logits.gather(1, 1 - y[:, None])).mean().item()
+
+    assert margin(towards) > margin(x) > margin(plain)

@@ -145,3 +145,93 @@ def test_every_loss_takes_a_batch_of_one_and_half_precision(name):
 def test_registries_agree():
     assert set(LOSSES) == set(ATTACK_LOSS) == {"mart", "trades", "pgd-at"}
     assert ATTACK_LOSS == {"mart": "ce", "trades": "kl", "pgd-at": "ce"}
+
+
+# -- the recipe options (ml.losses.Targets) ---------------------------------------------------------------
+from ml.losses import TargetRecipe, Targets  # noqa: E402
+
+
+def random_batch(n=6, k=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, k, generator=g, dtype=torch.float64) * 2, torch.randn(n, k, generator=g, dtype=torch.float64) * 2,
+            torch.randint(0, k, (n,), generator=g))
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_targets_without_options_give_the_papers_loss_and_gradients(name):
+    nat, adv, y = random_batch()
+    nat.requires_grad_(), adv.requires_grad_()
+    plain = LOSSES[name](nat, adv, y, beta=6.0)
+    general = LOSSES[name](nat, adv, Targets(y), beta=6.0)
+    assert general.item() == pytest.approx(plain.item(), rel=1e-12)
+    wrt = (adv,) if name == "pgd-at" else (nat, adv)
+    for a, b in zip(torch.autograd.grad(plain, wrt), torch.autograd.grad(general, wrt)):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def smoothed_ce_by_hand(z, t, s):
+    p = softmax(z)
+    return -sum(((1 - s) * (k == t) + s / len(z)) * math.log(p[k]) for k in range(len(z)))
+
+
+def test_label_smoothing_enters_only_the_cross_entropy_terms():
+    """MART: the CE target is smoothed, the margin term and the misclassification weight keep the label;
+    TRADES: its natural CE is smoothed, its KL is not; PGD-AT equals PyTorch's label_smoothing."""
+    nat, adv, y = tensors()
+    s = 0.1
+    targets = Targets(y, smoothing=torch.full((2,), s))
+    want = mart_by_hand(LOGITS_NAT, LOGITS_ADV, TARGETS, 6.0)
+    for za, t in zip(LOGITS_ADV, TARGETS):
+        want += (smoothed_ce_by_hand(za, t, s) + math.log(softmax(za)[t])) / 2
+    assert mart_loss(nat, adv, targets, beta=6.0).item() == pytest.approx(want, rel=1e-5)
+    want = trades_by_hand(LOGITS_NAT, LOGITS_ADV, TARGETS, 6.0)
+    for zn, t in zip(LOGITS_NAT, TARGETS):
+        want += (smoothed_ce_by_hand(zn, t, s) + math.log(softmax(zn)[t])) / 2
+    assert trades_loss(nat, adv, targets, beta=6.0).item() == pytest.approx(want, rel=1e-5)
+    assert pgd_at_loss(nat, adv, targets).item() == pytest.approx(
+        F.cross_entropy(adv, y, label_smoothing=s).item(), rel=1e-6)
+
+
+def test_smoothing_is_per_example():
+    nat, adv, y = random_batch()
+    smoothing = torch.tensor([0.0, 0.2, 0.0, 0.2, 0.0, 0.2], dtype=torch.float64)
+    got = pgd_at_loss(nat, adv, Targets(y, smoothing=smoothing))
+    per_example = [F.cross_entropy(adv[i:i + 1], y[i:i + 1], label_smoothing=float(smoothing[i])) for i in range(6)]
+    assert got.item() == pytest.approx(sum(per_example).item() / 6, rel=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_a_cutmix_example_costs_the_area_mixture_of_its_two_labels(name):
+    """CutMix's reference loss, lam * L(y_a) + (1 - lam) * L(y_b), for every method."""
+    nat, adv, y = random_batch()
+    other = (y + 1 + torch.arange(6) % 3) % 5
+    share = 0.3
+    mixed = LOSSES[name](nat, adv, Targets(y, mixed_labels=other, mixed_share=torch.full((6,), share, dtype=torch.float64)),
+                          beta=6.0)
+    want = (1 - share) * LOSSES[name](nat, adv, y, beta=6.0) + share * LOSSES[name](nat, adv, other, beta=6.0)
+    assert mixed.item() == pytest.approx(want.item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_weights_scale_each_examples_share_of_the_batch_mean(name):
+    nat, adv, y = random_batch()
+    weights = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    got = LOSSES[name](nat, adv, Targets(y, weights=weights), beta=6.0)
+    kept = [0, 2, 4]
+    # The kept half's mean, halved: the batch mean divides by all 6 examples, as RST's objective does.
+    assert got.item() == pytest.approx(LOSSES[name](nat[kept], adv[kept], y[kept], beta=6.0).item() / 2, rel=1e-10)
+    doubled = LOSSES[name](nat, adv, Targets(y, weights=torch.full((6,), 2.0, dtype=torch.float64)), beta=6.0)
+    assert doubled.item() == pytest.approx(2 * LOSSES[name](nat, adv, y, beta=6.0).item(), rel=1e-10)
+
+
+def test_target_recipe_applies_each_option_to_its_source():
+    y = torch.tensor([3, 1, 4, 1])
+    from_pool = torch.tensor([False, True, False, True])
+    assert TargetRecipe().plain and not TargetRecipe(pool_loss_weight=0.5).plain
+    plain = TargetRecipe()(y, from_pool)
+    assert plain.smoothing is None and plain.weights is None and torch.equal(plain.labels, y)
+    t = TargetRecipe(label_smoothing=0.1, pool_label_smoothing=0.2, pool_loss_weight=0.5)(y, from_pool)
+    assert t.smoothing.tolist() == pytest.approx([0.1, 0.2, 0.1, 0.2])
+    assert t.weights.tolist() == [1.0, 0.5, 1.0, 0.5]
+    no_pool = TargetRecipe(label_smoothing=0.1, pool_label_smoothing=0.2)(y, None)
+    assert no_pool.smoothing.tolist() == pytest.approx([0.1] * 4)

@@ -149,3 +149,139 @@ def test_validation_picks_the_best_epoch_as_model_pt(tmp_path, monkeypatch):
     for key, value in best["state_dict"].items():  # the EMA weights scored in epoch 2
         assert torch.equal(value, weights[1][key]), key
     assert any(not torch.equal(v, last["state_dict"][k]) for k, v in best["state_dict"].items())
+
+
+def _official_step(model, x, y, *, method, eps, step_size, steps, beta, noise):
+    """One training step of the MART / TRADES algorithm transcribed from the papers' published code
+    (YisenWang/MART mart.py, yaodongyu/TRADES and yaircarmon/semisup-adv trades.py): returns the loss."""
+    import torch.nn.functional as F
+
+    model.eval()
+    if method == "trades":
+        p_natural = F.softmax(model(x), dim=1).detach()
+    x_adv = x.detach() + 0.001 * noise  # not clamped: the first gradient is taken here
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            if method == "mart":
+                objective = F.cross_entropy(model(x_adv), y)
+            else:
+                objective = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_natural, reduction="sum")
+        grad = torch.autograd.grad(objective, [x_adv])[0]
+        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+        x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    model.train()
+    x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    logits, logits_adv = model(x), model(x_adv)
+    batch_size = len(x)
+    if method == "trades":
+        return F.cross_entropy(logits, y) + beta * F.kl_div(
+            F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1), reduction="sum") / batch_size
+    adv_probs = F.softmax(logits_adv, dim=1)
+    top2 = torch.argsort(adv_probs, dim=1)[:, -2:]
+    new_y = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+    loss_adv = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), new_y)
+    nat_probs = F.softmax(logits, dim=1)
+    true_probs = torch.gather(nat_probs, 1, y.unsqueeze(1).long()).squeeze()
+    kl = F.kl_div(torch.log(adv_probs + 1e-12), nat_probs, reduction="none")
+    return loss_adv + beta * (1.0 / batch_size) * torch.sum(torch.sum(kl, dim=1) * (1.0000001 - true_probs))
+
+
+@pytest.mark.parametrize("method", ["mart", "trades"])
+def test_one_step_equals_the_official_algorithm_on_pixels_at_0_and_1(method):
+    """The training attack starts at x + 0.001 N(0, 1) unclamped, as the official code does: on images with
+    exact zeros and ones (Fashion-MNIST's background) the loss and every parameter gradient of one
+    training step equal the transcription's, bit for bit."""
+    import copy
+    import functools
+
+    from ml.attacks import training_attack
+    from ml.losses import LOSSES
+    from ml.models import build_model
+    from ml.resume import seed_from
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(16, 1, 12, 12, generator=g)
+    x[:, :, :4] = 0.0
+    x[:, :, -3:] = 1.0
+    y = torch.randint(0, 10, (16,), generator=g)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_model("tiny-cnn", num_classes=10, in_channels=1)
+    reference = copy.deepcopy(model)
+    kw = dict(eps=0.1, step_size=0.03, steps=3)
+    losses = []
+
+    def loss(*args):
+        losses.append(functools.partial(LOSSES[method], beta=6.0)(*args))
+        return losses[-1]
+
+    optimizer = optim.make_optimizer(model, lr=0.0, momentum=0.0, weight_decay=0.0)
+    t = training.Training(model=model, optimizer=optimizer, scheduler=optim.make_scheduler(
+        optimizer, schedule="constant", epochs=1, steps_per_epoch=1), loader=[(x, y)], loss=loss,
+        attack=training_attack(method, **kw), device=torch.device("cpu"), precision="fp32", seed=7)
+    training.train_one_epoch(t, 0, progress_bar=False)
+
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed_from(7, 0, 0, 0)))
+    expected = _official_step(reference, x, y, method=method, beta=6.0, noise=noise, **kw)
+    expected.backward()
+    assert torch.equal(losses[0], expected)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def _options_run(recipe_targets, pool_cutmix, labeled=12, pool=12):
+    """One epoch of 3 batches of 8 (half from the pool) through train_one_epoch with a spy attack and
+    loss; returns what each received."""
+    from data.mixed import MixedBatchLoader, MixedBatchSampler
+    from ml.losses import Targets
+
+    rng = np.random.default_rng(0)
+    images = np.full((labeled, 4, 4, 1), 0, np.uint8)  # labeled images all black, pool images all white
+    pool_images = np.full((pool, 4, 4, 1), 255, np.uint8)
+    sampler = MixedBatchSampler(labeled, pool, batch_size=8, unsup_fraction=0.5, epoch_size=24, seed=0)
+    loader = MixedBatchLoader(sampler, images, rng.integers(0, 3, labeled), pool_images, rng.integers(0, 3, pool),
+                              prefetch=0, with_source=True)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    seen = []
+
+    def attack(m, x, targets, generator):
+        seen.append((x.clone(), targets))
+        return x
+
+    def loss(logits_natural, logits_adv, targets):
+        labels = targets.labels if isinstance(targets, Targets) else targets
+        return torch.nn.functional.cross_entropy(logits_adv, labels)
+
+    optimizer = optim.make_optimizer(model, lr=0.1, momentum=0.0, weight_decay=0.0)
+    t = training.Training(model=model, optimizer=optimizer, scheduler=optim.make_scheduler(
+        optimizer, schedule="constant", epochs=1, steps_per_epoch=3), loader=loader, loss=loss, attack=attack,
+        device=torch.device("cpu"), precision="fp32", seed=0, targets=recipe_targets, pool_cutmix=pool_cutmix)
+    sampler.set_epoch(0)
+    training.train_one_epoch(t, 0, progress_bar=False)
+    return seen
+
+
+def test_without_options_the_attack_and_loss_get_plain_labels():
+    from ml.losses import TargetRecipe
+
+    for x, targets in _options_run(TargetRecipe(), 0.0):
+        assert isinstance(targets, torch.Tensor) and targets.dtype == torch.int64
+
+
+def test_options_apply_per_source_and_cutmix_stays_in_the_pool():
+    from ml.losses import TargetRecipe
+
+    seen = _options_run(TargetRecipe(label_smoothing=0.1, pool_label_smoothing=0.3, pool_loss_weight=0.5), 1.0)
+    for x, targets in seen:
+        white = (x == 1.0).flatten(1).all(1)  # a pool image, untouched or with a box from another pool image
+        smoothing, weights = targets.smoothing.tolist(), targets.weights.tolist()
+        from_pool = [s == pytest.approx(0.3) for s in smoothing]
+        assert sum(from_pool) == 4  # half the batch of 8
+        assert all(s == pytest.approx(0.1) for s, p in zip(smoothing, from_pool) if not p)
+        assert weights == [0.5 if p else 1.0 for p in from_pool]
+        assert white.tolist() == from_pool  # CutMix pasted pool into pool only: labeled stay black
+        assert (x[~white] == 0).all()
+        share = targets.mixed_share
+        assert (share[~white] == 0).all() and (share[white] > 0).any()

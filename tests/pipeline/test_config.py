@@ -254,7 +254,7 @@ def test_eval_names_agree_with_the_eval_stage():
     from ml.robustness import AUTOATTACK_PARTS, build_attack
 
     assert EVAL_MODELS == tuple(MODEL_FILES)
-    for name in ("clean", "fgsm", "pgd1", "pgd20", "cw30", "autoattack", *AUTOATTACK_PARTS,
+    for name in ("clean", "fgsm", "pgd1", "pgd20", "cw30", "autoattack", "autoattack-fast", *AUTOATTACK_PARTS,
                  "pgd0", "pgd", "cw", "pgd020", "PGD20", "pgd-20", "apgd", "aa"):
         try:
             build_attack(name, 0.03)

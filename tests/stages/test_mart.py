@@ -33,3 +33,20 @@ def test_pool_in_memory_must_be_auto_or_gib(value):
     with pytest.raises(UserError, match="pool_in_memory"):
         load_config(None, [f"mart.pool_in_memory={value}"])
     assert load_config(None, ["mart.pool_in_memory=2.5"]).mart.pool_in_memory == "2.5"
+
+
+def test_recipe_options_are_off_by_default_and_reach_the_recipe():
+    options = mart.recipe_options(load_config(None).mart)
+    assert options["targets"].plain and options["pool_cutmix"] == 0.0
+    cfg = load_config(None, ["mart.label_smoothing=0.1", "mart.pool_label_smoothing=0.2", "mart.pool_cutmix=0.5",
+                             "mart.pool_loss_weight=0.3"]).mart
+    options = mart.recipe_options(cfg)
+    t = options["targets"]
+    assert (t.label_smoothing, t.pool_label_smoothing, t.pool_loss_weight, options["pool_cutmix"]) == (0.1, 0.2, 0.3, 0.5)
+
+
+@pytest.mark.parametrize("setting", ["mart.label_smoothing=1.0", "mart.pool_label_smoothing=-0.1",
+                                     "mart.pool_cutmix=1.5", "mart.pool_loss_weight=-1"])
+def test_recipe_options_out_of_range_are_refused(setting):
+    with pytest.raises(UserError, match=setting.split("=")[0].replace(".", r"\.")):
+        load_config(None, [setting])

@@ -263,13 +263,13 @@ def test_copy_stream_path_hands_out_a_batch_before_queuing_the_next_copy(prefetc
     loader = MixedBatchLoader(sampler(), lab_x, lab_y, pool_x, pool_y, seed=1, prefetch=prefetch)
     loader._copy_stream = "stream"
 
-    def start_copy(x, y):
+    def start_copy(x, y, from_pool):
         events.append(("copy", int(x[0, 0, 0, 0])))  # the first row's encoded index tells the batches apart
-        return torch.as_tensor(x), torch.as_tensor(y)
+        return torch.as_tensor(x), torch.as_tensor(y), from_pool
 
-    def finish_copy(x, y):
+    def finish_copy(x, y, from_pool):
         events.append(("wait", int(x[0, 0, 0, 0])))
-        return x, y
+        return x, y, from_pool
 
     loader._start_copy, loader._finish_copy = start_copy, finish_copy
     got = []
@@ -290,8 +290,8 @@ def test_copy_stream_path_stops_the_worker_when_the_consumer_breaks_out():
     lab_x, pool_x = encoded_images(70, 0), encoded_images(30, 1)
     loader = MixedBatchLoader(sampler(epoch_size=10_000), lab_x, np.zeros(70), pool_x, np.zeros(30), prefetch=1)
     loader._copy_stream = "stream"
-    loader._start_copy = lambda x, y: (torch.as_tensor(x), torch.as_tensor(y))
-    loader._finish_copy = lambda x, y: (x, y)
+    loader._start_copy = lambda x, y, from_pool: (torch.as_tensor(x), torch.as_tensor(y), from_pool)
+    loader._finish_copy = lambda x, y, from_pool: (x, y, from_pool)
     it = iter(loader)
     next(it)
     thread = loader._thread

@@ -73,11 +73,11 @@ class LogConfig:
         only find out when it starts training, maybe hours into a run)."""
         import importlib.util
 
-        for option, package in (("tensorboard", "tensorboard==2.21.0"), ("wandb", "wandb==0.31.0")):
+        from ml.live_log import missing_package_error  # light: no torch, no tensorboard imported
+
+        for option in ("tensorboard", "wandb"):
             if getattr(self, option) and importlib.util.find_spec(option) is None:
-                raise UserError(f"log.{option} = true needs the `{option}` package, which is not installed; "
-                                f"install it with `pip install {package}` (or `pip install 'rst-mart[log]'` "
-                                f"for both), or turn the option off with --set log.{option}=false.")
+                raise missing_package_error(option)
 
 
 @dataclass

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.core.host_memory import keep_freed_memory
 from benchmarks.common import Comparison, machine, median_step_rates, print_header, synthetic_images, timed_iter
 from ml.devices import native_bf16
 
@@ -261,6 +262,7 @@ def comparisons(result: dict) -> list[Comparison]:
 def run(quick: bool = False) -> tuple[list[Comparison], dict]:
     """Both models; returns the comparisons and small-cnn's result (the consumer bench_loader compares with)."""
     print_header("mart: the stage's training step vs a bare MART loop")
+    keep_freed_memory()  # as the runner does before every stage (process-wide: the bare side runs with it too)
     if native_bf16(torch.device("cpu")):
         settings = ("fp32", "fp32+channels_last", "bf16+channels_last")
     else:

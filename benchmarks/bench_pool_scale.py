@@ -53,9 +53,6 @@ from pathlib import Path
 
 import numpy as np
 
-# Both sides (this process's bare forward, the CLI's stages) with PyTorch's huge pages for large CPU tensors,
-# as README.md advises for pseudo-labeling on a CPU; read when torch loads, and nothing here has loaded it yet.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = (32, 32, 3)
 ROW_BYTES = int(np.prod(SHAPE))
@@ -276,7 +273,9 @@ def bare_forward_images_per_s(model_path: Path, pool_images: np.ndarray, batch_s
 
     from ml.evaluation import to_tensor_images
     from ml.models import load_model
+    from pipeline.core.host_memory import keep_freed_memory
 
+    keep_freed_memory()  # as the runner does before every stage
     teacher = load_model(model_path, device="cpu")
     with torch.inference_mode():
         teacher(to_tensor_images(pool_images[:batch_size], torch.device("cpu")))  # oneDNN primitives made once

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.core.host_memory import keep_freed_memory
 from benchmarks.common import (Comparison, print_comparisons, best_rates, print_header, quiet_stderr, save_teacher,
                                synthetic_labeled_set, write_npy_pool)
 
@@ -127,6 +128,7 @@ def comparisons(result: dict) -> list[Comparison]:
 
 def run(quick: bool = False, full: bool = False) -> list[Comparison]:
     print_header("pseudolabel: streaming stage vs bare teacher forward")
+    keep_freed_memory()  # as the runner does before every stage (process-wide: the bare side runs with it too)
     if quick:
         result = bench_pseudolabel(num_images=2_000, arch="small-cnn", rounds=3)
     else:

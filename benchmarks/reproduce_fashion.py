@@ -91,7 +91,8 @@ class Budget:
     step_size: float  # PGD step of the training attack, on [0, 1] pixels
     eval_n: int  # first n test images for `attacks`
     attacks: tuple[str, ...]  # eval attacks on eval_n images
-    autoattack_n: int  # first n test images for AutoAttack (a second sweep); 0 = no AutoAttack
+    autoattack: str  # the AutoAttack variant of the second sweep (eval.attacks name; also its column)
+    autoattack_n: int  # first n test images for it; 0 = no AutoAttack sweep
     mart_eval_n: int  # test images for the mart stage's own clean/PGD-20 report (a sanity check, not the table)
     seeds: tuple[int, ...]  # run.seed values
 
@@ -116,10 +117,11 @@ class Budget:
 
 
 DEFAULT = Budget(num_labeled=2000, pool_limit=0, arch="small-cnn", teacher_epochs=10, epochs=8, epoch_size=3072,
-                 batch_size=128, steps=3, step_size=0.05, eval_n=500, attacks=("clean", "pgd20", "cw30"),
-                 autoattack_n=32, mart_eval_n=100, seeds=(0, 1))
+                 batch_size=128, steps=3, step_size=0.05, eval_n=10_000, attacks=("clean", "pgd20", "cw30"),
+                 autoattack="autoattack-fast", autoattack_n=1000, mart_eval_n=100, seeds=(0, 1, 2))
 QUICK = Budget(num_labeled=500, pool_limit=2000, arch="tiny-cnn", teacher_epochs=1, epochs=1, epoch_size=256,
-               batch_size=64, steps=3, step_size=0.04, eval_n=64, attacks=("clean", "pgd20"), autoattack_n=4,
+               batch_size=64, steps=3, step_size=0.04, eval_n=64, attacks=("clean", "pgd20"),
+               autoattack="autoattack-fast", autoattack_n=4,
                mart_eval_n=16, seeds=(0,))
 
 
@@ -140,12 +142,12 @@ def run(budget: Budget = DEFAULT, workdir: Path | str = "runs/reproduce_fashion"
                           ["mart", "eval"], workdir / ATTACKS_SWEEP, seeds=seed_list, log=log)
     raw = variant_rows(sweep_csv, budget.attacks)
     if budget.autoattack_n:
-        sweep_csv = run_sweep(BASE_CONFIG, common + [f"eval.attacks={_toml_list(['autoattack'])}",
+        sweep_csv = run_sweep(BASE_CONFIG, common + [f"eval.attacks={_toml_list([budget.autoattack])}",
                                                      f"eval.n={budget.autoattack_n}"],
                               ["eval"], workdir / AUTOATTACK_SWEEP, seeds=seed_list, log=log)
-        autoattack = variant_rows(sweep_csv, ["autoattack"])
+        autoattack = variant_rows(sweep_csv, [budget.autoattack])
         keys = ["seed", "loss", "unsup_fraction"]
-        autoattack = autoattack[keys + ["autoattack", "n", "eval_seconds"]].rename(
+        autoattack = autoattack[keys + [budget.autoattack, "n", "eval_seconds"]].rename(
             columns={"n": "n_autoattack", "eval_seconds": "autoattack_seconds"})
         raw = raw.merge(autoattack, on=keys, how="left", validate="one_to_one")
         raw["eval_seconds"] += raw.pop("autoattack_seconds")
@@ -182,7 +184,7 @@ def _stage_record(workdir: Path, stage: str) -> dict:
 
 # -- the table -------------------------------------------------------------------------------------------
 def attack_columns(budget: Budget) -> list[str]:
-    return list(budget.attacks) + (["autoattack"] if budget.autoattack_n else [])
+    return list(budget.attacks) + ([budget.autoattack] if budget.autoattack_n else [])
 
 
 def summarize(raw: pd.DataFrame, budget: Budget) -> pd.DataFrame:

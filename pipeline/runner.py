@@ -20,7 +20,7 @@ from typing import Any, Callable
 from pipeline import stage_registry
 from pipeline.config import Config
 from pipeline.config_checks import check_sources
-from pipeline.core import distributed, locks
+from pipeline.core import distributed, host_memory, locks
 from pipeline.core.atomic import atomic_write_json
 from pipeline.core.errors import UserError, storage_errors
 from pipeline.core.fingerprint import fingerprint
@@ -247,9 +247,11 @@ class Runner:
             live_log=self.config.log,
             inputs={up: StageInput(by_name[up].entry, by_name[up].fingerprint) for up in stage.upstream(self.config)},
             sources={s.name: self._open(s, dist) for s in stage.sources(self.config)})
+        host_memory.keep_freed_memory()
         start = time.perf_counter()
         stage.run(ctx)
         seconds = time.perf_counter() - start
+        host_memory.release_free_memory()
         distributed.barrier()
         if dist.is_main:
             self._commit(plan, partial, seconds)

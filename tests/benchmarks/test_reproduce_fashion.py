@@ -26,7 +26,7 @@ def test_quick_run_table_shared_stages_and_csv(tmp_path, monkeypatch, capsys):
     table, raw = rf.run(rf.QUICK, tmp_path, log=logged.append)
 
     assert len(table) == len(rf.LOSSES) * len(rf.DATA_SETTINGS) == 6
-    assert list(table.columns) == ["loss", "data", "clean", "pgd20", "autoattack", "n", "n_autoattack", "seeds"]
+    assert list(table.columns) == ["loss", "data", "clean", "pgd20", "autoattack-fast", "n", "n_autoattack", "seeds"]
     assert set(zip(table["loss"], table["data"])) == {(loss, data) for loss in rf.LOSSES for data in rf.DATA_SETTINGS}
     assert (table["n"] == rf.QUICK.eval_n).all() and (table["n_autoattack"] == rf.QUICK.autoattack_n).all()
     assert (table["seeds"] == 1).all()
@@ -38,7 +38,7 @@ def test_quick_run_table_shared_stages_and_csv(tmp_path, monkeypatch, capsys):
 
     # Each variant's eval wrote its own results.csv (accuracy a fraction) and the table is read from it.
     for sweep, attacks, n in ((rf.ATTACKS_SWEEP, rf.QUICK.attacks, rf.QUICK.eval_n),
-                              (rf.AUTOATTACK_SWEEP, ("autoattack",), rf.QUICK.autoattack_n)):
+                              (rf.AUTOATTACK_SWEEP, (rf.QUICK.autoattack,), rf.QUICK.autoattack_n)):
         variants = pd.read_csv(tmp_path / sweep / "sweep.csv")["variant"]
         assert len(variants) == 6
         for variant in variants:
@@ -86,12 +86,12 @@ def test_summary_mean_and_std_over_seeds():
     import dataclasses
 
     raw = pd.DataFrame([{"seed": s, "loss": "mart", "data": d, "unsup_fraction": u, "clean": c, "pgd20": p, "n": 64,
-                         "autoattack": p - 3.125, "n_autoattack": 32}
+                         "autoattack-fast": p - 3.125, "n_autoattack": 32}
                         for s, d, u, c, p in [(0, "labels only", 0.0, 80.0, 40.0), (1, "labels only", 0.0, 82.0, 44.0),
                                               (0, "pool", 0.5, 84.0, 50.0), (1, "pool", 0.5, 86.0, 52.0)]])
     table = rf.summarize(raw, dataclasses.replace(rf.QUICK, autoattack_n=32))
-    assert list(table.columns) == ["loss", "data", "clean", "pgd20", "autoattack", "n", "n_autoattack", "seeds"]
+    assert list(table.columns) == ["loss", "data", "clean", "pgd20", "autoattack-fast", "n", "n_autoattack", "seeds"]
     assert table["pgd20"].tolist() == ["42.0 ± 2.8", "51.0 ± 1.4"]
-    assert table["autoattack"].tolist() == ["38.9 ± 2.8", "47.9 ± 1.4"]
+    assert table["autoattack-fast"].tolist() == ["38.9 ± 2.8", "47.9 ± 1.4"]
     assert table["seeds"].tolist() == [2, 2]
     assert rf.pool_gains(raw) == {"mart": 9.0}

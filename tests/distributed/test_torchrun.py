@@ -167,6 +167,9 @@ def test_an_interrupted_shard_resumes_at_its_last_block(torchrun_workdir, tmp_pa
     from data import pseudolabel_file
     from pipeline.config import load_config
     from pipeline.core.distributed import DistInfo
+    from ml import labeling
+
+    monkeypatch.setattr(labeling, "COMMIT_SECONDS", 0.0)  # every block durable: the granularity under test
 
     config = load_config(SMOKE, ["run.device=cpu", "pool.limit=1000", "pseudolabel.batch_size=100"])
     data, teacher = open_sources(config, tmp_path), torchrun_workdir[0] / "teacher"

@@ -69,6 +69,7 @@ def test_pseudolabel_resumes_at_block_granularity(smoke_workdir, tmp_path, monke
     from ml import labeling
 
     monkeypatch.setattr(labeling, "prefetch_depth", lambda requested, device: requested if threaded else 0)
+    monkeypatch.setattr(labeling, "COMMIT_SECONDS", 0.0)  # every block durable: the granularity under test
 
     workdir = tmp_path / "w"
     shutil.copytree(smoke_workdir / "teacher", workdir / "teacher")

@@ -31,9 +31,9 @@ pool); a size that does not fit is skipped with the reason. Each format's files 
 the next format is written.
 
 Runtime on 2 cores: --quick about 10 minutes (each CLI command pays python + torch start-up); the
-default sizes about 6 minutes per layout at 0.5M and 22 minutes per layout at 5M (pseudo-labeling
-runs at ~4,500 img/s with tiny-cnn and huge pages), so about 2 hours for all four; 35 GB free disk
-for the 5M pools.
+default sizes about 3 minutes per layout at 0.5M and 10 minutes per layout at 5M (pseudo-labeling
+runs at ~10,000 img/s with tiny-cnn, the runner keeping freed memory), so under an hour for all four;
+35 GB free disk for the 5M pools.
 Measured figures: README.md, "Benchmarks".
 """
 from __future__ import annotations

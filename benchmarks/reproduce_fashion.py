@@ -1,6 +1,6 @@
 """Does unlabeled data help adversarial training? MART's and RST's claims, on Fashion-MNIST, on a CPU.
 
-    python -m benchmarks.reproduce_fashion [--quick] [--seeds 0 1] [--workdir runs/reproduce_fashion]
+    python -m benchmarks.reproduce_fashion [--quick] [--seeds 0 1 2] [--workdir runs/reproduce_fashion]
                                            [--out benchmarks/reproduce_fashion.csv]
 
 What it measures: robust test accuracy at L-inf eps 0.1 of {pgd-at, trades, mart} (mart.loss) x
@@ -16,13 +16,12 @@ the same budget (Wang et al. 2020), and pseudo-labeled unlabeled data adds robus
 How: two `pipeline.sweep` grids over configs/demo.toml plus the Budget's overrides, sharing one stage
 store (`<workdir>/.store`, or $RST_MART_STORE), so every stage whose fingerprint agrees is built once:
 the teacher and its pseudo-labels once per seed (labels-only runs need neither), each MART model once.
-1. `<workdir>/attacks/`: stages mart and eval, clean, PGD-20 and CW-30 on the first `eval.n` = 500 test
-   images.
-2. `<workdir>/autoattack/`: the same variants with eval.attacks = [autoattack] (standard: APGD-CE, APGD-T,
-   FAB-T, Square) on the first 32 test images; its MART models come from the store, so only eval runs.
-   AutoAttack costs ~3 s per image here (mostly Square's 5,000 queries and FAB-T's 900 steps on small
-   batches): on 500 images for 12 models it alone would take hours. AutoAttack close to PGD-20 says the
-   PGD-20 numbers are not gradient masking; on 32 images one image is 3.1 points.
+1. `<workdir>/attacks/`: stages mart and eval, clean, PGD-20 and CW-30 on all 10,000 test images.
+2. `<workdir>/autoattack/`: the same variants with eval.attacks = [autoattack-fast] (the standard
+   suite's APGD-CE then APGD-T, the AutoAttack authors' reduced version) on the first 1,000 test images;
+   its MART models come from the store, so only eval runs. The standard suite's FAB-T and Square would
+   add as much again per model (README, "Evaluation"). AutoAttack close to PGD-20 says the PGD-20
+   numbers are not gradient masking.
 The table is read from each variant's eval/results.csv. A rerun with the same settings reprints the
 table in seconds (every stage cached); a killed run resumes.
 
@@ -31,10 +30,11 @@ no augmentation in the adversarial stage, beta 6) except the training attack, PG
 demo's PGD-2 is tuned for its clock; one more step here for the comparison), and a 10-epoch teacher.
 
 Budget (default): mart.epochs 8 x mart.epoch_size 3072 = 24,576 training examples per run (12 passes
-over the 2,000 labels for a labels-only run; 6 passes plus 12,288 pool draws for a pool run), 12 runs;
+over the 2,000 labels for a labels-only run; 6 passes plus 12,288 pool draws for a pool run), 18 runs
+(3 seeds);
 eval.sweep and eval.checks off (they would add a 6-point PGD-20 sweep and PGD-100 per model).
 `--quick`: 500 labels, a 2,000-image pool, tiny-cnn, one epoch of 256 examples with PGD-3, clean and
-PGD-20 on 64 images, AutoAttack on 4, one seed: a smoke test of this script (under a minute on an idle
+PGD-20 on 64 images, autoattack-fast on 4, one seed: a smoke test of this script (under a minute on an idle
 2-core CPU), numbers meaningless.
 
 Runtime (default): about 40 minutes on an idle 2-core AMD EPYC (AVX2, so fp32; torch 2.14.1, 2 threads):

@@ -142,6 +142,9 @@ def run(budget: Budget = DEFAULT, workdir: Path | str = "runs/reproduce_fashion"
                           ["mart", "eval"], workdir / ATTACKS_SWEEP, seeds=seed_list, log=log)
     raw = variant_rows(sweep_csv, budget.attacks)
     if budget.autoattack_n:
+        # MART's models first: the costliest sweep, and MART is the claim under test, so a run stopped part
+        # way (it resumes) has attacked those first.
+        common = budget.overrides() + [f"mart.loss={','.join(reversed(LOSSES))}", GRID[1]]
         sweep_csv = run_sweep(BASE_CONFIG, common + [f"eval.attacks={_toml_list([budget.autoattack])}",
                                                      f"eval.n={budget.autoattack_n}"],
                               ["eval"], workdir / AUTOATTACK_SWEEP, seeds=seed_list, log=log)

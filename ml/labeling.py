@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
@@ -15,7 +16,6 @@ from data.pseudolabel_file import PseudoLabelWriter
 from data.mixed import prefetch_depth
 from ml.devices import autocast
 from ml.evaluation import to_tensor_images
-from ml.models import load_model
 
 
 class NearDuplicateFilter:
@@ -79,34 +79,32 @@ def shard_path(out_dir: Path, start: int, stop: int) -> Path:
     return out_dir / "shards" / f"rows-{start:012d}-{stop:012d}.h5"
 
 
-def label_rows(ctx, pool, path: Path, start: int, stop: int, *, total: int, device, image_shape, num_classes,
-               save_logits, attrs) -> None:
-    """Pool rows [start, stop) through the teacher into `path`, resuming at the last block written."""
-    cfg, run_cfg = ctx.config.pseudolabel, ctx.config.run
-    labeled = ctx.sources["labeled"].dataset
-    teacher = load_model(ctx.inputs["teacher"].path / "model.pt", device=device, channels_last=run_cfg.channels_last)
+def label_rows(teacher, pool, path: Path, start: int, stop: int, *, total: int, device, precision: str,
+               batch_size: int, dedup: NearDuplicateFilter | None, image_shape, num_classes, save_logits, attrs,
+               log: Callable[[str], None] = print, progress: bool = True) -> None:
+    """Pool rows [start, stop) through `teacher` into `path`, `batch_size` rows a block, resuming at the last
+    block committed; rows `dedup` flags are dropped."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # The writer's row counts are relative to the shard; pool_index holds the pool's own rows.
     writer = PseudoLabelWriter(path, capacity=stop - start, image_shape=image_shape, num_classes=num_classes,
-                               save_logits=save_logits, attrs=attrs, commit_seconds=COMMIT_SECONDS, log=ctx.log)
+                               save_logits=save_logits, attrs=attrs, commit_seconds=COMMIT_SECONDS, log=log)
     if writer.resumed:
-        ctx.log(f"  resumed at pool row {start + writer.pool_rows_done} of {total}")
-    dedup = NearDuplicateFilter(labeled.test_images, cfg.dedup_threshold, device) if cfg.dedup_test else None
+        log(f"  resumed at pool row {start + writer.pool_rows_done} of {total}")
 
     try:
-        starts = list(range(start + writer.pool_rows_done, stop, cfg.batch_size))
+        starts = list(range(start + writer.pool_rows_done, stop, batch_size))
         threaded = prefetch_depth(1, device) > 0
         with _worker("pool-read", threaded) as reader, _worker("h5-write", threaded) as write_queue:
             # Threaded: read block i+1 while the teacher runs on block i, write block i while block i+1
             # computes (2 CPU cores, huge pages, 100,000 images: 4,732-5,220 img/s threaded, 5,036-5,625 not).
-            next_block = reader.submit(pool.read, starts[0], min(starts[0] + cfg.batch_size, stop)) if starts else None
+            next_block = reader.submit(pool.read, starts[0], min(starts[0] + batch_size, stop)) if starts else None
             pending_write = None
-            for block_start in tqdm(starts, desc="pseudolabel", unit="block", disable=not ctx.dist.is_main):
-                block_stop = min(block_start + cfg.batch_size, stop)
+            for block_start in tqdm(starts, desc="pseudolabel", unit="block", disable=not progress):
+                block_stop = min(block_start + batch_size, stop)
                 images = next_block.result()
                 if block_stop < stop:
-                    next_block = reader.submit(pool.read, block_stop, min(block_stop + cfg.batch_size, stop))
-                with torch.inference_mode(), autocast(device, run_cfg.precision):
+                    next_block = reader.submit(pool.read, block_stop, min(block_stop + batch_size, stop))
+                with torch.inference_mode(), autocast(device, precision):
                     logits = teacher(to_tensor_images(images, device)).float()
                 confidence, labels = torch.softmax(logits, dim=1).max(dim=1)
                 keep = ~dedup.duplicates(images) if dedup is not None else np.ones(len(images), dtype=bool)

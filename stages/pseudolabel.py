@@ -39,7 +39,8 @@ def run(ctx) -> None:
     import h5py
 
     from ml.devices import resolve_device
-    from ml.labeling import label_rows, merge_shards, shard_path
+    from ml.labeling import NearDuplicateFilter, label_rows, merge_shards, shard_path
+    from ml.models import load_model
 
     cfg, run_cfg = ctx.config.pseudolabel, ctx.config.run
     device = resolve_device(run_cfg.device, ctx.dist.local_rank)
@@ -59,7 +60,11 @@ def run(ctx) -> None:
     # with another world size starts new shards (a merge is never resumed: it is quick and redone).
     path = shard_path(ctx.out_dir, start, stop) if ctx.dist.enabled else final
     if start < stop or not ctx.dist.enabled:  # one process writes its (possibly empty) file regardless
-        label_rows(ctx, pool, path, start, stop, total=total, device=device, **spec)
+        teacher = load_model(ctx.inputs["teacher"].path / "model.pt", device=device,
+                             channels_last=run_cfg.channels_last)
+        dedup = NearDuplicateFilter(labeled.test_images, cfg.dedup_threshold, device) if cfg.dedup_test else None
+        label_rows(teacher, pool, path, start, stop, total=total, device=device, precision=run_cfg.precision,
+                   batch_size=cfg.batch_size, dedup=dedup, log=ctx.log, progress=ctx.dist.is_main, **spec)
     distributed.barrier()
     if not ctx.dist.is_main:  # the others wait at the runner's barrier while rank 0 merges and reports
         return

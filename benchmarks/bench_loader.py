@@ -34,7 +34,7 @@ SHAPE = (32, 32, 3)
 
 def write_pseudolabels(path: Path, pool_images: np.ndarray, labels: np.ndarray, block: int = 4096) -> Path:
     """A complete pseudolabels.h5 holding `pool_images`, written the way the pseudolabel stage writes it."""
-    from data.pseudolabel_file import PseudoLabelWriter
+    from data.pseudolabel_writer import PseudoLabelWriter
 
     writer = PseudoLabelWriter(path, capacity=len(pool_images), image_shape=pool_images.shape[1:], num_classes=10,
                                attrs={"class_names": [f"class{k}" for k in range(10)], "pool_name": "bench",

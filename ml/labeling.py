@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.pseudolabel_file import PseudoLabelWriter
+from data.pseudolabel_writer import PseudoLabelWriter
 from data.mixed import prefetch_depth
 from ml.devices import autocast
 from ml.evaluation import to_tensor_images

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from data.pseudolabel_file import PseudoLabelReader
-from data.pseudolabel_file import PseudoLabelWriter
+from data.pseudolabel_writer import PseudoLabelWriter
 from data.mixed import MixedBatchLoader, MixedBatchSampler
 
 

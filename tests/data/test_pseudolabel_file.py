@@ -10,7 +10,8 @@ import pytest
 
 from tests.conftest import small_disk
 from data.pseudolabel_file import PseudoLabelReader
-from data.pseudolabel_file import SCHEMA_VERSION, PseudoLabelWriter, validate_pseudolabels
+from data.pseudolabel_file import SCHEMA_VERSION, validate_pseudolabels
+from data.pseudolabel_writer import PseudoLabelWriter
 from pipeline.core.errors import UserError
 
 N, SHAPE, K = 50, (8, 8, 3), 10
@@ -363,7 +364,7 @@ import sys
 import numpy as np
 from pipeline.core.errors import UserError
 from tests.data.test_pseudolabel_file import K, ATTRS
-from data.pseudolabel_file import PseudoLabelWriter
+from data.pseudolabel_writer import PseudoLabelWriter
 n, shape = 4000, (28, 28, 1)
 images = np.random.default_rng(0).integers(0, 256, size=(n, *shape), dtype=np.uint8)
 w = PseudoLabelWriter(sys.argv[1], capacity=n, image_shape=shape, num_classes=K, attrs=ATTRS,
@@ -414,10 +415,10 @@ def test_real_full_disk_on_a_tmpfs_then_more_space(tmp_path, rows_per_chunk):
 def test_commit_interval_counts_only_committed_rows_and_finish_commits(tmp_path, monkeypatch):
     """With commit_seconds, rows are written at once but made durable and counted only when the interval has
     passed: a kill before then resumes at the last commit, and the resumed file equals an uninterrupted one."""
-    from data import pseudolabel_file as plf
+    from data import pseudolabel_writer as plw
 
     clock = {"now": 1000.0}
-    monkeypatch.setattr(plf.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(plw.time, "monotonic", lambda: clock["now"])
     src, path = make_pool(), tmp_path / "p.h5"
     write_file(tmp_path / "straight.h5", src)
     w = new_writer(path, commit_seconds=5.0)

@@ -164,7 +164,7 @@ def test_sharded_pseudolabel_with_dropped_rows_and_logits_merges_like_one_proces
 
 
 def test_an_interrupted_shard_resumes_at_its_last_block(torchrun_workdir, tmp_path, monkeypatch):
-    from data import pseudolabel_file
+    from data import pseudolabel_writer
     from pipeline.config import load_config
     from pipeline.core.distributed import DistInfo
     from ml import labeling
@@ -173,7 +173,7 @@ def test_an_interrupted_shard_resumes_at_its_last_block(torchrun_workdir, tmp_pa
 
     config = load_config(SMOKE, ["run.device=cpu", "pool.limit=1000", "pseudolabel.batch_size=100"])
     data, teacher = open_sources(config, tmp_path), torchrun_workdir[0] / "teacher"
-    original_append = pseudolabel_file.PseudoLabelWriter.append
+    original_append = pseudolabel_writer.PseudoLabelWriter.append
     calls = {"n": 0}
 
     def append_then_die(self, **kwargs):
@@ -182,10 +182,10 @@ def test_an_interrupted_shard_resumes_at_its_last_block(torchrun_workdir, tmp_pa
         if calls["n"] == 2:
             raise KeyboardInterrupt  # as if rank 1 were killed right after its second block reached the disk
 
-    monkeypatch.setattr(pseudolabel_file.PseudoLabelWriter, "append", append_then_die)
+    monkeypatch.setattr(pseudolabel_writer.PseudoLabelWriter, "append", append_then_die)
     with pytest.raises(KeyboardInterrupt):  # rank 1 of 2 owns pool rows [500, 1000)
         run_pseudolabel_stage(config, tmp_path / "sharded", teacher, DistInfo(1, 2, 1), data)
-    monkeypatch.setattr(pseudolabel_file.PseudoLabelWriter, "append", original_append)
+    monkeypatch.setattr(pseudolabel_writer.PseudoLabelWriter, "append", original_append)
     lines = []
     run_pseudolabel_stage(config, tmp_path / "sharded", teacher, DistInfo(1, 2, 1), data, log=lines.append)
     assert lines == ["  resumed at pool row 700 of 1000"]

@@ -63,7 +63,7 @@ def test_kill_9_then_resume_equals_uninterrupted(smoke_workdir, tmp_path, stage)
 def test_pseudolabel_resumes_at_block_granularity(smoke_workdir, tmp_path, monkeypatch, threaded):
     """An interrupted pseudolabel stage continues after the last block written, same file in the end, whether
     it reads and writes in threads (a GPU, a spare core) or in the teacher's thread (every core busy)."""
-    from data import pseudolabel_file
+    from data import pseudolabel_writer
     from pipeline.config import load_config
     from pipeline.runner import Runner
     from ml import labeling
@@ -74,7 +74,7 @@ def test_pseudolabel_resumes_at_block_granularity(smoke_workdir, tmp_path, monke
     workdir = tmp_path / "w"
     shutil.copytree(smoke_workdir / "teacher", workdir / "teacher")
     config = load_config(SMOKE, ["pseudolabel.batch_size=256"])
-    original_append = pseudolabel_file.PseudoLabelWriter.append
+    original_append = pseudolabel_writer.PseudoLabelWriter.append
     calls = {"n": 0}
 
     def append_then_die(self, **kwargs):
@@ -83,10 +83,10 @@ def test_pseudolabel_resumes_at_block_granularity(smoke_workdir, tmp_path, monke
         if calls["n"] == 3:
             raise KeyboardInterrupt  # as if killed right after the third block reached the disk
 
-    monkeypatch.setattr(pseudolabel_file.PseudoLabelWriter, "append", append_then_die)
+    monkeypatch.setattr(pseudolabel_writer.PseudoLabelWriter, "append", append_then_die)
     with pytest.raises(KeyboardInterrupt):
         Runner(config, workdir, log=lambda m: None).run(["pseudolabel"])
-    monkeypatch.setattr(pseudolabel_file.PseudoLabelWriter, "append", original_append)
+    monkeypatch.setattr(pseudolabel_writer.PseudoLabelWriter, "append", original_append)
     lines = []
     Runner(config, workdir, log=lines.append).run(["pseudolabel"])
     assert any("resumed at pool row 768 of 2000" in line for line in lines)

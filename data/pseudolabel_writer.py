@@ -1,0 +1,312 @@
+"""The resumable writer of `pseudolabels.h5` (the format, its validator and reader: data/pseudolabel_file.py)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Callable, Iterator
+
+import h5py
+import numpy as np
+
+from data.pseudolabel_file import (CACHE_BYTES, DTYPES, REQUIRED_ATTRS, SCHEMA_VERSION, default_rows_per_chunk,
+                                   to_python)
+from pipeline.core.errors import UserError, storage_error
+
+# Attributes the writer owns: a caller passing them would silently fight the bookkeeping.
+_BOOKKEEPING_ATTRS = ("rows_written", "pool_rows_done", "complete")
+# 1-D columns are read whole, so their chunks only need to be large enough to keep metadata small.
+_COLUMN_CHUNK_ROWS = 1 << 16
+
+
+class PseudoLabelWriter:
+    """Preallocated, chunked, resumable writer. Rows are appended in pool order (only the kept rows).
+
+    If `path` holds an incomplete file of ours written for the same pool and teacher (same
+    `pool_fingerprint`, `teacher_fingerprint`, image shape, capacity, `num_classes`, `save_logits`),
+    it is reopened and writing resumes at its `rows_written`/`pool_rows_done` (`resumed` is True);
+    anything else at `path` (finished, foreign, different teacher) is replaced, and so is a file that
+    cannot be read or claims rows it does not hold (`discarded` says why, and `log` is told).
+
+    A full disk or I/O error while writing raises a UserError naming the file and the free space. The
+    file then keeps what the last commit made durable: a commit flushes and fsyncs the rows before it
+    records them in `rows_written`, so the recorded progress never runs ahead of the disk. With
+    `commit_seconds` = 0 every append commits; with more, an append commits only when that long has
+    passed since the last commit (and `finish` always does), so a kill redoes at most that much work
+    and a fast producer does not pay a flush and an fsync per block (`rows_written`/`pool_rows_done`
+    here count every appended row; the file's attributes, what a resume reads, count the committed).
+    """
+
+    def __init__(self, path, *, capacity: int, image_shape: tuple[int, int, int], num_classes: int,
+                 attrs: dict, save_logits: bool = False, rows_per_chunk: int | None = None,
+                 compression: str | None = None, commit_seconds: float = 0.0, log: Callable[[str], None] = print):
+        missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+        if missing:
+            raise ValueError(f"PseudoLabelWriter: attrs lacks {missing}")
+        for key in _BOOKKEEPING_ATTRS:
+            if key in attrs:
+                raise ValueError(f"PseudoLabelWriter: attrs[{key!r}] is maintained by the writer")
+        for key, ours in (("schema_version", SCHEMA_VERSION), ("num_classes", num_classes)):
+            if key in attrs and to_python(attrs[key]) != ours:
+                raise ValueError(f"PseudoLabelWriter: attrs[{key!r}]={attrs[key]!r} contradicts {ours!r}")
+        self.path = os.fspath(path)
+        self.capacity = int(capacity)
+        self.image_shape = tuple(int(d) for d in image_shape)
+        self.num_classes = int(num_classes)
+        self.save_logits = bool(save_logits)
+        self.rows_per_chunk = int(rows_per_chunk or default_rows_per_chunk(self.image_shape))
+        self._file: h5py.File | None = None
+        self._datasets: dict[str, h5py.Dataset] = {}
+        self._fd = -1  # the HDF5 driver's descriptor, for fsync and for abandoning a failed file
+        self.commit_seconds = float(commit_seconds)
+        self._committed_at = time.monotonic()
+
+        self.discarded: str | None = None
+        self.resumed = self._check_resumable(attrs)
+        if self.resumed:
+            with self._storage_failures():
+                self._attach(self._open("r+"))
+            self.rows_written = int(self._file.attrs["rows_written"])
+            self.pool_rows_done = int(self._file.attrs["pool_rows_done"])
+        else:
+            if self.discarded:
+                log(f"  {self.path} was left unreadable or inconsistent ({self.discarded}); discarding it "
+                    "and starting that file over")
+            self._create(attrs, compression)
+            self.rows_written = 0
+            self.pool_rows_done = 0
+
+    def _open(self, mode: str) -> h5py.File:
+        return h5py.File(self.path, mode, rdcc_nbytes=CACHE_BYTES, rdcc_nslots=10007)
+
+    def _attach(self, f: h5py.File) -> None:
+        self._file = f
+        try:
+            self._fd = int(f.id.get_vfd_handle())
+        except (TypeError, ValueError, RuntimeError, OSError):  # a driver without a POSIX descriptor
+            self._fd = -1
+        # Held open for the writer's life: a dataset closed after each write would flush its chunk
+        # cache in h5py's deallocator, where a failed write is printed and ignored, not raised.
+        self._datasets = {name: f[name] for name in DTYPES if name in f}
+
+    def _check_resumable(self, attrs: dict) -> bool:
+        """True if `path` is an unfinished write of this same job whose recorded rows are all on disk.
+        Sets `discarded` to the reason when the file is ours but cannot be trusted."""
+        if not os.path.isfile(self.path):
+            return False
+        try:
+            f = self._open("r")  # read-only: checking a damaged file must not write to it
+        except Exception as e:  # garbage, or torn by a kill or a full disk mid-append: start afresh
+            self.discarded = f"cannot be opened: {_first_line(e)}"
+            return False
+        try:
+            with f:
+                a = f.attrs
+                images = f.get("images")
+                same = (
+                    to_python(a.get("schema_version")) == SCHEMA_VERSION
+                    and to_python(a.get("complete")) == 0
+                    and images is not None
+                    and images.shape == (self.capacity, *self.image_shape)
+                    and to_python(a.get("num_classes")) == self.num_classes
+                    and ("logits" in f) == self.save_logits
+                    and to_python(a.get("pool_fingerprint")) == to_python(attrs["pool_fingerprint"])
+                    and to_python(a.get("teacher_fingerprint")) == to_python(attrs["teacher_fingerprint"])
+                )
+                if not same:  # finished, or another job's: replaced without comment
+                    return False
+                rows, pool_rows = int(a.get("rows_written", -1)), int(a.get("pool_rows_done", -1))
+                if not 0 <= rows <= min(self.capacity, pool_rows):
+                    self.discarded = f"rows_written {rows}, pool_rows_done {pool_rows}"
+                    return False
+                missing = _rows_not_on_disk(f, rows, os.path.getsize(self.path))
+                if missing:
+                    self.discarded = f"claims {rows} rows but {missing}"
+                    return False
+                return True
+        except Exception as e:  # h5py raises OSError, RuntimeError, KeyError... on a damaged file
+            self.discarded = f"cannot be read: {_first_line(e)}"
+            return False
+
+    @contextlib.contextmanager
+    def _storage_failures(self) -> Iterator[None]:
+        """A full disk or I/O error while HDF5 writes: abandon the file and raise the UserError."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            error = storage_error(e, self.path)
+            if error is None:
+                raise
+            self._abandon()
+            raise error from e
+
+    def _abandon(self) -> None:
+        """Close the file without HDF5 writing to it again.
+
+        After a failed write HDF5 keeps its metadata dirty and retries it on every close and again at
+        exit, where the second failure crashes the process ("Slist already enabled?", then a segfault).
+        Pointing the driver's descriptor at /dev/null lets that close succeed while the file keeps what
+        the last successful flush wrote; the next writer checks it before resuming.
+        """
+        f, self._file = self._file, None
+        if f is None:
+            return
+        if self._fd >= 0:
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, self._fd)
+            finally:
+                os.close(null)
+        with contextlib.suppress(Exception):  # nothing useful is left to report about this handle
+            f.close()
+        self._datasets, self._fd = {}, -1  # after the close: dropping an open dataset would flush it
+
+    def _durable_flush(self) -> None:
+        self._file.flush()
+        if self._fd >= 0:
+            os.fsync(self._fd)
+
+    def _create(self, attrs: dict, compression: str | None) -> None:
+        try:
+            with self._storage_failures():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)  # a new inode: nothing of a damaged file (or another's handle) survives
+                self._attach(self._open("w"))
+                self._create_datasets(attrs, compression)
+        except UserError:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # an empty, half-created file is no use to a resume
+            raise
+
+    def _create_datasets(self, attrs: dict, compression: str | None) -> None:
+        f = self._file
+        n = self.capacity
+        image_chunk = (self.rows_per_chunk, *self.image_shape)
+        column_chunk = (min(_COLUMN_CHUNK_ROWS, max(1, n)),)
+        # maxshape None on the row axis: finish() shrinks to the rows kept.
+        f.create_dataset("images", shape=(n, *self.image_shape), maxshape=(None, *self.image_shape),
+                         dtype=np.uint8, chunks=image_chunk, compression=compression,
+                         dcpl=None if compression else _preallocated())
+        for name in ("labels", "confidence", "pool_index"):
+            f.create_dataset(name, shape=(n,), maxshape=(None,), dtype=DTYPES[name], chunks=column_chunk,
+                             dcpl=_preallocated())
+        if self.save_logits:
+            k = self.num_classes
+            f.create_dataset("logits", shape=(n, k), maxshape=(None, k), dtype=np.float16,
+                             chunks=(column_chunk[0], k), dcpl=_preallocated())
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["num_classes"] = self.num_classes
+        f.attrs["rows_written"] = 0
+        f.attrs["pool_rows_done"] = 0
+        f.attrs["complete"] = 0
+        self._datasets = {name: f[name] for name in DTYPES if name in f}
+        self._durable_flush()
+
+    def append(self, *, images, labels, confidence, pool_index, logits=None, pool_rows_done: int) -> None:
+        """Write the kept rows of a pool batch; `pool_rows_done` = pool rows examined so far (kept or not)."""
+        if self._file is None:
+            raise ValueError("PseudoLabelWriter: append after close/finish")
+        images = np.asarray(images)
+        n = len(images)
+        if images.dtype != np.uint8 or images.shape[1:] != self.image_shape:
+            raise ValueError(f"images must be uint8 (n, {self.image_shape}), got {images.dtype} {images.shape}")
+        columns = {"labels": labels, "confidence": confidence, "pool_index": pool_index}
+        if self.save_logits:
+            if logits is None:
+                raise ValueError("save_logits=True: append needs logits")
+            columns["logits"] = logits
+        elif logits is not None:
+            raise ValueError("save_logits=False: append got logits")
+        columns = {k: np.asarray(v).astype(DTYPES[k], copy=False) for k, v in columns.items()}
+        for name, col in columns.items():
+            if len(col) != n:
+                raise ValueError(f"{name} has {len(col)} rows, images has {n}")
+        start, stop = self.rows_written, self.rows_written + n
+        if stop > self.capacity:
+            raise ValueError(f"capacity {self.capacity} exceeded: {stop} rows")
+        if pool_rows_done < self.pool_rows_done or pool_rows_done < stop:
+            raise ValueError(f"pool_rows_done={pool_rows_done} went backwards or below the rows written")
+
+        with self._storage_failures():
+            if n:
+                self._datasets["images"][start:stop] = images
+                for name, col in columns.items():
+                    self._datasets[name][start:stop] = col
+        self.rows_written, self.pool_rows_done = stop, int(pool_rows_done)
+        if time.monotonic() - self._committed_at >= self.commit_seconds:
+            self._commit()
+
+    def _commit(self) -> None:
+        # The rows reach the disk (flush and fsync: NFS reports a full disk only there) before the counts
+        # that record them, so the counts on disk never run ahead of the rows. The counts themselves need
+        # no fsync: if they are lost, a resume redoes these rows, and the next commit's fsync (or the
+        # close) reports any failure to write them.
+        with self._storage_failures():
+            self._durable_flush()
+            self._file.attrs["rows_written"] = self.rows_written
+            self._file.attrs["pool_rows_done"] = self.pool_rows_done
+            self._file.flush()
+        self._committed_at = time.monotonic()
+
+    def finish(self) -> None:
+        """Shrink every dataset to the rows written, mark the file complete, close it."""
+        if self._file is None:
+            raise ValueError("PseudoLabelWriter: finish after close")
+        self._commit()
+        with self._storage_failures():
+            for dataset in self._datasets.values():
+                dataset.resize(self.rows_written, axis=0)
+            self._durable_flush()  # the shrunk layout on disk before the mark that says it is final
+            self._file.attrs["complete"] = 1
+            self._durable_flush()
+        self.close()
+
+    def close(self) -> None:
+        """Close without finishing: the file stays incomplete and resumable."""
+        if self._file is not None:
+            with self._storage_failures():
+                self._file.close()  # closes the datasets too, raising (not printing) a failed flush
+            self._file, self._datasets, self._fd = None, {}, -1
+
+    def __enter__(self) -> "PseudoLabelWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _preallocated():
+    """Dataset creation properties: every chunk placed in the file (and indexed) when the dataset is
+    created, none of it written until the rows come (the file stays sparse). Appends then only write
+    data into place and never change the file's structure, so a write that fails on a full disk
+    cannot leave a chunk index that points past the end of the file. (Compressed chunks change size
+    as they are written, so a compressed file is laid out chunk by chunk as before.)"""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return dcpl
+
+
+def _rows_not_on_disk(f: h5py.File, rows: int, file_size: int) -> str | None:
+    """Which of the first `rows` rows of each dataset the file does not hold, or None if it holds them all.
+
+    A full disk can leave the chunk index pointing past the end of the file, or chunks never allocated;
+    reading the last claimed row then makes HDF5 read the chunk, which catches what the index hides.
+    """
+    for name in DTYPES:
+        if name not in f or rows == 0:
+            continue
+        ds = f[name]
+        chunk_rows = ds.chunks[0] if ds.chunks else rows
+        for first in range(0, rows, chunk_rows):
+            info = ds.id.get_chunk_info_by_coord((first,) + (0,) * (ds.ndim - 1))
+            if info.byte_offset is None or info.byte_offset + info.size > file_size:
+                return f"{name!r} rows from {first} are not in the file"
+        ds[rows - 1]
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

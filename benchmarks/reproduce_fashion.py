@@ -72,7 +72,8 @@ from pipeline.sweep import SEED_KEY, run_sweep
 BASE_CONFIG = CONFIG_DIR / "demo.toml"
 LOSSES = ("pgd-at", "trades", "mart")
 DATA_SETTINGS = {"labels only": 0.0, "+ pseudo-labeled pool": 0.5}  # -> mart.unsup_fraction
-GRID = [f"mart.loss={','.join(LOSSES)}", f"mart.unsup_fraction={','.join(map(str, DATA_SETTINGS.values()))}"]
+# MART's runs first (the claim under test), so a run stopped part way (it resumes) has measured those.
+GRID = [f"mart.loss={','.join(reversed(LOSSES))}", f"mart.unsup_fraction={','.join(map(str, DATA_SETTINGS.values()))}"]
 ATTACKS_SWEEP, AUTOATTACK_SWEEP = "attacks", "autoattack"  # sweep dirs under the work dir, one store beside them
 
 
@@ -142,9 +143,6 @@ def run(budget: Budget = DEFAULT, workdir: Path | str = "runs/reproduce_fashion"
                           ["mart", "eval"], workdir / ATTACKS_SWEEP, seeds=seed_list, log=log)
     raw = variant_rows(sweep_csv, budget.attacks)
     if budget.autoattack_n:
-        # MART's models first: the costliest sweep, and MART is the claim under test, so a run stopped part
-        # way (it resumes) has attacked those first.
-        common = budget.overrides() + [f"mart.loss={','.join(reversed(LOSSES))}", GRID[1]]
         sweep_csv = run_sweep(BASE_CONFIG, common + [f"eval.attacks={_toml_list([budget.autoattack])}",
                                                      f"eval.n={budget.autoattack_n}"],
                               ["eval"], workdir / AUTOATTACK_SWEEP, seeds=seed_list, log=log)

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true", help="only list what would be removed (takes no lock)")
     gc.add_argument("--forget", action="append", default=[], metavar="PATH",
                     help="a registered work dir that no longer exists: stop keeping its entries (repeatable)")
+    gc.add_argument("--wait", action="store_true",
+                    help="wait until no run uses the store instead of exiting 2 (for a scheduled gc; runs that "
+                         "start meanwhile are let in, so on a store that is never idle it keeps waiting)")
     export = commands.add_parser("export", help="write a model.pt in another format (RobustBench)")
     export.add_argument("model", help="a model.pt written by a stage, e.g. runs/<config name>/<stage>/model.pt")
     export.add_argument("--format", default="robustbench", choices=["robustbench"])
@@ -233,7 +236,8 @@ def print_results(workdir: Path, plans) -> None:
 def _gc(args) -> int:
     """Entries no registered work dir links to go; a work dir that moved or vanished keeps its entries until
     --forget. Removing holds the store's lock exclusively (runs hold it shared), so it never races a run;
-    --dry-run takes no lock and changes nothing."""
+    without --wait a busy store is exit 2, with it gc blocks until the store is free. --dry-run takes no
+    lock and changes nothing."""
     from pipeline.core import locks
     from pipeline.workdir_registry import read_id
     from pipeline.runner import default_workdir, run_in_progress
@@ -252,16 +256,25 @@ def _gc(args) -> int:
     if args.dry_run:
         _collect(store, args, remove=False)
         return EXIT_OK
+    def busy_workdirs() -> list[str]:
+        return [f"{r.path} ({run_in_progress(r.path)})" for r in store.registry.all() if run_in_progress(r.path)]
+
+    def waiting(holder: str) -> None:
+        busy = busy_workdirs()
+        print(f"waiting for the runs using the store {root} to finish" + (f": {', '.join(busy)}" if busy else ""),
+              flush=True)
+
     try:
-        with locks.exclusive(store.lock_file):
+        with locks.exclusive(store.lock_file, wait=args.wait, on_wait=waiting):
             if args.workdir and read_id(Path(args.workdir)) is not None:
                 store.register(Path(args.workdir))  # a moved work dir: its record follows it here
             _collect(store, args, remove=True)
     except locks.Locked:
-        busy = [f"{r.path} ({run_in_progress(r.path)})" for r in store.registry.all() if run_in_progress(r.path)]
+        busy = busy_workdirs()
         raise UserError(f"runs are using the store {root}" + (f": {', '.join(busy)}" if busy else "") +
                         "; gc removes entries only while no run holds the store, so that it never removes one "
-                        "a run is about to use. Run gc when they have finished (`gc --dry-run` works now).") from None
+                        "a run is about to use. Run gc when they have finished, or with --wait (`gc --dry-run` "
+                        "works now).") from None
     return EXIT_OK
 
 

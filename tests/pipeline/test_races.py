@@ -87,10 +87,19 @@ def test_gc_cannot_remove_what_a_run_in_a_new_work_dir_has_planned_to_use(tmp_pa
         assert gc.returncode == 2 and "Traceback" not in gc.stderr  # ... but gc does not remove it
         assert "runs are using the store" in gc.stderr and str(tmp_path / "new") in gc.stderr
         assert (seed0[0] / "out.txt").read_text() == "built"
+        # A scheduled gc waits instead: it says for whom, and goes on only once the run is over.
+        waiting = subprocess.Popen([sys.executable, "-m", "pipeline", "gc", "--store", str(store), "--wait"],
+                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = waiting.stdout.readline()
+        assert line.startswith(f"waiting for the runs using the store {store} to finish") and str(tmp_path / "new") in line
+        assert waiting.poll() is None and (seed0[0] / "out.txt").exists()
     finally:
         os.kill(run.pid, signal.SIGCONT)
     code, out, err = finish(run)
     assert code == 0, err
+    rest, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, err
+    assert "0 unreferenced entries" in rest  # what the run linked is referenced now: nothing went
     assert "teacher: cached" in out and "mart: ran in" in out
     assert (tmp_path / "new" / "teacher").resolve() == seed0[0]
     assert (tmp_path / "new" / "mart" / "out.txt").read_text() == "built then mart"

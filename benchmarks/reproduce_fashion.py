@@ -37,16 +37,13 @@ eval.sweep and eval.checks off (they would add a 6-point PGD-20 sweep and PGD-10
 PGD-20 on 64 images, autoattack-fast on 4, one seed: a smoke test of this script (under a minute on an idle
 2-core CPU), numbers meaningless.
 
-Runtime (default): about 40 minutes on an idle 2-core AMD EPYC (AVX2, so fp32; torch 2.14.1, 2 threads):
-per run ~80 s of MART training (8 x 3,072 examples), ~15 s of clean + PGD-20 + CW-30 on 500 images and
-~75 s of AutoAttack on 32, x 12, plus ~1 minute of teacher and pseudo-labels per seed. With other jobs on
-the cores everything is 2-5x slower (AutoAttack's many small batches suffer most).
+Runtime (default), 2-core Xeon with AMX (bf16 training, fp32 evaluation): per model ~20-50 s of MART
+training, ~3.5 minutes of clean + PGD-20 + CW-30 on 10,000 images and ~4 minutes of autoattack-fast on
+1,000 (2 threads, nothing else running; the README times AutoAttack's parts), x 18, plus ~20 s of teacher
+and pseudo-labels per seed: about 2.5 hours, more than one working session, so it is cached and resumes.
 
-Accuracy (the README's table, "Reproducing the papers' claims"; per-seed rows in
-benchmarks/reproduce_fashion.csv): MART with the pool is the most robust row under PGD-20 (66.2%, +2.1
-points over MART on labels only), clean accuracy 76-80% throughout, AutoAttack 50-59% on 32 images.
-Those rows were measured before PGD-AT's training attack took Madry's uniform random start, so their PGD-AT rows
-are stale until the benchmark is rerun; the TRADES and MART rows stand.
+Accuracy: the README's table, "Reproducing the papers' claims" (per-model rows in
+benchmarks/reproduce_fashion.csv).
 """
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ this project's 2-core Xeon a batch-1024 `tiny-cnn` forward spent 40% of its CPU 
 paid 500,000 faults per batch. With `M_MMAP_MAX = 0` glibc serves those allocations from its heap,
 where a freed block is reused by the next step, and a high `M_TRIM_THRESHOLD` keeps it from handing the
 heap's top back between steps: the same forward ran 1.6-1.8x faster, the pseudolabel stage 2.1x and
-PGD-20 1.2x (README, "Host memory on a Linux CPU"). The cost is that memory freed at a stage's end stays in the process until
-`release_free_memory` (malloc_trim) returns it, which the runner calls after every stage.
+PGD-20 1.2x (README, "Host memory on a Linux CPU"). The cost is that memory freed at a stage's end stays
+in the process until `release_free_memory` (malloc_trim) returns it, which the runner calls after every
+stage.
 
 glibc's other arenas (threads other than the main one) still fall back to mmap for blocks over their
 64 MiB heaps, so nothing fails that worked before. On another C library (musl, macOS) both calls do

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 import torch
 import torch.nn as nn
@@ -28,9 +29,22 @@ def native_bf16(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
+    if not _onednn_may_use_bf16():
+        return False
     # Private probes (torch 2.x); a torch without them is treated as having no native bf16.
     probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
     return any(probe is not None and probe() for probe in probes)
+
+
+def _onednn_may_use_bf16() -> bool:
+    """False where ONEDNN_MAX_CPU_ISA (or its old name DNNL_MAX_CPU_ISA) caps oneDNN below AVX-512 BF16: the
+    CPU has the instructions but the convolutions will not use them (torch's probes read only the CPU).
+    This is also how to run the AVX2-only path on a newer CPU: ONEDNN_MAX_CPU_ISA=AVX2
+    ATEN_CPU_CAPABILITY=avx2."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    # oneDNN's names: SSE41, AVX, AVX2, AVX2_VNNI(_2), AVX512_CORE(_VNNI) lack bf16 dot products;
+    # AVX512_CORE_BF16, AVX512_CORE_FP16, AVX512_CORE_AMX(_FP16), AVX10_1_512(_AMX(_FP16)), ALL have them.
+    return cap in ("ALL", "DEFAULT") or "BF16" in cap or "AMX" in cap or "FP16" in cap or cap.startswith("AVX10")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -58,6 +58,22 @@ def test_auto_precision_is_bf16_only_where_native(monkeypatch):
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
 
 
+@pytest.mark.parametrize("cap, native", [("AVX2", False), ("avx512_core_vnni", False), ("AVX2_VNNI_2", False),
+                                         ("AVX512_CORE_BF16", True), ("AVX512_CORE_AMX", True), ("ALL", True)])
+def test_auto_precision_follows_a_onednn_isa_cap(monkeypatch, cap, native):
+    """ONEDNN_MAX_CPU_ISA below AVX-512 BF16 keeps oneDNN off the bf16 instructions the CPU has, so `auto`
+    must take fp32 there (the way to run the AVX2-only path on an AMX machine)."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert devices.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", cap)
+    assert devices.native_bf16(cpu) is native
+
+
 class ModeSpy(torch.nn.Module):
     """Records the mode of every forward through it."""
 

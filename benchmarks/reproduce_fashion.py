@@ -217,7 +217,7 @@ def machine() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one seed: a smoke test (~1 minute)")
-    parser.add_argument("--seeds", type=int, nargs="+", help="run.seed values (default: 0 1; --quick: 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="run.seed values (default: 0 1 2; --quick: 0)")
     parser.add_argument("--workdir", help="sweeps and their store (default runs/reproduce_fashion[_quick])")
     parser.add_argument("--out", help="CSV of the per-seed rows (default benchmarks/reproduce_fashion.csv; "
                                       "--quick: <workdir>/reproduce_fashion.csv)")

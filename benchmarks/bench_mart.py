@@ -267,7 +267,7 @@ def run(quick: bool = False) -> tuple[list[Comparison], dict]:
         settings = ("fp32", "fp32+channels_last", "bf16+channels_last")
     else:
         # Emulated bf16 runs several times slower than fp32; run.precision = "auto" never picks it here.
-        print("bf16: not measured, this CPU has no native bf16 (no AVX-512 BF16 / AMX)")
+        print("bf16: not measured, no native bf16 here (no AVX-512 BF16 / AMX, or ONEDNN_MAX_CPU_ISA below them)")
         settings = ("fp32", "fp32+channels_last")
     rows, results = [], {}
     for name, (arch, shape, batch_size, steps, target, fp32_setting) in MODELS.items():

@@ -17,9 +17,8 @@ Adopted fix: `data/pools.py` `NpyPool.read` reads rows with `np.fromfile`, no me
 Runtime: default (10,000 images, small-cnn) about 1 minute; --quick (2,000) about 15 s; --full
 (resnet18, 10,000) several minutes.
 
-Last seen (2-core AMD EPYC CPU (avx512_bf16), shared with a training job (load average ~4), torch
-2.14.1, --threads 1, --quick), before the fix: stage 512 img/s, bare NCHW 280 (1.83x), bare
-channels_last 465 (1.10x); with it prototyped, 445 (0.96x). Not rerun since.
+Last seen (2026-12-06, 2-core Xeon with AMX, default sizes, three runs): stage vs bare NCHW 1.59-1.60x, vs bare
+channels_last 0.87-0.92x (benchmarks/README.md: the fixed costs of a 1.8 s pass).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ hides its I/O).
 
 Adopted fix: `data/pools.py` `NpyPool.read` reads rows with `np.fromfile`, no memory-map view (README, problem 1).
 
-Runtime: default (10,000 images, small-cnn) about 1 minute; --quick (2,000) about 15 s; --full
+Runtime: default (10,000 images, small-cnn) about 15 s on 2 cores; --quick (2,000) under 10 s; --full
 (resnet18, 10,000) several minutes.
 
 Last seen (2026-12-06, 2-core Xeon with AMX, default sizes, three runs): stage vs bare NCHW 1.59-1.60x, vs bare

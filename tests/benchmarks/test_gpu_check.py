@@ -35,6 +35,25 @@ def test_cpu_checks_pass_and_cuda_checks_say_why_they_were_skipped(tmp_path, cap
         assert written.set_index("check").loc[CUDA_CHECKS, "seconds"].max() < 1
 
 
+
+def test_a_rehearsal_on_the_cpu_runs_the_cuda_checks_plumbing(tmp_path):
+    """--device cpu runs the CUDA checks' own code (the CLI runs, the SIGKILL and resume, the WRN timing
+    loop) at tiny sizes, so a GPU session does not spend its minutes finding a broken check; what needs
+    CUDA itself says so. The compile rows are left out here (inductor takes minutes on 2 cores)."""
+    names = ["loader-cuda", "pseudolabel", "mart-fp32", "mart-fp16", "mart-bf16-cl", "resume", "ddp-nccl", "wrn-fp32"]
+    table = gpu_check.main(["--device", "cpu", "--quick", "--only", ",".join(names), "--out", str(tmp_path / "t.csv"),
+                            "--workdir", str(tmp_path / "work")])
+    assert list(table["check"]) == names
+    status = dict(zip(table["check"], table["status"]))
+    detail = dict(zip(table["check"], table["detail"]))
+    for name in ("pseudolabel", "mart-fp32", "mart-bf16-cl", "resume", "wrn-fp32"):
+        assert status[name] == "ok", (name, detail[name])
+    assert "1.0000 agree with the teacher" in detail["pseudolabel"]
+    assert "resumed from checkpoint" in detail["resume"]
+    assert "img/s" in detail["wrn-fp32"]
+    for name in ("loader-cuda", "mart-fp16", "ddp-nccl"):
+        assert status[name] == "skipped" and "CUDA" in detail[name], (name, detail[name])
+
 def test_a_failing_check_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
     def broken(ctx):
         raise RuntimeError("CUDA error: out of memory\nmore lines")

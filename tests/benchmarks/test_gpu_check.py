@@ -35,7 +35,6 @@ def test_cpu_checks_pass_and_cuda_checks_say_why_they_were_skipped(tmp_path, cap
         assert written.set_index("check").loc[CUDA_CHECKS, "seconds"].max() < 1
 
 
-
 def test_a_rehearsal_on_the_cpu_runs_the_cuda_checks_plumbing(tmp_path):
     """--device cpu runs the CUDA checks' own code (the CLI runs, the SIGKILL and resume, the WRN timing
     loop) at tiny sizes, so a GPU session does not spend its minutes finding a broken check; what needs
@@ -53,6 +52,7 @@ def test_a_rehearsal_on_the_cpu_runs_the_cuda_checks_plumbing(tmp_path):
     assert "img/s" in detail["wrn-fp32"]
     for name in ("loader-cuda", "mart-fp16", "ddp-nccl"):
         assert status[name] == "skipped" and "CUDA" in detail[name], (name, detail[name])
+
 
 def test_a_failing_check_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
     def broken(ctx):

@@ -107,8 +107,9 @@ def _section(name: str, kind: type, stage) -> list[str]:
             extra.append(f"Other keys of `[{name}]` are taken too: {_cell(comment)}.")
             continue
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        allowed = rules.get(field.name, "`true`, `false`" if hints[field.name] is bool else "")
         lines.append(f"| `{field.name}` | `{_type_name(hints[field.name])}` | `{_toml(default)}` | "
-                     f"{_cell(comment)} | {_cell(rules.get(field.name, ''))} |")
+                     f"{_cell(comment)} | {_cell(allowed)} |")
     return lines + [""] + (extra + [""] if extra else [])
 
 

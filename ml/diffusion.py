@@ -108,17 +108,6 @@ def load_generator(directory: str | Path, *, key: str = "diffusion.checkpoint") 
 
     directory = Path(directory)
     unet_dir, config = _layout(directory, key=key)
-    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise UserError(f"{unet_dir / 'config.json'} (`{key}`) describes a {config['_class_name']}; rst-mart samples "
-                        f"a diffusers UNet2DModel (pixel space, e.g. google/ddpm-cifar10-32). Point `{key}` at such "
-                        f"a model's directory.")
-    if not (unet_dir / WEIGHTS_FILE).is_file():
-        pickled = sorted(p.name for p in unet_dir.iterdir() if p.suffix in PICKLED_SUFFIXES)
-        problem = (f"holds only pickled weights ({', '.join(pickled)}), which rst-mart does not unpickle" if pickled
-                   else f"has no {WEIGHTS_FILE}")
-        raise UserError(f"The diffusion model directory {unet_dir} (`{key}`) {problem}. Save it with safetensors "
-                        f"where you trust it: `UNet2DModel.from_pretrained(DIR).save_pretrained(NEW_DIR, "
-                        f"safe_serialization=True)`, and point `{key}` at NEW_DIR.")
     try:
         unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
@@ -157,16 +146,30 @@ def check_generator_fits(info: GeneratorInfo, *, image_shape: tuple[int, int, in
 
 
 def _layout(directory: Path, key: str = "diffusion.checkpoint") -> tuple[Path, dict]:
+    """(the UNet's folder, its config) of a pipeline or bare-model directory, checked for a UNet2DModel with
+    safetensors weights."""
     if not directory.is_dir():
         raise UserError(f"The diffusion model directory {directory} (`{key}`) does not exist. Point `{key}` at a "
                         f"directory diffusers' save_pretrained wrote (e.g. google/ddpm-cifar10-32 fetched with "
                         f"huggingface_hub's snapshot_download), or leave it empty to train one.")
-    for unet_dir in (directory / UNET_DIR, directory):
-        if (unet_dir / "config.json").is_file():
-            return unet_dir, _read_json(unet_dir / "config.json", key)
-    raise UserError(f"{directory} (`{key}`) has neither config.json nor unet/config.json, so it is not a diffusers "
-                    f"model directory. Point `{key}` at the directory save_pretrained wrote (a UNet2DModel, or a "
-                    f"pipeline with unet/ and scheduler/).")
+    unet_dir = next((d for d in (directory / UNET_DIR, directory) if (d / "config.json").is_file()), None)
+    if unet_dir is None:
+        raise UserError(f"{directory} (`{key}`) has neither config.json nor unet/config.json, so it is not a "
+                        f"diffusers model directory. Point `{key}` at the directory save_pretrained wrote (a "
+                        f"UNet2DModel, or a pipeline with unet/ and scheduler/).")
+    config = _read_json(unet_dir / "config.json", key)
+    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise UserError(f"{unet_dir / 'config.json'} (`{key}`) describes a {config['_class_name']}; rst-mart samples "
+                        f"a diffusers UNet2DModel (pixel space, e.g. google/ddpm-cifar10-32). Point `{key}` at "
+                        f"such a model's directory.")
+    if not (unet_dir / WEIGHTS_FILE).is_file():
+        pickled = sorted(p.name for p in unet_dir.iterdir() if p.suffix in PICKLED_SUFFIXES)
+        problem = (f"holds only pickled weights ({', '.join(pickled)}), which rst-mart does not unpickle"
+                   if pickled else f"has no {WEIGHTS_FILE}")
+        raise UserError(f"The diffusion model directory {unet_dir} (`{key}`) {problem}. Save it with safetensors "
+                        f"where you trust it: `UNet2DModel.from_pretrained(DIR).save_pretrained(NEW_DIR, "
+                        f"safe_serialization=True)`, and point `{key}` at NEW_DIR.")
+    return unet_dir, config
 
 
 def _read_json(path: Path, key: str) -> dict:

@@ -75,9 +75,12 @@ def check_outputs(entry: Path, record: dict, *, verify: bool) -> str | None:
     if not isinstance(outputs, dict) or not all(isinstance(m, dict) for m in outputs.values()):
         return "stage.json's outputs are malformed"
     for name, meta in outputs.items():
-        if not plain_name(name):
+        if not inside_name(name):
             return f"stage.json lists output {name!r}, which is not a file name inside the entry"
         try:
+            for depth in range(1, name.count("/") + 1):  # a linked folder could lead out of the entry
+                if not stat.S_ISDIR(os.lstat(entry.joinpath(*name.split("/")[:depth])).st_mode):
+                    return f"output {name} is not inside the entry's own folders"
             st = os.lstat(entry / name)
         except OSError:
             return f"output {name} missing"
@@ -90,6 +93,12 @@ def check_outputs(entry: Path, record: dict, *, verify: bool) -> str | None:
             if output_digest(entry / name) != meta:
                 return f"output {name} changed (checksum)"
     return None
+
+
+def inside_name(name) -> bool:
+    """A file's path inside an entry: plain names joined by "/" (a stage's outputs may sit in folders, as a
+    diffusers model directory does), never absolute, never "..", never empty."""
+    return isinstance(name, str) and all(plain_name(part) for part in name.split("/"))
 
 
 def proves_entry(directory: Path, stage: str) -> tuple[dict | None, str | None]:

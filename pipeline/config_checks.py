@@ -9,7 +9,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-from pipeline import stage_registry
+from pipeline import library, stage_registry
 from pipeline.core.checks import check_values
 from pipeline.core.distributed import dist_info
 from pipeline.core.errors import UserError
@@ -39,8 +39,6 @@ _RANGES = {
     "run.num_workers": (lambda v: 0 <= v <= MAX_NUM_WORKERS, f"in 0..{MAX_NUM_WORKERS}",
                         "batches prepared ahead, each held in memory; 0 = none"),
     "run.checkpoint_every_s": (*_AT_LEAST_0, "seconds between mid-epoch checkpoints; 0 = after every step"),
-    "data.num_labeled": (*_INT64_COUNT, "0 = the whole training split"),
-    "pool.limit": (*_INT64_COUNT, "0 = the whole pool"),
     "log.every_steps": (lambda v: v >= 1, ">= 1", "optimizer steps between live-curve writes"),
     "launcher.time_min": (lambda v: v >= 1, ">= 1", "minutes of wall clock per SLURM job"),
     "launcher.nodes": (lambda v: v >= 1, ">= 1", "nodes per variant"),
@@ -73,18 +71,20 @@ def validate(config: Config, *, world_size: int | None = None, sources: dict[str
         if isinstance(value, float) and not math.isfinite(value) or not ok(value):
             raise refuse(key, f"it must be {'a finite number ' if isinstance(value, float) else ''}{rule}"
                               + (f" ({meaning})" if meaning else ""), "")
-    _check_pool_options(config, refuse)
+    for source in library.source_sections().values():  # a source sees the whole config
+        _check_section(source.section, config, config, refuse, world_size)
     for stage in stage_registry.stages().values():
         if stage.config is not None:
-            _check_stage_section(stage, config, refuse, world_size)
+            _check_section(stage.section, stage.view(config), config, refuse, world_size)
 
 
-def _check_stage_section(stage, config: Config, refuse, world_size: int) -> None:
-    """A stage's section: its declared ranges and choices, then its own cross-checks on its view of the config."""
-    values = getattr(config, stage.section)
-    check_values(stage.section, values, getattr(values, "RANGES", {}), refuse)
+def _check_section(section: str, view, config: Config, refuse, world_size: int) -> None:
+    """A declared section: its ranges and choices, then its own cross-checks on `view` (a stage's view of the
+    config, or the whole config for a data source's section)."""
+    values = getattr(config, section)
+    check_values(section, values, getattr(values, "RANGES", {}), refuse)
     if hasattr(values, "check"):
-        values.check(stage.view(config), refuse, world_size)
+        values.check(view, refuse, world_size)
 
 
 def check_sources(stage, config: Config, sources: dict) -> None:
@@ -120,21 +120,3 @@ def check_device_here(config: Config) -> None:
 def _value(config: Config, key: str) -> Any:
     section, name = key.split(".")
     return getattr(getattr(config, section), name)
-
-
-def _check_pool_options(config: Config, refuse) -> None:
-    """A built-in provider's [pool] keys against the ones it takes, before any stage runs (a plugin's are
-    checked when it is constructed: importing it here could be slow). Without this, a key the provider
-    does not read (pool.path with labeled-remainder) would be silently ignored, and the run not be the one
-    the user asked for."""
-    from data.pools import unused_pool_options
-
-    options = dict(config.pool.options)
-    if config.pool.path:
-        options["path"] = config.pool.path
-    unused, accepted = unused_pool_options(config.pool.provider, options)
-    if unused:
-        takes = f"it takes {', '.join('pool.' + k for k in accepted)}" if accepted else "it takes no options"
-        raise refuse("pool.provider", f"{takes}, but pool.{unused[0]} is set too, and would be ignored",
-                     f"Remove pool.{unused[0]} (from the [pool] section or the --set), or choose the provider "
-                     "that reads it (e.g. pool.provider=npz for a pool.path of .npz files).")

@@ -27,12 +27,16 @@ class Source:
     `fingerprint(config)` must be cheap: file digests through the digest cache, never image rows.
     `open(config, cache_dir)` returns the opened source and checks it (shapes, dtypes, labels); it runs
     only when a stage that reads the source will run, before the first stage of that `run` starts.
-    Sources belong to the engine's sections ([run], [data], [pool]) and see the whole config.
+    Sources see the whole config. A source may declare its config section as a stage does (`section`,
+    `config`: the dataclass, with `RANGES` and `check(self, config, refuse, world_size)`, `config` the
+    whole config); the engine finds the built-in ones by name (pipeline/library.py).
     """
 
     name: str
     fingerprint: Callable[[Any], str]
     open: Callable[[Any, Path], Any]
+    section: str = ""  # its config section, [<section>] in the TOML file; "" = none
+    config: type | None = None  # the dataclass of that section
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ quick.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -24,23 +25,45 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pipeline.config_checks import validate
+from pipeline.core.checks import INT64_MAX, Range, at_least
 from pipeline.core.errors import UserError, missing_package_error
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "demo.toml"
 
 
+# Batches prefetched ahead, each held in memory until used: more than a few never helps.
+MAX_PREFETCH = 64
+
+
 @dataclass
 class RunConfig:
+    """[run]: how stages run. `num_workers` is not DataLoader worker processes: it is the depth of one
+    background thread's queue of gathered batches. It is used as given on a GPU; on a CPU it silently
+    becomes 0 unless a core is left over from torch's compute threads (data.mixed.prefetch_depth: there,
+    the gathering thread preempts the step's OpenMP team and slows every step)."""
+
     seed: int = 0  # seeds every random stream: data split, init, sampling, augmentation, attack starts
-    device: str = "auto"  # auto | cpu | cuda ("auto" takes CUDA when present)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 where native, else fp32): training autocast only; evaluation is always fp32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N ("auto" takes CUDA when present)
+    # fp32 | bf16 | fp16 | auto (bf16 where native, else fp32): training autocast only; evaluation is always fp32
+    precision: str = "fp32"
     channels_last: bool = False  # NHWC memory format for convolutions (faster on GPUs, and with oneDNN on CPUs)
-    compile: bool = False  # torch.compile the model, for the training forwards and the attack's (ml.devices.attack_forward)
-    num_workers: int = 2  # batches gathered ahead by a background thread, used on GPUs or where a CPU core is spare (data.mixed.prefetch_depth); 0 = none
-    checkpoint_every_s: float = 60.0  # seconds between mid-epoch checkpoints (plus one at every epoch end); 0 = every step
+    compile: bool = False  # torch.compile the training forwards and the attack's (ml.devices.attack_forward)
+    num_workers: int = 2  # batches prefetched by one thread (not processes); 0 = none; 0 on a CPU with no core spare
+    checkpoint_every_s: float = 60.0  # seconds between mid-epoch checkpoints (and one per epoch end); 0 = every step
     sync_bn: bool = False  # SyncBatchNorm across ranks under torchrun (GPU)
     store: str = ""  # the stage store; "" = $RST_MART_STORE, else .store beside the work dir (runs/.store)
+
+    RANGES: ClassVar[dict] = {
+        "seed": Range(0, INT64_MAX, meaning="it seeds numpy and torch generators"),
+        "precision": ("fp32", "bf16", "fp16", "auto"),
+        "num_workers": Range(0, MAX_PREFETCH, meaning="batches prepared ahead, each held in memory; 0 = none"),
+        "checkpoint_every_s": at_least(0, "seconds between mid-epoch checkpoints; 0 = after every step"),
+    }
+
+    def check(self, config, refuse, world_size: int) -> None:
+        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:[0-9]+", self.device):
+            raise refuse("run.device", "it must be one of auto, cpu, cuda or cuda:N", "")
 
 
 @dataclass
@@ -48,11 +71,15 @@ class LogConfig:
     """[log]: live curves while a stage trains (ml.live_log). No key changes results, so no stage declares
     one: they stay out of every fingerprint, and the runner hands the section to stages as ctx.live_log."""
 
-    tensorboard: bool = False  # TensorBoard event files in the stage's entry, <entry>/tensorboard/ (needs `tensorboard`)
+    tensorboard: bool = False  # TensorBoard event files in <entry>/tensorboard/ (needs `tensorboard`)
     wandb: bool = False  # a Weights & Biases run in <entry>/wandb/ (needs `wandb`)
     wandb_project: str = "rst-mart"  # the W&B project the run belongs to
-    wandb_mode: str = "offline"  # online | offline (no network; upload later with `wandb sync <entry>/wandb/offline-run-*`)
+    # online | offline (no network; upload later with `wandb sync <entry>/wandb/offline-run-*`)
+    wandb_mode: str = "offline"
     every_steps: int = 50  # optimizer steps between interval writes (each costs one host-device sync)
+
+    RANGES: ClassVar[dict] = {"wandb_mode": ("online", "offline"),
+                              "every_steps": at_least(1, "optimizer steps between live-curve writes")}
 
     # What each option needs installed, pinned as pyproject's `log` extra (ml.live_log says so too).
     PACKAGES: ClassVar[dict[str, str]] = {"tensorboard": "tensorboard==2.21.0", "wandb": "wandb==0.31.0"}
@@ -79,6 +106,16 @@ class LauncherConfig:
     mem_gb: int = 0  # memory per node, GiB; 0 = the cluster's default
     sbatch: list[str] = field(default_factory=list)  # other sbatch options, e.g. ["--qos=high", "--account=lab"]
     max_requeues: int = 3  # time-outs a job may checkpoint and be requeued after before it counts as failed
+
+    RANGES: ClassVar[dict] = {
+        "time_min": at_least(1, "minutes of wall clock per SLURM job"),
+        "nodes": at_least(1, "nodes per variant"),
+        "tasks_per_node": at_least(1, "processes per node, one per GPU"),
+        "gpus_per_node": at_least(0, "0 = none"),
+        "cpus_per_task": at_least(0, "0 = the cluster's default"),
+        "mem_gb": at_least(0, "0 = the cluster's default"),
+        "max_requeues": at_least(0, "time-outs a job may be requeued after"),
+    }
 
 
 # The engine's sections; the data sources and each stage declare theirs next to their code.

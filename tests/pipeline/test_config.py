@@ -131,11 +131,11 @@ def test_pool_keys_a_provider_takes_and_plugin_keys_pass_the_config_check():
 
 
 def test_every_number_has_a_range():
-    from pipeline import config, config_checks
+    from pipeline import config
 
-    # The engine's sections' ranges are in config_checks; each stage's section declares its own (RANGES).
-    ranges = set(config_checks._RANGES) | {f"{section}.{key}" for section, kind in config.section_types().items()
-                                           for key in getattr(kind, "RANGES", {})}
+    # Every section, the engine's, the data sources' and the stages', declares its ranges (RANGES).
+    ranges = {f"{section}.{key}" for section, kind in config.section_types().items()
+              for key in getattr(kind, "RANGES", {})}
     numbers = {f"{section}.{f.name}" for section, kind in config.section_types().items()
                for f in dataclasses.fields(kind) if typing.get_type_hints(kind)[f.name] in (int, float)}
     assert numbers - ranges == set()
@@ -250,8 +250,8 @@ def test_eval_names_are_checked_before_any_stage():
 
 
 def test_eval_names_agree_with_the_eval_stage():
-    from stages.evaluate import MODEL_FILES
     from ml.robustness import AUTOATTACK_PARTS, build_attack
+    from stages.evaluate import MODEL_FILES
 
     assert EVAL_MODELS == tuple(MODEL_FILES)
     for name in ("clean", "fgsm", "pgd1", "pgd20", "cw30", "autoattack", "autoattack-fast", *AUTOATTACK_PARTS,

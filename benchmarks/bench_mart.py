@@ -111,8 +111,13 @@ class StageLoop:
         optimizer = make_optimizer(model, lr=0.01, momentum=0.9, weight_decay=3.5e-3)
         scheduler = make_scheduler(optimizer, schedule="constant", epochs=1, steps_per_epoch=len(sampler))
         attack = training_attack("mart", eps=EPSILON, step_size=STEP_SIZE, steps=steps)
+        # train_one_epoch applies the recipe's loss, attack and options; arch and the schedule are set_up's.
+        recipe = training.Recipe(arch="", epochs=1, batch_size=batch_size, epoch_size=batch_size * batches_per_epoch,
+                                 lr=0.01, momentum=0.9, weight_decay=3.5e-3, schedule="constant",
+                                 loss=functools.partial(LOSSES["mart"], beta=BETA), attack=attack, augment=augment,
+                                 unsup_fraction=unsup_fraction)
         self.t = training.Training(model=train_model, optimizer=optimizer, scheduler=scheduler, loader=loader,
-                                   loss=functools.partial(LOSSES["mart"], beta=BETA), attack=attack, device=self.device,
+                                   recipe=recipe, device=self.device,
                                    precision=resolve_precision(precision, self.device), seed=seed, scaler=scaler,
                                    attack_model=attack_forward(model, compile))
         self._epoch = 0

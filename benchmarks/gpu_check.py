@@ -154,8 +154,11 @@ def tiny_training(device, *, precision="fp32", compile=False, distributed=False,
                               device=device, seed=seed, prefetch=0)
     optimizer = make_optimizer(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
     scheduler = make_scheduler(optimizer, schedule="constant", epochs=1, steps_per_epoch=len(sampler))
-    t = training.Training(model=train_model, optimizer=optimizer, scheduler=scheduler, loader=loader,
-                          loss=LOSSES["mart"], attack=training_attack("mart", eps=8 / 255, step_size=2 / 255, steps=2),
+    recipe = training.Recipe(arch="tiny-cnn", epochs=1, batch_size=batch_size, epoch_size=batch_size * batches,
+                             lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="constant", loss=LOSSES["mart"],
+                             attack=training_attack("mart", eps=8 / 255, step_size=2 / 255, steps=2),
+                             unsup_fraction=0.5)
+    t = training.Training(model=train_model, optimizer=optimizer, scheduler=scheduler, loader=loader, recipe=recipe,
                           device=device, precision=precision, seed=seed, scaler=scaler,
                           attack_model=attack_forward(model, compile))
     return t, model

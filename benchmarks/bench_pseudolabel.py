@@ -31,9 +31,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import (
+    Comparison,
+    best_rates,
+    print_comparisons,
+    print_header,
+    quiet_stderr,
+    save_teacher,
+    synthetic_labeled_set,
+    write_npy_pool,
+)
 from pipeline.core.host_memory import keep_freed_memory
-from benchmarks.common import (Comparison, print_comparisons, best_rates, print_header, quiet_stderr, save_teacher,
-                               synthetic_labeled_set, write_npy_pool)
 
 SHAPE = (32, 32, 3)
 
@@ -63,8 +71,8 @@ def bench_pseudolabel(num_images: int = 10_000, arch: str = "small-cnn", batch_s
                       rounds: int = 2, tmp_dir: str | None = None) -> dict:
     """images/s of the pseudolabel stage and of a bare teacher forward over the same pool."""
     from data.pools import open_pool
+    from ml.checkpoints import load_model
     from stages import pseudolabel
-    from ml.models import load_model
 
     with tempfile.TemporaryDirectory(prefix="bench-pseudolabel-", dir=tmp_dir) as tmp:
         tmp = Path(tmp)

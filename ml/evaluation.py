@@ -2,8 +2,8 @@
 torchrun ranks), the training stages' final scoring of their saved checkpoints, and results.csv."""
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -11,12 +11,12 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from ml.attacks import ExampleSeeds
+from ml.checkpoints import load_model
+from ml.devices import resolve_device
+from ml.resume import seed_from
 from pipeline.core import distributed
 from pipeline.core.atomic import atomic_write_csv
-from ml.attacks import ExampleSeeds
-from ml.devices import resolve_device
-from ml.models import load_model
-from ml.resume import seed_from
 
 RESULT_COLUMNS = ["model", "split", "attack", "eps", "accuracy", "n"]
 

@@ -28,11 +28,12 @@ from tqdm import tqdm
 
 from data.augment import augmenter, cutmix
 from data.mixed import MixedBatchLoader, MixedBatchSampler, prefetch_depth
+from ml.checkpoints import save_model
 from ml.devices import attack_forward, autocast, prepare_for_training, resolve_device, resolve_precision, unwrap
 from ml.evaluation import evaluate
 from ml.live_log import open_scalar_log
 from ml.losses import TargetRecipe
-from ml.models import build_model, save_model
+from ml.models import build_model
 from ml.optim import WeightEMA, make_optimizer, make_scheduler
 from ml.resume import STATE_FILE, load_training_state, save_training_state, seed_from
 from pipeline.core import distributed

@@ -21,7 +21,7 @@ SOURCE_MODULES = ("data.sources",)
 # name -> "module:attribute" of the library function.
 FUNCTIONS = {
     "export": "ml.checkpoints:export_checkpoint",
-    "load_model": "ml.models:load_model",
+    "load_model": "ml.checkpoints:load_model",
     "build_model": "ml.models:build_model",
 }
 

@@ -58,8 +58,7 @@ def run(ctx) -> None:
 
 def import_teacher(out_dir: Path, cfg, labeled) -> None:
     """model.pt from `teacher.checkpoint` (weights_only load), and a metrics.csv with no epochs."""
-    from ml.checkpoints import import_checkpoint, normalization_stats
-    from ml.models import save_model
+    from ml.checkpoints import import_checkpoint, normalization_stats, save_model
     from ml.training import write_metrics
 
     channels = labeled.image_shape[2]

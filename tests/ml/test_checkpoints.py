@@ -9,8 +9,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ml.checkpoints import checkpoint_digest, export_checkpoint, import_checkpoint, normalization_stats
-from ml.models import DATASET_STATS, build_model, load_model, save_model
+from ml.checkpoints import (
+    checkpoint_digest,
+    export_checkpoint,
+    import_checkpoint,
+    load_model,
+    normalization_stats,
+    save_model,
+)
+from ml.models import DATASET_STATS, build_model
 from pipeline.core.errors import UserError
 from pipeline.core.fingerprint import file_digest
 

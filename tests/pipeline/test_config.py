@@ -9,7 +9,7 @@ import pytest
 from pipeline.config import CONFIG_DIR, DEFAULT_CONFIG, Config, load_config
 from pipeline.config_checks import validate
 from pipeline.core.errors import UserError
-from stages.evaluate import EVAL_ATTACK, EVAL_MODELS
+from stages.eval import EVAL_ATTACK, EVAL_MODELS
 from stages.mart import check_against_labeled
 
 
@@ -251,7 +251,7 @@ def test_eval_names_are_checked_before_any_stage():
 
 def test_eval_names_agree_with_the_eval_stage():
     from ml.robustness import AUTOATTACK_PARTS, build_attack
-    from stages.evaluate import MODEL_FILES
+    from stages.eval import MODEL_FILES
 
     assert EVAL_MODELS == tuple(MODEL_FILES)
     for name in ("clean", "fgsm", "pgd1", "pgd20", "cw30", "autoattack", "autoattack-fast", *AUTOATTACK_PARTS,

@@ -51,7 +51,8 @@ def stage_context(config, out_dir: Path, teacher_dir: Path, pool, labeled):
     from pipeline.core.distributed import DistInfo
     from pipeline.stage import StageContext, StageInput
 
-    return StageContext(config=config, out_dir=Path(out_dir), inputs={"teacher": StageInput(Path(teacher_dir), "bench")},
+    return StageContext(config=config, out_dir=Path(out_dir),
+                        inputs={"teacher": StageInput(Path(teacher_dir), "bench")},
                         sources={"pool": pool, "labeled": types.SimpleNamespace(dataset=labeled)},
                         fingerprint="bench", dist=DistInfo(), log=lambda message: None)
 
@@ -112,7 +113,8 @@ def bench_pseudolabel(num_images: int = 10_000, arch: str = "small-cnn", batch_s
         rates = best_rates(passes, rounds)
         kept = _rows_written(out_dir / "pseudolabels.h5")
     result = {f"{name}_images_per_s": rate for name, rate in rates.items()}
-    result.update(ratio=rates["stage"] / rates["bare"], ratio_channels_last=rates["stage"] / rates["bare_channels_last"],
+    result.update(ratio=rates["stage"] / rates["bare"],
+                  ratio_channels_last=rates["stage"] / rates["bare_channels_last"],
                   num_images=num_images, rows_written=kept, arch=arch, batch_size=batch_size)
     return result
 

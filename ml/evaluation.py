@@ -63,9 +63,9 @@ def write_results(path: Path, rows: list[dict]) -> None:
     atomic_write_csv(path, pd.DataFrame(rows, columns=RESULT_COLUMNS))
 
 
-def score_checkpoints(out_dir: Path, checkpoints: Mapping[str, str], attacks: Mapping[str, tuple[Callable | None, float]],
-                      images: np.ndarray, labels: np.ndarray, *, run_cfg, dist, batch_size: int = 256,
-                      log: Callable[[str], None] = print) -> list[dict]:
+def score_checkpoints(out_dir: Path, checkpoints: Mapping[str, str],
+                      attacks: Mapping[str, tuple[Callable | None, float]], images: np.ndarray, labels: np.ndarray,
+                      *, run_cfg, dist, batch_size: int = 256, log: Callable[[str], None] = print) -> list[dict]:
     """Score each saved checkpoint (model name -> file in out_dir) under each attack (name -> (attack or
     None for clean, eps)) and write results.csv; returns its rows.
 

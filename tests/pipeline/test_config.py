@@ -44,10 +44,33 @@ def test_pool_extra_keys_go_to_the_provider():
     ("run.precision=fp8", "run.precision"),
     ("mart.unsup_fraction=1.5", "unsup_fraction"),
     ("mart.beta", "section.key=value"),
+    ("pool.path=5", "`pool.path` must be str or a non-empty list of str, got 5"),
+    ("pool.path=[]", "`pool.path` must be str or a non-empty list of str"),
+    ("log.PACKAGES=1", "unknown key `log.PACKAGES`"),  # a class constant, not a key
 ])
 def test_bad_overrides_are_user_errors(override, fragment):
     with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(".", r"\.")):
         load_config(DEFAULT_CONFIG, [override])
+
+
+def test_data_and_pool_are_declared_by_their_sources_and_a_stage_cannot_take_them(monkeypatch):
+    from data.sources import LABELED, POOL
+    from pipeline import config as config_module
+    from pipeline import stage_registry
+    from pipeline.stage import Stage
+
+    sections = config_module.section_types()
+    assert (sections["data"], sections["pool"]) == (LABELED.config, POOL.config)
+    assert list(sections)[:5] == ["run", "log", "launcher", "data", "pool"]  # engine, sources, then stages
+
+    @dataclasses.dataclass
+    class Clash:
+        limit: int = 0
+
+    clash = Stage(name="clash", version=1, section="pool", outputs=(), run=lambda ctx: None, config=Clash)
+    monkeypatch.setattr(stage_registry, "stages", lambda: {"clash": clash})
+    with pytest.raises(UserError, match=r"the stage 'clash' declares the config section \[pool\], which is already"):
+        config_module.section_types()
 
 
 def test_unknown_key_in_file_names_the_file(tmp_path):

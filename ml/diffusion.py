@@ -216,7 +216,7 @@ def train_diffusion(unet, images: np.ndarray, labels: np.ndarray | None, recipe:
     # -- resume: everything else is drawn from (seed, epoch, batch, rank)
     rows, epoch, batch, totals = [], 0, 0, (0.0, 0, 0.0)
     if state_path.exists():
-        from ml.models import read_checkpoint
+        from ml.checkpoints import read_checkpoint
 
         state = read_checkpoint(state_path, what="Diffusion training state", map_location=device,
                                 fix="Delete it to restart the stage from its first epoch.")

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                             ("status", "show each stage as fresh, stale or missing, with its fingerprint"),
                             ("sweep", "run a grid of variants (--set key=v1,v2), sharing stages through the store")):
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--config", help=_CONFIG_HELP if name == "status" else "TOML config (default: configs/demo.toml)")
+        sub.add_argument("--config",
+                         help=_CONFIG_HELP if name == "status" else "TOML config (default: configs/demo.toml)")
         sub.add_argument("--stages", default=None,
                          help="comma-separated stages (default: those the stages mark as default)")
         sub.add_argument("--workdir", help="where artifacts live (default: runs/<config name>, "
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "start meanwhile are let in, so on a store that is never idle it keeps waiting)")
     export = commands.add_parser("export", help="write a model.pt in another format (RobustBench)")
     export.add_argument("model", help="a model.pt written by a stage, e.g. runs/<config name>/<stage>/model.pt")
-    export.add_argument("--format", default="robustbench", choices=["robustbench"])
+    export.add_argument("--format", default="robustbench", help="robustbench (the only one so far; default)")
     export.add_argument("-o", "--output", required=True, help="the file to write")
     report = commands.add_parser("report", help="write <workdir>/report.html: stages, curves, pseudo-labels, results")
     report.add_argument("--config", help=_CONFIG_HELP)
@@ -80,7 +81,8 @@ def _sweep_options(sub) -> None:
                      help="show each variant's state in the store and its job's, without waiting")
     slurm = sub.add_argument_group("slurm (override the config's [launcher] section)")
     slurm.add_argument("--partition", help="SLURM partition")
-    slurm.add_argument("--time", dest="time_min", type=int, help="minutes per job before it is checkpointed and requeued")
+    slurm.add_argument("--time", dest="time_min", type=int,
+                       help="minutes per job before it is checkpointed and requeued")
     slurm.add_argument("--nodes", type=int, help="nodes per variant (multi-node training)")
     slurm.add_argument("--tasks-per-node", type=int, help="processes per node, one per GPU")
     slurm.add_argument("--gpus", dest="gpus_per_node", type=int, help="GPUs per node")
@@ -239,10 +241,10 @@ def _gc(args) -> int:
     without --wait a busy store is exit 2, with it gc blocks until the store is free. --dry-run takes no
     lock and changes nothing."""
     from pipeline.core import locks
-    from pipeline.workdir_registry import read_id
     from pipeline.runner import default_workdir, run_in_progress
     from pipeline.store import Store, store_dir
     from pipeline.workdir_record import choose_config
+    from pipeline.workdir_registry import read_id
 
     if args.store:
         root = Path(args.store)
@@ -336,16 +338,16 @@ def _registrations_to_forget(store, paths: list[str]) -> tuple:
 
 
 def _export(args) -> int:
-    from ml.checkpoints import export_checkpoint
+    from pipeline import library
 
-    note = export_checkpoint(Path(args.model), Path(args.output), format=args.format)
+    note = library.function("export")(Path(args.model), Path(args.output), format=args.format)
     print(f"wrote {args.output}" + (f"\n{note}" if note else ""))
     return EXIT_OK
 
 
 def _report(config, workdir: Path, *, note: str = "") -> int:
-    from pipeline.report import write_report
     from pipeline import stage_registry
+    from pipeline.report import write_report
     from pipeline.runner import Runner
 
     if note:

@@ -18,7 +18,7 @@ from typing import ClassVar
 from data.sources import LABELED
 from pipeline.core.checks import at_least, below_1, positive
 from pipeline.stage import RUNTIME, Source, Stage
-from stages.recipe_checks import MAX_BATCH, MAX_EPOCHS, check_batch_splits
+from stages.training_section import MAX_BATCH, MAX_EPOCHS, check_batch_splits
 
 MODEL_FILES = ("model/unet/config.json", "model/unet/diffusion_pytorch_model.safetensors",
                "model/scheduler/scheduler_config.json", "model/rst_mart.json")

@@ -38,9 +38,9 @@ def run(ctx) -> None:
     # Heavy modules are imported here, not at module level: `status` reads this module's declaration.
     import h5py
 
+    from ml.checkpoints import load_model
     from ml.devices import resolve_device
     from ml.labeling import NearDuplicateFilter, label_rows, merge_shards, shard_path
-    from ml.models import load_model
 
     cfg, run_cfg = ctx.config.pseudolabel, ctx.config.run
     device = resolve_device(run_cfg.device, ctx.dist.local_rank)

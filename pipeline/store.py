@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import stat
 from dataclasses import dataclass, field
@@ -167,7 +168,8 @@ class Store:
                             f"linking its stages would replace the store's entries with links to themselves. "
                             f"Give --workdir a directory outside the store, e.g. runs/demo; nothing was changed.")
         for stage in stages:
-            if within(self.root, Path(workdir) / stage):
+            # A link there is replaced, not entered: where it points (even `/`) puts nothing at risk.
+            if not (Path(workdir) / stage).is_symlink() and within(self.root, Path(workdir) / stage):
                 raise UserError(f"the stage store {self.root} is inside {Path(workdir) / stage}, where the work "
                                 f"dir's {stage} link goes; point run.store (or ${STORE_ENV}) elsewhere, e.g. "
                                 f"beside the work dir; nothing was changed.")
@@ -187,8 +189,8 @@ class Store:
                            f"not record")
         if problem is not None:
             raise UserError(f"{path} is in the way of the work dir's {stage} link and rst-mart cannot prove it "
-                            f"wrote it ({problem}); it is left as it is. Move it elsewhere (mv {path} "
-                            f"{path}.mine) and rerun.")
+                            f"wrote it ({problem}); it is left as it is. Move it elsewhere (mv {shlex.quote(str(path))} "
+                            f"{shlex.quote(str(path) + '.mine')}) and rerun.")
 
     # -- committing and linking -----------------------------------------------------------------------
     def commit(self, stage: str, fp: str, partial: Path) -> Path:

@@ -224,3 +224,21 @@ def test_a_new_work_dir_at_a_moved_ones_path_keeps_both_until_the_old_is_forgott
     out = run_cli("gc", "--store", built, "--forget", tmp_path / "w", timeout=60).stdout
     assert "2 unreferenced entries" in out and not any(e.exists() for e in old_entries)
     assert (tmp_path / "w" / "teacher" / "out.txt").exists()  # the new one's entry stays
+
+
+def test_a_stage_link_pointing_at_the_root_is_replaced_not_blamed_on_the_store(tmp_path, built):
+    (tmp_path / "w2").mkdir()
+    (tmp_path / "w2" / "teacher").symlink_to("/")
+    proc = worker(tmp_path / "w2", built, "--hold", "none")
+    assert proc.returncode == 0, proc.stderr
+    assert "is inside" not in proc.stderr
+    assert (tmp_path / "w2" / "teacher").resolve() == entries(built, "teacher")[0]
+
+
+def test_printed_commands_are_shell_quoted(tmp_path, built):
+    odd = tmp_path / "my runs; rm -rf ~"
+    (odd / "teacher").mkdir(parents=True)
+    (odd / "teacher" / "notes.txt").write_text("mine")
+    proc = worker(odd, built, "--hold", "none")
+    assert proc.returncode == 2
+    assert f"mv '{odd / 'teacher'}' '{odd / 'teacher'}.mine'" in " ".join(proc.stderr.split())

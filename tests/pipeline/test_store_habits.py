@@ -212,3 +212,38 @@ def test_a_forced_rebuild_of_a_provably_own_entry_leaves_nothing_behind(tmp_path
     lines = []
     Store(old).commit("teacher", entry.name, partial, log=lines.append)
     assert lines == [] and [p.name for p in (old / "teacher").iterdir() if ".aside-" in p.name] == []
+
+
+# -- 4. a full disk ----------------------------------------------------------------------------------------
+def fill(disk):
+    """Write a file on `disk` until the filesystem refuses another byte."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError):
+        (disk / "probe").write_bytes(b"x" * 4096)
+
+
+def test_gc_frees_a_full_store_that_gc_never_ran_on(tmp_path):
+    with small_disk(tmp_path / "disk", "2m"):
+        store = tmp_path / "disk" / "store"
+        for seed in ("0", "1"):
+            assert worker(tmp_path / "disk" / "w", store, "--seed", seed, "--hold", "none").returncode == 0
+        unused = [e for e in entries(store, "teacher") if e != (tmp_path / "disk" / "w" / "teacher").resolve()]
+        (tmp_path / "disk" / "w").rename(tmp_path / "disk" / "moved")
+        fill(tmp_path / "disk")
+        assert (store / "store.lock").stat().st_size == 0  # only runs have held it: no holder text yet
+        proc = run_cli("gc", "--store", store, "--keep", "0", "--workdir", tmp_path / "disk" / "moved",
+                       check=False, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert f"removing {unused[0]}" in proc.stdout and not unused[0].exists()
+        # The moved work dir's new record needed bytes the disk did not have: said, and its entries kept.
+        note = " ".join(proc.stdout.split())
+        assert f"could not record {tmp_path / 'disk' / 'moved'} in the store's registry" in note
+        assert f"on the filesystem of {store / 'workdirs'}" in note and "stay kept" in note
+        assert (tmp_path / "disk" / "moved" / "teacher" / "out.txt").exists()

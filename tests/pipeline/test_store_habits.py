@@ -2,6 +2,7 @@
 and of whole projects, broken registry records, edited files, entries replaced by links, full disks."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -99,6 +100,27 @@ def test_gc_of_a_copied_project_stops_until_told_which_records_are_its_own(tmp_p
     assert (project / "runs" / "w" / "mart" / "out.txt").exists()
 
 
+def test_status_reading_an_unreferenced_entry_restarts_its_grace_period(tmp_path, old):
+    assert worker(tmp_path / "w", old, "--seed", "1", "--hold", "none").returncode == 0
+    seed0 = [e for e in entries(old, "teacher") if e != (tmp_path / "w" / "teacher").resolve()][0]
+    age(seed0, 20)
+    dry = run_cli("gc", "--store", old, "--dry-run", timeout=60).stdout
+    assert f"would remove {seed0}" in dry
+    planned = worker(tmp_path / "w", old, "--seed", "0", "--status")  # a status for the seed-0 config reads it
+    assert planned.returncode == 0 and "teacher: fresh" in planned.stdout
+    out = run_cli("gc", "--store", old, timeout=60).stdout
+    assert re.search(rf"keeping {seed0} \(0.0 MiB\): unreferenced, but used \d+ s ago", out) and seed0.is_dir()
+
+
+def test_gc_prints_commands_a_shell_takes_as_they_are(tmp_path, old):
+    odd = tmp_path / "runs; rm -rf ~"
+    assert worker(odd, old, "--hold", "none").returncode == 0
+    shutil.rmtree(odd)
+    out = run_cli("gc", "--store", old, timeout=60).stdout
+    assert f"`python -m pipeline gc --store {old} --forget '{odd}'`" in out
+    assert run_cli("gc", "--store", old, "--forget", odd, timeout=60).returncode == 0  # as printed, it works
+
+
 # -- 1. records gc cannot read ----------------------------------------------------------------------------
 @pytest.mark.parametrize("damage", ["truncated", "foreign id", "not a file"])
 def test_an_unreadable_registry_record_stops_gc_and_deletes_nothing(tmp_path, old, damage):
@@ -180,6 +202,20 @@ def test_an_entry_replaced_by_a_symlink_is_moved_aside_not_followed(tmp_path, ol
     assert len(aside) == 1 and aside[0].is_symlink() and aside[0].resolve() == elsewhere
     out = run_cli("gc", "--store", old, "--keep", "0", timeout=60).stdout
     assert f"leaving {aside[0]} alone" in out and aside[0].is_symlink()
+
+
+def test_a_foreign_directory_at_an_entrys_place_is_moved_aside_not_deleted(tmp_path):
+    store = tmp_path / "store"
+    assert worker(tmp_path / "w", store, "--hold", "none").returncode == 0
+    entry = entries(store, "teacher")[0]
+    shutil.rmtree(entry)
+    entry.mkdir()
+    (entry / "thesis.tex").write_text("mine")  # a user's directory under an entry's name
+    proc = worker(tmp_path / "w", store, "--hold", "none")
+    assert proc.returncode == 0, proc.stderr
+    assert f"moved {entry} aside to {entry}.aside-" in proc.stdout and "has no readable stage.json" in proc.stdout
+    aside = [p for p in entry.parent.iterdir() if ".aside-" in p.name]
+    assert (aside[0] / "thesis.tex").read_text() == "mine" and (entry / "out.txt").read_text() == "built"
 
 
 @pytest.mark.parametrize("leftover", ["directory", "symlink to /"])

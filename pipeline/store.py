@@ -253,9 +253,9 @@ class Store:
             else:
                 problem = self._differs_from(path, record, target)
         if problem is not None:
+            move = f"mv {shlex.quote(str(path))} {shlex.quote(str(path) + '.mine')}"
             raise UserError(f"{path} is in the way of the work dir's {stage} link and rst-mart cannot prove it "
-                            f"wrote it ({problem}); it is left as it is. Move it elsewhere (mv {shlex.quote(str(path))} "
-                            f"{shlex.quote(str(path) + '.mine')}) and rerun.")
+                            f"wrote it ({problem}); it is left as it is. Move it elsewhere ({move}) and rerun.")
 
     @staticmethod
     def _differs_from(directory: Path, record: dict, target: Path) -> str | None:

@@ -49,7 +49,7 @@ def check_regular(path: Path) -> None:
     os.close(fd)
 
 
-def unreadable(path: Path, error: Exception) -> str:
+def unreadable(error: Exception) -> str:
     """Why `path` could not be read, for a message: 'a FIFO (named pipe), not a regular file', ..."""
     if isinstance(error, NotRegularFile):
         return f"it is {error.kind}, not a regular file"
@@ -80,7 +80,7 @@ def results_rows(path: Path, metric: Callable[[dict], str],
     except (OSError, UnicodeDecodeError) as error:
         entry = Path(path).absolute().parent
         stage = entry.parent.name if re.fullmatch(r"[0-9a-f]{64}", entry.name) else entry.name
-        raise UserError(f"{path} cannot be read as a results table ({unreadable(path, error)}); rst-mart writes it "
+        raise UserError(f"{path} cannot be read as a results table ({unreadable(error)}); rst-mart writes it "
                         f"as a small CSV file, so the entry was damaged after it was written. Rebuild it: "
                         f"python -m pipeline run --stages {stage} --force (with the same --config/--set).") from None
     rows = []
@@ -169,7 +169,7 @@ def png(entry: Path, name: str, *, heading: str) -> str:
     try:
         encoded = base64.b64encode(read_entry_file(path, PNG_LIMIT_BYTES)).decode("ascii")
     except OSError as error:
-        return f"<h3>{e(heading)}</h3>\n<p class=\"note\">{e(name)} could not be read ({e(unreadable(path, error))}).</p>"
+        return f"<h3>{e(heading)}</h3>\n" + _note(path, unreadable(error))
     return f"<h3>{e(heading)}</h3>\n<img alt=\"{e(name)}\" src=\"data:image/png;base64,{encoded}\">"
 
 
@@ -180,11 +180,15 @@ def read_csv(path: Path):
     try:
         data = read_entry_file(path, TABLE_LIMIT_BYTES)
     except OSError as error:
-        return pd.DataFrame(), f"<p class=\"note\">{e(Path(path).name)} could not be read ({e(unreadable(path, error))}).</p>"
+        return pd.DataFrame(), _note(path, unreadable(error))
     try:
         return pd.read_csv(io.BytesIO(data)), ""
     except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        return pd.DataFrame(), f"<p class=\"note\">{e(Path(path).name)} could not be read ({e(type(error).__name__)}).</p>"
+        return pd.DataFrame(), _note(path, type(error).__name__)
+
+
+def _note(path: Path, why: str) -> str:
+    return f"<p class=\"note\">{e(Path(path).name)} could not be read ({e(why)}).</p>"
 
 
 def table(frame) -> str:

@@ -55,7 +55,8 @@ def test_report_notes_each_damaged_file_and_finishes(full_workdir, kind):  # noq
             assert "from the per-class rows of results.csv" in text
         else:
             limit = damaged[(stage, name)]
-            expected = f"it holds {limit + 1} bytes or more, over the {limit >> 20} MiB limit" if kind == "oversized" else why
+            expected = (f"it holds {limit + 1} bytes or more, over the {limit >> 20} MiB limit"
+                        if kind == "oversized" else why)
             assert f"{name} could not be read ({expected})" in text, name
     assert "fgsm" in text  # the undamaged eval results.csv still shows
 

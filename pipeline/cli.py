@@ -279,9 +279,11 @@ def _gc(args) -> int:
     try:
         with storage_errors(root, doing="collecting the store"), \
                 locks.exclusive(store.lock_file, wait=args.wait, on_wait=waiting):
-            if args.workdir and read_id(Path(args.workdir)) is not None:
-                _register_moved(store, Path(args.workdir))
+            moved = args.workdir and read_id(Path(args.workdir)) is not None
+            recorded = _register_moved(store, Path(args.workdir)) if moved else True
             gc(store, forget_paths=args.forget, keep=args.keep, remove=True)
+            if not recorded and _register_moved(store, Path(args.workdir), quiet=True):  # gc freed the space
+                print(f"recorded {args.workdir} in the store's registry now that gc has freed space")
     except locks.Locked:
         busy = busy_workdirs()
         raise UserError(f"runs are using the store {root}" + (f": {', '.join(busy)}" if busy else "") +
@@ -291,14 +293,18 @@ def _gc(args) -> int:
     return EXIT_OK
 
 
-def _register_moved(store, workdir: Path) -> None:
+def _register_moved(store, workdir: Path, *, quiet: bool = False) -> bool:
     """A moved work dir's record follows it here (a copy gets its own). Writing it needs free bytes, which a
-    full store may lack: then its entries stay kept as a moved work dir's, and gc goes on."""
+    full store may lack: then its entries stay kept as a moved work dir's, gc goes on, and tries again
+    once it has freed space."""
     try:
         store.register(workdir)
     except (OSError, UserError) as e:
-        print(f"could not record {workdir} in the store's registry ({e}); its entries stay kept as those of a "
-              f"registered work dir that moved. Rerun gc --workdir once gc has freed space.")
+        if not quiet:
+            print(f"could not record {workdir} in the store's registry yet ({e}); its entries stay kept as those "
+                  f"of a registered work dir that moved.")
+        return False
+    return True
 
 
 def _export(args) -> int:

@@ -283,3 +283,6 @@ def test_gc_frees_a_full_store_that_gc_never_ran_on(tmp_path):
         assert f"could not record {tmp_path / 'disk' / 'moved'} in the store's registry" in note
         assert f"on the filesystem of {store / 'workdirs'}" in note and "stay kept" in note
         assert (tmp_path / "disk" / "moved" / "teacher" / "out.txt").exists()
+        assert f"recorded {tmp_path / 'disk' / 'moved'} in the store's registry now that gc has freed space" in note
+        records = [json.loads(r.read_text()) for r in (store / "workdirs").glob("*.json")]
+        assert [r["path"] for r in records] == [str(tmp_path / "disk" / "moved")]

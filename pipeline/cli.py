@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep unreferenced entries a run, status or report used within this long: 14d (the "
                          "default), 12h, 2w, ...; 0 keeps none for their age")
     gc.add_argument("--forget", action="append", default=[], metavar="PATH",
-                    help="a registered work dir that no longer exists: stop keeping its entries (repeatable)")
+                    help="a registered work dir that no longer exists (or now links into another store, as after "
+                         "cp -a of a whole project): stop keeping its entries (repeatable)")
     gc.add_argument("--wait", action="store_true",
                     help="wait until no run uses the store instead of exiting 2 (for a scheduled gc; runs that "
                          "start meanwhile are let in, so on a store that is never idle it keeps waiting)")

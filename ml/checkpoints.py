@@ -42,6 +42,7 @@ import torch.nn as nn
 
 from ml.models import DATASET_STATS, build_model
 from pipeline.core.atomic import atomic_torch_save
+from pipeline.core.bounded import NotRegularFile, open_regular
 from pipeline.core.errors import UserError
 from pipeline.core.fingerprint import file_digest
 
@@ -51,6 +52,7 @@ CHECKPOINT_KEYS = ("arch", "num_classes", "in_channels", "mean", "std", "state_d
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrap parameter names
 
 EXPORT_FORMATS = ("robustbench",)
+EXPORT_LIMIT_BYTES = 8 << 30  # the largest model.pt export reads; torch.load holds the whole file in memory
 
 # Keys under which checkpoints in the wild keep their weights, most specific first.
 _STATE_DICT_ENTRIES = ("state_dict", "model_state_dict")
@@ -395,6 +397,7 @@ def export_checkpoint(model_pt: str | os.PathLike, out: str | os.PathLike, *, fo
     if format not in EXPORT_FORMATS:
         raise UserError(f"Unknown export format {format!r}; the formats are {', '.join(EXPORT_FORMATS)}.")
     model_pt = os.fspath(model_pt)
+    _check_exportable_file(model_pt)
     checkpoint = read_checkpoint(model_pt)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("arch"), str):
         raise UserError(f"{model_pt} is not an rst-mart model.pt (no 'arch' entry); export takes the model.pt "
@@ -423,6 +426,23 @@ def export_checkpoint(model_pt: str | os.PathLike, out: str | os.PathLike, *, fo
         "note": note,
     }, out)
     return note
+
+
+def _check_exportable_file(model_pt: str) -> None:
+    """Refuse, before torch opens it, a model.pt that is not a regular file (a FIFO would block the
+    reader, a link to /dev/zero would never end) or is larger than any model.pt: torch.load reads it all."""
+    try:
+        fd, st = open_regular(model_pt)
+    except NotRegularFile as e:
+        raise UserError(f"{model_pt} is {e.kind}, not a regular file; export takes the model.pt of a finished "
+                        "stage, e.g. runs/<name>/mart/model.pt.") from None
+    except OSError:
+        return  # missing or unreadable: read_checkpoint says so, with the fix
+    os.close(fd)
+    if st.st_size > EXPORT_LIMIT_BYTES:
+        raise UserError(f"{model_pt} holds {st.st_size} bytes, over the {EXPORT_LIMIT_BYTES >> 30} GiB a model.pt "
+                        "can reach (a WRN-70-16 is about 1.1 GiB): not a model.pt written by a stage; check the "
+                        "path.")
 
 
 def export_note(robustbench_model: str, mean: Sequence[float], std: Sequence[float]) -> str:

@@ -230,6 +230,9 @@ def _read_toml(path: Path) -> dict:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {path} is not valid TOML ({e}); fix the syntax at that line.") from None
+    except RecursionError:  # tomllib descends once per bracket: thousands of them exhaust Python's stack
+        raise UserError(f"config file {path} nests lists or tables thousands of levels deep: not a config (a "
+                        f"value nests at most {MAX_NESTING} levels); fix or replace the file.") from None
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:
@@ -246,9 +249,35 @@ def _parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:
+        raise UserError(f"--set value {text[:40]}... nests lists or tables thousands of levels deep; a value "
+                        f"nests at most {MAX_NESTING} levels.") from None
+
+
+MAX_NESTING = 32  # lists and tables inside each other in one value; a real config needs two or three
+
+
+def _check_sane(value: Any, name: str, where: str) -> None:
+    """Refuse a value no config means: nested deeper than MAX_NESTING (fingerprinting and JSON would
+    recurse once per level), or a string holding a NUL byte (no path or name can: the OS refuses it
+    with a ValueError deep inside whatever opens it). Iterative, so the check itself cannot recurse."""
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > MAX_NESTING:
+            raise UserError(f"{where}: `{name}` nests lists or tables more than {MAX_NESTING} levels deep; no "
+                            f"setting takes that. Give it a flat value (see the key's comment in configs/demo.toml).")
+        if isinstance(item, str) and "\0" in item:
+            raise UserError(f"{where}: `{name}` holds a NUL byte (\\0 or \\u0000), which no path or name can "
+                            f"contain; remove it.")
+        if isinstance(item, dict):
+            pending += [(k, depth + 1) for k in item] + [(v, depth + 1) for v in item.values()]
+        elif isinstance(item, list):
+            pending += [(v, depth + 1) for v in item]
 
 
 def _assign(config: Config, section: str, key: str, value: Any, where: str) -> None:
+    _check_sane(value, f"{section}.{key}", where)
     if section not in config.section_names():
         raise UserError(f"{where}: unknown section `{section}`; the sections are {', '.join(config.section_names())}.")
     target = getattr(config, section)

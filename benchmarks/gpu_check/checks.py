@@ -17,6 +17,7 @@ import torch
 
 from benchmarks.gpu_check.common import COLUMNS, NO_CUDA, Context, Skipped, first_line
 from benchmarks.gpu_check.ddp import check_ddp_gloo, check_ddp_nccl, ddp_worker
+from benchmarks.gpu_check.diffusion import unet_sample_check, unet_train_check
 from benchmarks.gpu_check.loader import check_loader_cpu, check_loader_cuda
 from benchmarks.gpu_check.pipeline_runs import check_pseudolabel, check_resume, mart_check
 from benchmarks.gpu_check.step import check_compile_cpu, check_fp16_scaler_cpu
@@ -41,6 +42,9 @@ CHECKS: dict[str, tuple[bool, float, Callable[[Context], str]]] = {
     "wrn-fp32": (False, 40, wrn_check("fp32")),
     "wrn-bf16-cl": (False, 30, wrn_check("bf16", channels_last=True)),
     "wrn-compile": (False, 120, wrn_check("bf16", channels_last=True, compile=True)),
+    "unet-train-bf16": (False, 40, unet_train_check("bf16", channels_last=True)),
+    "unet-sample-bf16": (False, 30, unet_sample_check("bf16")),
+    "unet-sample-fp32": (False, 30, unet_sample_check("fp32")),
 }
 
 

@@ -96,7 +96,8 @@ def generator_files(directory: str | Path) -> list[Path]:
     """The files that make a generator directory what it is (for its fingerprint)."""
     unet_dir, _ = _layout(Path(directory))
     files = [unet_dir / "config.json", unet_dir / WEIGHTS_FILE]
-    extra = [Path(directory) / SCHEDULER_DIR / "scheduler_config.json", Path(directory) / INFO_FILE]
+    extra = [Path(directory) / SCHEDULER_DIR / "scheduler_config.json", Path(directory) / "scheduler_config.json",
+             Path(directory) / INFO_FILE]
     return files + [f for f in extra if f.is_file()]
 
 
@@ -114,8 +115,10 @@ def load_generator(directory: str | Path, *, key: str = "diffusion.checkpoint") 
         raise UserError(f"The diffusion model in {unet_dir} (`{key}`) could not be loaded: "
                         f"{str(error).splitlines()[0]}. Save it again with diffusers' save_pretrained "
                         f"(safe_serialization=True), or point `{key}` at another directory.") from None
-    scheduler_file = directory / SCHEDULER_DIR / "scheduler_config.json"
-    scheduler_config = _read_json(scheduler_file, key) if scheduler_file.is_file() else dict(DEFAULT_SCHEDULE)
+    # A pipeline keeps it in scheduler/; google/ddpm-cifar10-32 keeps it beside the model's config.json.
+    scheduler_file = next((f for f in (directory / SCHEDULER_DIR / "scheduler_config.json",
+                                       directory / "scheduler_config.json") if f.is_file()), None)
+    scheduler_config = _read_json(scheduler_file, key) if scheduler_file else dict(DEFAULT_SCHEDULE)
     if scheduler_config.get("prediction_type", "epsilon") != "epsilon":
         raise UserError(f"{scheduler_file} (`{key}`): the model predicts `{scheduler_config['prediction_type']}`; "
                         f"rst-mart samples noise-predicting (epsilon) models. Use such a model.")

@@ -9,7 +9,8 @@ bookkeeping `rows_written`, `pool_rows_done` and `complete` (0 while being writt
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import h5py
 import numpy as np

@@ -9,7 +9,7 @@ touched and an attack can run between a training step's zero_grad and backward.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn

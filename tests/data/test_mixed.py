@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from data.mixed import MixedBatchLoader, MixedBatchSampler
 from data.pseudolabel_file import PseudoLabelReader
 from data.pseudolabel_writer import PseudoLabelWriter
-from data.mixed import MixedBatchLoader, MixedBatchSampler
 
 
 def sampler(**kw):

@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from data.pseudolabel_file import validate_pseudolabels
 from data.mixed import MixedBatchSampler
+from data.pseudolabel_file import validate_pseudolabels
 from pipeline.core.distributed import shard_range
 from tests.conftest import ROOT, SMOKE
 from tests.distributed import ddp_worker
@@ -165,9 +165,9 @@ def test_sharded_pseudolabel_with_dropped_rows_and_logits_merges_like_one_proces
 
 def test_an_interrupted_shard_resumes_at_its_last_block(torchrun_workdir, tmp_path, monkeypatch):
     from data import pseudolabel_writer
+    from ml import labeling
     from pipeline.config import load_config
     from pipeline.core.distributed import DistInfo
-    from ml import labeling
 
     monkeypatch.setattr(labeling, "COMMIT_SECONDS", 0.0)  # every block durable: the granularity under test
 

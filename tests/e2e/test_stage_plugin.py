@@ -3,7 +3,6 @@ shows in `status` with its own config section, with no edit to pipeline/: the en
 import json
 import os
 import shutil
-import textwrap
 
 import pandas as pd
 

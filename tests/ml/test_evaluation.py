@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.core import distributed
 from ml import evaluation
 from ml.attacks import ExampleSeeds, eval_attack, pgd_linf
 from ml.models import build_model
+from pipeline.core import distributed
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.core import fingerprint
 from pipeline.config import load_config
+from pipeline.core import fingerprint
 from pipeline.runner import Runner
 from tests.conftest import ROOT, SMOKE
 

@@ -5,7 +5,7 @@ from data.pseudolabel_file import PseudoLabelReader
 from pipeline.config import load_config
 from pipeline.core.errors import UserError
 from stages import mart
-from tests.data.test_pseudolabel_file import N, SHAPE, make_pool, write_file
+from tests.data.test_pseudolabel_file import SHAPE, N, make_pool, write_file
 
 
 @pytest.fixture

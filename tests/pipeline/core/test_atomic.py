@@ -11,8 +11,14 @@ import pytest
 import torch
 
 from pipeline.core import atomic
-from pipeline.core.atomic import (atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_json, atomic_write_text,
-                             current_umask)
+from pipeline.core.atomic import (
+    atomic_path,
+    atomic_torch_save,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+    current_umask,
+)
 from pipeline.core.errors import UserError, human_bytes, storage_error
 
 WRITERS = {

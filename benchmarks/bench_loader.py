@@ -10,7 +10,8 @@ in the same run, or bf16+channels_last measured here at the quick size when run 
 loader delivers >= 5x what training consumes, so its background thread takes at most a fifth of the
 time it overlaps.
 
-Adopted fix: `data/pseudolabel_file.py` `PseudoLabelReader.gather` preads uncompressed whole-row chunks (README, problem 2).
+Adopted fix: `data/pseudolabel_file.py` `PseudoLabelReader.gather` preads uncompressed whole-row chunks
+(README, problem 2).
 
 Runtime: default (50 batches per pass, 50,000-image pool, 2 rounds) about 30 s; --quick about 10 s
 (plus the MART measurement when run alone).

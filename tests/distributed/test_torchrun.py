@@ -111,9 +111,9 @@ def run_pseudolabel_stage(config, out_dir, teacher_dir, dist, data=None, log=lam
     from stages import pseudolabel
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    teacher_fingerprint = json.loads((teacher_dir / "stage.json").read_text())["fingerprint"]
     pseudolabel.run(StageContext(
-        config=config, out_dir=out_dir,
-        inputs={"teacher": StageInput(teacher_dir, json.loads((teacher_dir / "stage.json").read_text())["fingerprint"])},
+        config=config, out_dir=out_dir, inputs={"teacher": StageInput(teacher_dir, teacher_fingerprint)},
         sources=data or open_sources(config, out_dir), fingerprint="test", dist=dist, log=log))
 
 

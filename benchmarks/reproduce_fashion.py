@@ -54,15 +54,15 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import torch
 
-from pipeline.core.atomic import atomic_write_csv
 from pipeline.config import CONFIG_DIR, load_config
+from pipeline.core.atomic import atomic_write_csv
 from pipeline.core.errors import UserError
 from pipeline.sweep import SEED_KEY, run_sweep
 

@@ -304,4 +304,4 @@ def test_the_training_stages_declare_that_the_world_size_changes_their_weights()
     from pipeline.stage_registry import stages as registered_stages
 
     changed = {name for name, stage in registered_stages().items() if stage.distributed_changes_results}
-    assert changed == {"teacher", "mart"}
+    assert changed == {"diffusion", "teacher", "mart"}

@@ -160,20 +160,19 @@ def _usable_workdir(workdir: Path) -> Path:
 
 
 def _sweep(args, workdir: Path) -> int:
-    from pipeline import sweep
-    from pipeline.launchers import sweep as launched
+    from pipeline import sweep_grid, sweep_jobs
 
     if args.status:
-        return launched.sweep_status(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds)
+        return sweep_jobs.sweep_status(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds)
     if args.launcher == "serial":
         if args.jobs != 1:
             raise UserError(f"--jobs {args.jobs} runs variants at once, which the serial launcher does not; "
                             f"add --launcher local (or drop --jobs).")
-        sweep.run_sweep(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds)
+        sweep_grid.run_sweep(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds)
         return EXIT_OK
     flags = {key: getattr(args, key) for key in ("partition", "time_min", "nodes", "tasks_per_node",
                                                  "gpus_per_node", "cpus_per_task", "mem_gb", "sbatch")}
-    return launched.launch_sweep(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds,
+    return sweep_jobs.launch_sweep(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds,
                                  launcher=args.launcher, jobs=args.jobs, wait=args.wait, launcher_flags=flags)
 
 

@@ -23,7 +23,7 @@ from pipeline.launchers import Job
 from pipeline.runner import Runner
 from pipeline.stage_registry import stages as registered_stages
 from pipeline.store import store_dir
-from pipeline.sweep import _row, expand_grid, variant_name, write_table
+from pipeline.sweep_grid import _row, expand_grid, variant_name, write_table
 
 LAUNCH_RECORD = "launch.json"  # in the sweep dir: which job ran (or runs) each variant
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",

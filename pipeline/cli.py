@@ -83,7 +83,8 @@ def _sweep_options(sub) -> None:
                      help="show each variant's state in the store and its job's, without waiting")
 
 
-_SLURM_FLAGS = ("partition", "time_min", "nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "mem_gb", "sbatch")
+_SLURM_FLAGS = ("partition", "time_min", "nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "mem_gb",
+                "sbatch")
 
 
 def _launcher_options(sub, *, jobs_help: str) -> None:

@@ -322,7 +322,8 @@ class Runner:
             ctx = StageContext(
                 config=stage.view(self.config), out_dir=partial, fingerprint=plan.fingerprint, dist=dist,
                 log=self.log, live_log=self.config.log, sources=sources, shard=(index, count),
-                inputs={up: StageInput(by_name[up].entry, by_name[up].fingerprint) for up in stage.upstream(self.config)})
+                inputs={up: StageInput(by_name[up].entry, by_name[up].fingerprint)
+                        for up in stage.upstream(self.config)})
             start = time.perf_counter()
             stage.run(ctx)
         self.log(f"{stage.name}: made shards {index}/{count} in {time.perf_counter() - start:.1f}s")

@@ -41,7 +41,8 @@ def make_shards(launcher: Launcher, stage: str, fingerprint: str, partial: Path,
         first = failed[0]
         said = _error_line(launcher.logs(first)[-1])
         raise UserError(f"{len(failed)} of the {jobs} jobs making the shards of stage {stage} did not succeed; "
-                        f"{first.name}: {launcher.describe(first, states[first.name])} ({said}). Nothing was committed; the shards made so far are kept in {partial}, and "
+                        f"{first.name}: {launcher.describe(first, states[first.name])} ({said}). "
+                        f"Nothing was committed; the shards made so far are kept in {partial}, and "
                         f"rerunning the same command makes only the missing ones.")
 
 

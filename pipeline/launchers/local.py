@@ -71,7 +71,8 @@ class LocalLauncher(Launcher):
         needed = [self._futures[s.name] for s in after]
         submitted = []
         for job in jobs:
-            one = Submitted(job.name, job.kind, {"exit": None, "pid": None, "log": str(self.log_dir / f"{job.name}.log")})
+            log = str(self.log_dir / f"{job.name}.log")
+            one = Submitted(job.name, job.kind, {"exit": None, "pid": None, "log": log})
             # Jobs run in submission order and dependencies are submitted first, so a job waiting on its
             # dependencies never holds a worker a dependency still needs.
             self._futures[job.name] = self._pool.submit(self._run, job, one, needed, threads)
@@ -151,7 +152,8 @@ class LocalLauncher(Launcher):
         if not state.started:
             return "not started, because a job it needs failed"
         code = submitted.info.get("exit")
-        return f"{'exit ' + str(code) if code is not None else state.text.split(' (')[0]}; its log is {submitted.info['log']}"
+        how = f"exit {code}" if code is not None else state.text.split(" (")[0]
+        return f"{how}; its log is {submitted.info['log']}"
 
 
 class SerialLauncher(LocalLauncher):
@@ -162,7 +164,8 @@ class SerialLauncher(LocalLauncher):
     in_process = True
 
     def check(self) -> None:
+        # No GPU listing (nvidia-smi) here: every plain `run` checks its launcher, and one job at a time
+        # needs no device of its own.
         if self.jobs != 1:
             raise UserError(f"--jobs {self.jobs} runs that many jobs at once, which the serial launcher does not "
                             f"(it works in this process); add --launcher local (or drop --jobs).")
-        super().check()

@@ -2,7 +2,8 @@
 
 Each `submit` is one array; dependencies are afterok (a failed dependency cancels the dependants). A
 sweep submits the stages variants share as one array and the variants as another after it; a sharded
-stage its shard jobs as one array. Every task runs the ordinary `python -m pipeline run`. On a time-out or preemption SLURM signals the job, submitit calls `RunJob.checkpoint`
+stage its shard jobs as one array. Every task runs the ordinary `python -m pipeline run`.
+On a time-out or preemption SLURM signals the job, submitit calls `RunJob.checkpoint`
 (the run is stopped; its stage keeps its last checkpoint in the store's partial dir) and requeues it;
 the requeued `run` resumes from that checkpoint. A job over several tasks (nodes x tasks_per_node)
 exports MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from SLURM's environment, the variables

@@ -65,7 +65,8 @@ def test_three_local_jobs_make_the_shards_and_the_run_commits_the_serial_entry(t
 
 def test_a_failed_job_exits_2_naming_its_log_and_the_rerun_makes_only_the_missing_shards(tmp_path, plugin_env, serial):
     workdir = tmp_path / "w"
-    failing = cli(plugin_env, workdir, "--launcher", "local", "--jobs", "3", "--set", "blocks.fail_block=4", check=False)
+    failing = cli(plugin_env, workdir, "--launcher", "local", "--jobs", "3", "--set", "blocks.fail_block=4",
+                  check=False)
     paragraph = " ".join(failing.stderr.split())
     assert failing.returncode == 2 and "Traceback" not in failing.stderr, failing.stderr
     assert f"1 of the 3 jobs making the shards of stage blocks did not succeed" in paragraph
@@ -144,3 +145,22 @@ def test_a_local_launcher_starts_a_dependant_only_after_its_dependency_succeeded
     assert "does not exist" in " ".join((tmp_path / "logs" / "bad.log").read_text().split())
     assert not (tmp_path / "logs" / "after-bad.log").exists()
     assert sorted(name for name, active in seen if not active) == ["after-bad", "after-good", "bad", "good"]
+
+
+def test_two_slurm_jobs_make_the_shards_and_the_run_commits_the_serial_entry(tmp_path, slurm, plugin_env, serial):
+    workdir = tmp_path / "w"
+    try:
+        out = cli(plugin_env, workdir, "--launcher", "slurm", "--jobs", "2", "--cpus", "1").stdout
+    finally:  # a failed run leaves nothing queued
+        ids = [p.name.split("_")[0] for p in (workdir / "slurm").glob("*_submission.sh")]
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True)
+    assert "blocks: 6 shards, made by 2 slurm job(s)" in out and "blocks: ran in" in out, out
+    assert made(out) == []
+    (script,) = (workdir / "slurm").glob("*_submission.sh")  # one array of two tasks
+    assert "#SBATCH --array=0-1" in script.read_text()
+    array = script.name.split("_")[0]
+    for i in range(2):
+        log = (workdir / "slurm" / f"{array}_{i}_0_log.out").read_text()
+        assert made(log) == [i, i + 2, i + 4], log
+    assert entry(workdir) == serial

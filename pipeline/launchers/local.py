@@ -80,7 +80,7 @@ class LocalLauncher(Launcher):
         return submitted
 
     def _run(self, job: Job, one: Submitted, needed: list[Future], threads: int) -> int | None:
-        if any(f.result() != 0 for f in needed):
+        if any(f.exception() is not None or f.result() != 0 for f in needed):  # blocks until each has ended
             one.info["skipped"] = True
             self._changes.put(one)
             return None

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from pipeline.launchers import Job, make_launcher
 from pipeline.config import LauncherConfig
+from pipeline.launchers import Job, make_launcher
 from tests.conftest import ROOT, SMOKE, run_cli
 from tests.launch.sharded_plugin import N_BLOCKS, install
 
@@ -69,7 +69,7 @@ def test_a_failed_job_exits_2_naming_its_log_and_the_rerun_makes_only_the_missin
                   check=False)
     paragraph = " ".join(failing.stderr.split())
     assert failing.returncode == 2 and "Traceback" not in failing.stderr, failing.stderr
-    assert f"1 of the 3 jobs making the shards of stage blocks did not succeed" in paragraph
+    assert "1 of the 3 jobs making the shards of stage blocks did not succeed" in paragraph
     assert str(workdir / "logs" / "blocks-shard-1-of-3.log") in paragraph and "asked to fail at block 4" in paragraph
     assert "Nothing was committed" in paragraph
     (partial,) = (tmp_path / "store" / "blocks").glob("*.partial")

@@ -46,11 +46,17 @@ def make_shards(launcher: Launcher, stage: str, fingerprint: str, partial: Path,
                         f"rerunning the same command makes only the missing ones.")
 
 
+_WRAPPER = re.compile(r"` exited with status -?\d+$")
 _ERROR = re.compile(r"^(error: |[\w.]*(Error|Exception|Interrupt)\b)")
 
 
 def _error_line(log: Path) -> str:
     """The line of a job's log that says what went wrong: its user error or its exception, else its last line."""
-    lines = [line.strip() for line in tail(log, lines=40).splitlines() if line.strip()]
-    found = next((line for line in reversed(lines) if _ERROR.match(line)), lines[-1] if lines else "(empty)")
-    return f"it says: {found}"
+    # A SLURM job's error log ends with the wrapper's own "`python -m pipeline run ...` exited with status 1":
+    # the run's error comes before it.
+    lines = [line.strip() for line in tail(log, lines=40).splitlines() if not _WRAPPER.search(line)]
+    at = next((i for i in reversed(range(len(lines))) if _ERROR.match(lines[i])), None)
+    if at is None:
+        return f"it says: {next((line for line in reversed(lines) if line), '(nothing)')}"
+    end = lines.index("", at) if "" in lines[at:] else len(lines)  # a user error's paragraph is wrapped
+    return f"it says: {' '.join(lines[at:end])}"

@@ -147,20 +147,30 @@ def test_a_local_launcher_starts_a_dependant_only_after_its_dependency_succeeded
     assert sorted(name for name, active in seen if not active) == ["after-bad", "after-good", "bad", "good"]
 
 
-def test_two_slurm_jobs_make_the_shards_and_the_run_commits_the_serial_entry(tmp_path, slurm, plugin_env, serial):
+def test_two_slurm_jobs_make_the_shards_a_failure_keeps_them_and_the_rerun_commits_the_serial_entry(
+        tmp_path, slurm, plugin_env, serial):
     workdir = tmp_path / "w"
+    slurm_args = ("--launcher", "slurm", "--jobs", "2", "--cpus", "1")
     try:
-        out = cli(plugin_env, workdir, "--launcher", "slurm", "--jobs", "2", "--cpus", "1").stdout
-    finally:  # a failed run leaves nothing queued
+        failing = cli(plugin_env, workdir, *slurm_args, "--set", "blocks.fail_block=3", check=False)
+        (first,) = (workdir / "slurm").glob("*_submission.sh")  # one array of two tasks
+        out = cli(plugin_env, workdir, *slurm_args).stdout
+    finally:  # a failed test leaves nothing queued
         ids = [p.name.split("_")[0] for p in (workdir / "slurm").glob("*_submission.sh")]
         if ids:
             subprocess.run(["scancel", *ids], capture_output=True)
+    array = first.name.split("_")[0]
+    paragraph = " ".join(failing.stderr.split())
+    assert failing.returncode == 2 and "#SBATCH --array=0-1" in first.read_text(), failing.stderr
+    assert f"job {array}_1 FAILED" in paragraph and str(workdir / "slurm" / f"{array}_1_0_log.err") in paragraph
+    assert "it says: RuntimeError: asked to fail at block 3" in paragraph, paragraph
+    assert "Nothing was committed" in paragraph
+    assert made((workdir / "slurm" / f"{array}_0_0_log.out").read_text()) == [0, 2, 4]
+    assert made((workdir / "slurm" / f"{array}_1_0_log.out").read_text()) == [1]
+
     assert "blocks: 6 shards, made by 2 slurm job(s)" in out and "blocks: ran in" in out, out
-    assert made(out) == []
-    (script,) = (workdir / "slurm").glob("*_submission.sh")  # one array of two tasks
-    assert "#SBATCH --array=0-1" in script.read_text()
-    array = script.name.split("_")[0]
-    for i in range(2):
-        log = (workdir / "slurm" / f"{array}_{i}_0_log.out").read_text()
-        assert made(log) == [i, i + 2, i + 4], log
+    (second,) = set((workdir / "slurm").glob("*_submission.sh")) - {first}
+    rerun = second.name.split("_")[0]
+    logs = [(workdir / "slurm" / f"{rerun}_{i}_0_log.out").read_text() for i in range(2)]
+    assert [made(log) for log in logs] == [[], [3, 5]] and made(out) == []
     assert entry(workdir) == serial

@@ -139,9 +139,14 @@ def stage_lines(log_text: str, stage_names) -> list[str]:
     return [line for line in log_text.replace("\r", "\n").splitlines() if line.startswith(prefixes) and "%|" not in line]
 
 
+TAIL_BYTES = 64 << 10  # the end of a log that `tail` reads: a job's log can grow to gigabytes of progress bars
+
+
 def tail(path: Path, lines: int = 15) -> str:
     try:
-        text = Path(path).read_text(errors="replace")
+        with open(path, "rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - TAIL_BYTES))
+            text = log.read().decode(errors="replace")
     except OSError:
         return "(no log yet)"
     return "\n".join(text.rstrip().splitlines()[-lines:]) or "(empty)"

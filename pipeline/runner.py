@@ -25,6 +25,7 @@ from pipeline.core import distributed, host_memory, locks
 from pipeline.core.atomic import atomic_write_json
 from pipeline.core.errors import UserError, storage_errors
 from pipeline.core.fingerprint import fingerprint
+from pipeline.launchers import Launcher
 from pipeline.stage import Source, Stage, StageContext, StageInput
 from pipeline.store import Store, check_outputs, output_digest, read_record, store_dir
 from pipeline.workdir_record import record_config
@@ -45,7 +46,8 @@ class StagePlan:
 
 class Runner:
     def __init__(self, config: Config, workdir: Path, *, log: Callable[[str], None] = print,
-                 stages: dict[str, Stage] | None = None, world_size: int | None = None, launcher=None):
+                 stages: dict[str, Stage] | None = None, world_size: int | None = None,
+                 launcher: Launcher | None = None):
         self.config = config
         # Where the shards of a sharded stage are made (pipeline.launchers): None or serial, in this process.
         self.launcher = launcher

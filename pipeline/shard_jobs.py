@@ -5,16 +5,23 @@ dir, which makes the missing shards s with s % N == I into the entry's partial d
 The run holds the entry's lock meanwhile, so no other run builds the same entry; when every job has
 succeeded, the run makes whatever is still missing itself and commits the stage once. A job that did not
 succeed stops the run with exit 2 naming its log; the shards made so far stay for the rerun.
+
+`<workdir>/launch-<stage>.json` records the jobs, so that a rerun after the run itself was stopped (a
+login session that ended) waits for those still queued or running on a scheduler instead of submitting
+them again.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 from typing import Callable
 
+from pipeline.core.atomic import atomic_write_json
+from pipeline.core.bounded import read_regular
 from pipeline.core.errors import UserError
-from pipeline.launchers import Job, Launcher, tail
+from pipeline.launchers import Job, Launcher, Submitted, tail
 from pipeline.workdir_record import record_path
 
 
@@ -34,7 +41,11 @@ def make_shards(launcher: Launcher, stage: str, fingerprint: str, partial: Path,
     batch = [Job(f"{stage}-shard-{i}-of-{jobs}", "shard", (*args, "--shard", f"{i}/{jobs}"), cwd=os.getcwd())
              for i in range(jobs)]
     log(f"{stage}: {count} shards, made by {jobs} {launcher.name} job(s)")
-    submitted = launcher.submit(batch)
+    record_file = Path(workdir) / f"launch-{stage}.json"
+    running = launcher.adopt(_recorded_jobs(record_file, launcher.name, fingerprint, {job.name for job in batch}))
+    submitted = list(running.values()) + launcher.submit([job for job in batch if job.name not in running])
+    atomic_write_json(record_file, {"launcher": launcher.name, "fingerprint": fingerprint,
+                                    "jobs": {one.name: one.record() for one in submitted}})
     states = launcher.wait(submitted, on_change=lambda one, state: log(f"{stage}: job {one.name}: {state.text}"))
     failed = [one for one in submitted if not states[one.name].succeeded]
     if failed:
@@ -46,6 +57,18 @@ def make_shards(launcher: Launcher, stage: str, fingerprint: str, partial: Path,
                         f"rerunning the same command makes only the missing ones.")
 
 
+def _recorded_jobs(path: Path, launcher: str, fingerprint: str, names: set[str]) -> dict[str, Submitted]:
+    """The jobs an earlier run recorded for this stage's entry, through this launcher, of the same names."""
+    try:
+        record = json.loads(read_regular(path, RECORD_LIMIT_BYTES))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict) or (record.get("launcher"), record.get("fingerprint")) != (launcher, fingerprint):
+        return {}
+    return {name: Submitted.from_record(name, job) for name, job in record.get("jobs", {}).items() if name in names}
+
+
+RECORD_LIMIT_BYTES = 1 << 20  # a record of jobs is a few KiB
 _WRAPPER = re.compile(r"` exited with status -?\d+$")
 _ERROR = re.compile(r"^(error: |[\w.]*(Error|Exception|Interrupt)\b)")
 

@@ -14,6 +14,7 @@ SOURCE = textwrap.dedent('''
     import hashlib
     import json
     import os
+    import time
     from dataclasses import dataclass
 
     from pipeline.stage import Stage
@@ -30,6 +31,7 @@ SOURCE = textwrap.dedent('''
     class BlocksConfig:
         size: int = 4096  # bytes per block
         fail_block: int = -1  # a process asked to make this block raises (insignificant: a rerun resumes)
+        seconds_per_block: float = 0.0  # a pause before each block, so a test can catch a job running
 
 
     def write(path, data):
@@ -51,6 +53,7 @@ SOURCE = textwrap.dedent('''
             path = ctx.out_dir / f"block-{s}.bin"
             if s %% count != index or path.exists():
                 continue
+            time.sleep(cfg.seconds_per_block)
             if s == cfg.fail_block:
                 raise RuntimeError(f"asked to fail at block {s}")
             write(path, b"".join(hashlib.sha256(salt + f"{s}:{i}".encode()).digest() for i in range(cfg.size // 32)))
@@ -63,7 +66,7 @@ SOURCE = textwrap.dedent('''
 
     SALT = Stage(name="salt", version=1, section="salt", config=SaltConfig, run=run_salt, outputs=("salt.txt",))
     BLOCKS = Stage(name="blocks", version=1, section="blocks", config=BlocksConfig, run=run_blocks,
-                   inputs=lambda config: ("salt",), insignificant=("fail_block",),
+                   inputs=lambda config: ("salt",), insignificant=("fail_block", "seconds_per_block"),
                    outputs=tuple(f"block-{s}.bin" for s in range(N_BLOCKS)) + ("blocks.json",),
                    shards=lambda config: N_BLOCKS)
 ''' % N_BLOCKS)

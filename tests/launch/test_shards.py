@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -173,4 +174,32 @@ def test_two_slurm_jobs_make_the_shards_a_failure_keeps_them_and_the_rerun_commi
     rerun = second.name.split("_")[0]
     logs = [(workdir / "slurm" / f"{rerun}_{i}_0_log.out").read_text() for i in range(2)]
     assert [made(log) for log in logs] == [[], [3, 5]] and made(out) == []
+    assert entry(workdir) == serial
+
+
+def test_a_rerun_after_the_run_was_killed_waits_for_its_slurm_jobs_instead_of_submitting_again(
+        tmp_path, slurm, plugin_env, serial):
+    """The launching run dies (a login session ends) while its jobs are queued or running: the rerun adopts
+    them from <workdir>/launch-blocks.json, waits, and commits the same entry."""
+    workdir = tmp_path / "w"
+    args = ["--launcher", "slurm", "--jobs", "2", "--cpus", "1", "--set", "blocks.seconds_per_block=5"]
+    record = workdir / "launch-blocks.json"
+    try:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run", "--config", SMOKE, "--stages", "blocks", "--workdir", workdir,
+             "--set", f"run.store={tmp_path / 'store'}", *args], cwd=ROOT, env={**os.environ, **plugin_env},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not record.exists():  # written once the jobs are submitted; nothing else can tell this process
+            assert first.poll() is None and time.monotonic() < deadline, "the run ended before it submitted"
+            time.sleep(0.1)
+        first.kill()
+        first.wait()
+        rerun = cli(plugin_env, workdir, *args).stdout
+    finally:
+        ids = [job["job_id"] for job in json.loads(record.read_text())["jobs"].values()] if record.exists() else []
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True)
+    assert rerun.count("not submitted again") == 2 and "submitted as job" not in rerun, rerun
+    assert len(list((workdir / "slurm").glob("*_submission.sh"))) == 1 and "blocks: ran in" in rerun
     assert entry(workdir) == serial

@@ -133,11 +133,13 @@ class LocalLauncher(Launcher):
         return JobState(f"running (pid {info['pid']}, log {log})", active=True)
 
     def wait(self, submitted, *, on_change=lambda s, state: None) -> dict[str, JobState]:
-        waiting = {one.name for one in submitted if one.name in self._futures and one.name not in self._ended}
+        names = {one.name for one in submitted}
+        waiting = {name for name in names if name in self._futures and name not in self._ended}
         while waiting:
             changed = self._changes.get()  # put by the pool's threads at each start and end
             state = self._state(changed)
-            if self._told.get(changed.name) != state.text:  # a start seen after the end is not news
+            # Only the jobs asked about are reported, each state once (a start seen after the end is not news).
+            if changed.name in names and self._told.get(changed.name) != state.text:
                 self._told[changed.name] = state.text
                 on_change(changed, state)
             if not state.active:

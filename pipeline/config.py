@@ -96,7 +96,7 @@ class LogConfig:
 
 @dataclass
 class LauncherConfig:
-    """How `sweep --launcher slurm` asks SLURM for each job (no stage reads it: not in any fingerprint)."""
+    """How `sweep`/`run --launcher slurm` ask SLURM for each job (no stage reads it: not in any fingerprint)."""
     partition: str = ""  # SLURM partition; "" = the cluster's default
     time_min: int = 60  # wall-clock limit per job, minutes; a job reaching it checkpoints and is requeued
     nodes: int = 1  # nodes per variant; > 1 trains one variant across nodes (torch.distributed, as torchrun)

@@ -76,6 +76,11 @@ class Stage:
     # "y" puts the metric on that axis of sweep.png); `report(entry)` -> its report.html section body.
     results: Callable[[Path], list[dict]] | None = None
     report: Callable[[Path], str] | None = None
+    # For a stage whose work splits into independent shards, each the same whichever process makes it:
+    # how many there are (config view -> int). `run(ctx)` then honours `ctx.shard`, and the runner may have
+    # the shards made by several processes (torchrun's ranks, `run --launcher local|slurm --jobs N`)
+    # before it runs the stage once more with shard=None and commits it.
+    shards: Callable[[Any], int] | None = None
 
     @property
     def code_version(self) -> str:
@@ -184,3 +189,8 @@ class StageContext:
     dist: DistInfo  # this process's rank and world size (pipeline.core.distributed)
     log: Callable[[str], None] = print
     live_log: LiveLogSettings | None = None  # live curves, a run-time setting outside fingerprints
+    # (index, count) for a sharded stage (Stage.shards): make only the missing shards s with s % count ==
+    # index, each written atomically into out_dir, and none of the final outputs. None: make every missing
+    # shard, then write the final outputs. This call may run on a single process while other ranks wait
+    # (rank 0 finishing after torchrun's ranks made their shards): with shard=None, use no collectives.
+    shard: tuple[int, int] | None = None

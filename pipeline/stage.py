@@ -39,6 +39,12 @@ class Source:
 class Stage:
     """A stage's declaration: `run(ctx)` writes `outputs` into `ctx.out_dir`.
 
+    `outputs` is a tuple of file names, or a function of the stage's config view returning one, for a
+    stage whose files depend on its settings (generate: one shard file per `generate.shard_size` images);
+    the engine asks `output_names(config)`. `shards(config view)`, when set, is how many independent
+    shards the stage's work splits into (results that do not depend on which process made them), so a
+    launcher may run them as separate jobs with `StageContext.shard` set.
+
     `config` is the dataclass of its section (every default commented with its unit). It may hold
     `RANGES: ClassVar[dict]` (key -> pipeline.core.checks.Range or a tuple of choices) and the methods
     `check(self, config, refuse, world_size)` (values against each other, `config` the stage's view)
@@ -48,7 +54,7 @@ class Stage:
     name: str
     version: int  # bump when the meaning of the stage's output changes
     section: str  # its config section, [<section>] in the TOML file
-    outputs: tuple[str, ...]
+    outputs: tuple[str, ...] | Callable[[Any], tuple[str, ...]]
     run: Callable[["StageContext"], None]
     config: type | None = None  # the dataclass of its section; None = a stage without settings
     # Upstream stage names and data sources the stage reads, for a given config (its view).
@@ -66,6 +72,11 @@ class Stage:
     # "y" puts the metric on that axis of sweep.png); `report(entry)` -> its report.html section body.
     results: Callable[[Path], list[dict]] | None = None
     report: Callable[[Path], str] | None = None
+    shards: Callable[[Any], int] | None = None
+
+    def output_names(self, config) -> tuple[str, ...]:
+        """The file names a finished entry holds, for this config."""
+        return tuple(self.outputs(self.view(config)) if callable(self.outputs) else self.outputs)
 
     @property
     def code_version(self) -> str:
@@ -162,3 +173,6 @@ class StageContext:
     dist: Any  # pipeline.core.distributed.DistInfo
     log: Callable[[str], None] = print
     live_log: Any = None  # pipeline.config.LogConfig: live curves, a run-time setting outside fingerprints
+    # (index, count) when a launcher runs the stage's shards as `count` jobs: make only the missing shards
+    # s with s % count == index and none of the final outputs; None = make every missing shard, then finish.
+    shard: tuple[int, int] | None = None

@@ -21,7 +21,9 @@ from pipeline.core.atomic import atomic_path
 from pipeline.core.errors import storage_errors
 
 SHARD_PATTERN = "shard-{:05d}.h5"
-MAX_SHARDS = 10**5 - 1  # names keep five digits, so sorting them by name is sorting them by index
+# stage.json records every shard (~150 bytes each) and is read up to 1 MiB (pipeline/store.py), and names keep
+# five digits, so sorting them by name is sorting them by index.
+MAX_SHARDS = 4096
 
 
 def shard_name(index: int) -> str:

@@ -23,6 +23,10 @@ class LabeledData:
     remainder_index: np.ndarray  # the other rows (their labels hidden from training)
 
 
+# pool.provider for the generate stage's shards: the pseudolabel stage reads them from that stage's entry
+# (data/pool_shards.py), never through open_pool, and no other [pool] key applies.
+GENERATED = "generate"
+
 _opened: dict[tuple, LabeledData] = {}
 
 

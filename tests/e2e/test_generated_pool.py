@@ -1,0 +1,139 @@
+"""generate -> pseudolabel through the CLI, as a user runs it: pool.provider = "generate" reads the generate
+stage's shards, keep_top_fraction keeps the most confident images per class, bad [generate] values and a
+model that cannot do what the config asks are exit 2 with nothing created.
+
+Until the built-in `diffusion` stage is merged, a stand-in plugin with its import path (diffusion.checkpoint =
+a diffusers directory, copied to the entry's model/) provides the generator; with the built-in, the same
+commands import the tiny model through it."""
+import os
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import stage_registry
+from tests.conftest import ROOT, SMOKE, run_cli
+from tests.e2e.test_user_errors import assert_user_error
+from tests.stages.generator_fixture import read_pool, save_tiny_generator
+
+STAND_IN = '''
+"""diffusion (test stand-in): imports a diffusers directory as the entry's model/."""
+import shutil
+from dataclasses import dataclass
+
+from pipeline.stage import Stage
+
+
+@dataclass
+class DiffusionConfig:
+    checkpoint: str = ""  # a generator directory (unet/, scheduler/, rst_mart.json)
+
+
+def run(ctx):
+    shutil.copytree(ctx.config.diffusion.checkpoint, ctx.out_dir / "model")
+    (ctx.out_dir / "imported.txt").write_text(ctx.config.diffusion.checkpoint)
+
+
+STAGE = Stage(name="diffusion", version=1, section="diffusion", config=DiffusionConfig, run=run,
+              outputs=("imported.txt",))
+'''
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """PYTHONPATH for the CLI: the repository, and the stand-in diffusion stage where none is built in."""
+    paths = [str(ROOT)]
+    if "diffusion" not in stage_registry.stages():
+        site = tmp_path_factory.mktemp("site")
+        (site / "diffusion_stand_in").mkdir()
+        (site / "diffusion_stand_in" / "__init__.py").write_text(STAND_IN)
+        info = site / "diffusion_stand_in-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: diffusion-stand-in\nVersion: 0.1\n")
+        (info / "entry_points.txt").write_text("[rst_mart.stages]\ndiffusion = diffusion_stand_in:STAGE\n")
+        paths.insert(0, str(site))
+    return {"PYTHONPATH": os.pathsep.join(paths)}
+
+
+@pytest.fixture(scope="module")
+def generators(tmp_path_factory):
+    base = tmp_path_factory.mktemp("generators")
+    return {"conditional": save_tiny_generator(base / "c") / "model",
+            "unconditional": save_tiny_generator(base / "u", num_classes=0) / "model"}
+
+
+GENERATE = ["--set", "pool.provider=generate", "--set", "pool.limit=0", "--set", "generate.n=50", "--set", "generate.steps=3",
+            "--set", "generate.shard_size=16", "--set", "generate.batch_size=16"]
+
+
+def test_pseudolabel_reads_the_generated_pool(tmp_path, env, generators):
+    workdir = tmp_path / "w"
+
+    def cli(command, *args):  # args last: their --set overrides GENERATE's
+        return run_cli(command, "--config", SMOKE, "--workdir", workdir, *GENERATE, "--set",
+                       f"diffusion.checkpoint={generators['conditional']}", *args, env=env).stdout
+
+    out = cli("run", "--stages", "pseudolabel")
+    assert "generate: missing, running (needed upstream)" in out and "pseudolabel: ran in" in out
+    images, conditioning = read_pool(workdir / "generate")
+    with h5py.File(workdir / "pseudolabel" / "pseudolabels.h5", "r") as f:
+        assert f.attrs["pool_name"].startswith("generate:") and len(f["images"]) == 50
+        assert (f["images"][()] == images).all() and (f["pool_index"][()] == np.arange(50)).all()
+        labels, confidence = f["labels"][()], f["confidence"][()]
+        generate_fp = f.attrs["pool_fingerprint"]
+    quality = pd.read_csv(workdir / "pseudolabel" / "quality.csv").set_index("class")
+    assert (quality["measured_against"] == "conditioning classes").all()
+    assert quality.loc["all", "precision"] == pytest.approx(np.mean(labels == conditioning))
+    assert generate_fp == (workdir / "generate").resolve().name  # the pool's fingerprint is the generate stage's
+
+    # The most confident half of each class, in pool order, from the same teacher and pool (both cached).
+    out = cli("run", "--stages", "pseudolabel", "--set", "pseudolabel.keep_top_fraction=0.5")
+    assert "generate: cached" in out and "teacher: cached" in out
+    with h5py.File(workdir / "pseudolabel" / "pseudolabels.h5", "r") as f:
+        kept = f["pool_index"][()]
+        assert (np.diff(kept) > 0).all() and (f["labels"][()] == labels[kept]).all()
+        assert (f["images"][()] == images[kept]).all()
+    for k in np.unique(labels):
+        rows = np.flatnonzero(labels == k)
+        chosen = np.intersect1d(rows, kept)
+        assert len(chosen) == int(np.ceil(len(rows) / 2))
+        dropped = np.setdiff1d(rows, kept)
+        assert not len(dropped) or confidence[chosen].min() >= confidence[dropped].max()
+    assert not (workdir / "pseudolabel" / "pseudolabels-all.h5").exists()
+
+    status = cli("status", "--stages", "pseudolabel", "--set", "pseudolabel.keep_top_fraction=0.5")
+    assert all(line.split(": ")[1].startswith("fresh") for line in status.splitlines())
+    status = cli("status", "--stages", "pseudolabel", "--set", "pseudolabel.keep_top_fraction=0.5",
+                 "--set", "generate.n=60")
+    lines = dict(line.split(": ", 1) for line in status.splitlines())
+    assert lines["generate"].startswith("stale, generate.n changed (50 -> 60)")
+    assert lines["pseudolabel"].startswith("stale, input generate changed")
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("generate.n=0", "`generate.n` is 0"),
+    ("generate.steps=0", "`generate.steps` is 0"),
+    ("generate.steps=1001", "`generate.steps` is 1001"),
+    ("generate.shard_size=0", "`generate.shard_size` is 0"),
+    ("generate.shard_size=10", "Set generate.shard_size to at least 245"),  # 10**6 images in 100,000 shards
+    ("generate.sampler=euler", "`generate.sampler` is 'euler'"),
+    ("pool.limit=10", "`pool.limit` is 10"),
+    ("pool.path=pool.npz", "pool.path is set too"),
+])
+def test_bad_generate_values_fail_before_anything_is_made(tmp_path, env, override, fragment):
+    proc = run_cli("run", "--config", SMOKE, "--workdir", tmp_path / "w", "--stages", "generate", "--set",
+                   "pool.provider=generate", "--set", "pool.limit=0", "--set", "generate.n=1000000", "--set", override,
+                   env=env, check=False)
+    assert_user_error(proc, fragment)
+    assert not (tmp_path / "w").exists() and not (tmp_path / "store").exists()
+
+
+def test_balanced_classes_from_an_unconditional_model_are_refused(tmp_path, env, generators):
+    proc = run_cli("run", "--config", SMOKE, "--workdir", tmp_path / "w", "--stages", "generate", *GENERATE,
+                   "--set", f"diffusion.checkpoint={generators['unconditional']}", env=env, check=False)
+    assert_user_error(proc, "`generate.balanced` is true but the diffusion model is unconditional",
+                      "Set generate.balanced = false")
+    made = tmp_path / "store" / "generate"
+    assert not [p.name for p in made.iterdir() if not p.name.endswith(".lock")]  # no entry, no partial directory
+    assert not (tmp_path / "w" / "generate").exists()

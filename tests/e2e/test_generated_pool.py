@@ -5,55 +5,20 @@ model that cannot do what the config asks are exit 2 with nothing created.
 Until the built-in `diffusion` stage is merged, a stand-in plugin with its import path (diffusion.checkpoint =
 a diffusers directory, copied to the entry's model/) provides the generator; with the built-in, the same
 commands import the tiny model through it."""
-import os
-
 import h5py
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import stage_registry
-from tests.conftest import ROOT, SMOKE, run_cli
+from tests.conftest import SMOKE, run_cli
+from tests.e2e.diffusion_stand_in import diffusion_env
 from tests.e2e.test_user_errors import assert_user_error
 from tests.stages.generator_fixture import read_pool, save_tiny_generator
-
-STAND_IN = '''
-"""diffusion (test stand-in): imports a diffusers directory as the entry's model/."""
-import shutil
-from dataclasses import dataclass
-
-from pipeline.stage import Stage
-
-
-@dataclass
-class DiffusionConfig:
-    checkpoint: str = ""  # a generator directory (unet/, scheduler/, rst_mart.json)
-
-
-def run(ctx):
-    shutil.copytree(ctx.config.diffusion.checkpoint, ctx.out_dir / "model")
-    (ctx.out_dir / "imported.txt").write_text(ctx.config.diffusion.checkpoint)
-
-
-STAGE = Stage(name="diffusion", version=1, section="diffusion", config=DiffusionConfig, run=run,
-              outputs=("imported.txt",))
-'''
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """PYTHONPATH for the CLI: the repository, and the stand-in diffusion stage where none is built in."""
-    paths = [str(ROOT)]
-    if "diffusion" not in stage_registry.stages():
-        site = tmp_path_factory.mktemp("site")
-        (site / "diffusion_stand_in").mkdir()
-        (site / "diffusion_stand_in" / "__init__.py").write_text(STAND_IN)
-        info = site / "diffusion_stand_in-0.1.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: diffusion-stand-in\nVersion: 0.1\n")
-        (info / "entry_points.txt").write_text("[rst_mart.stages]\ndiffusion = diffusion_stand_in:STAGE\n")
-        paths.insert(0, str(site))
-    return {"PYTHONPATH": os.pathsep.join(paths)}
+    return diffusion_env(tmp_path_factory.mktemp("site"))
 
 
 @pytest.fixture(scope="module")

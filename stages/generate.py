@@ -115,12 +115,15 @@ def _make_shards(ctx, shards: list[int]) -> None:
         full_stop = start + cfg.shard_size  # where this shard ends in a pool large enough to fill it
         with write_shard(ctx.out_dir / shard_name(shard), stop - start, shape[1:] + shape[:1],
                          with_labels=conditional, attrs={**attrs, "first_index": start}) as writer:
-            for first in range(start, stop, cfg.batch_size):
-                last = min(first + cfg.batch_size, full_stop)  # full-size, as in a larger pool; cut below
-                noise = initial_noise(run_cfg.seed, first, last, shape).to(device)
+            # Full-size batches, as in a larger pool (the last one is cut when written).
+            batches = [(first, min(first + cfg.batch_size, full_stop)) for first in range(start, stop, cfg.batch_size)]
+            noise = initial_noise(run_cfg.seed, *batches[0], shape)
+            for b, (first, last) in enumerate(batches):
                 classes = image_classes(run_cfg.seed, first, last, info.num_classes, cfg.balanced) if conditional else None
-                x = denoise(model, scheduler, noise, torch.from_numpy(classes).to(device) if conditional else None,
-                            steps=cfg.steps, precision=run_cfg.precision, memory_format=memory_format)
+                x = denoise(model, scheduler, noise.to(device), torch.from_numpy(classes).to(device) if conditional
+                            else None, steps=cfg.steps, precision=run_cfg.precision, memory_format=memory_format)
+                if b + 1 < len(batches):  # on a GPU the batch above is still running: draw the next noise meanwhile
+                    noise = initial_noise(run_cfg.seed, *batches[b + 1], shape)
                 keep = min(last, stop) - first
                 writer.write(first - start, to_uint8(x[:keep]), classes[:keep] if conditional else None)
                 bar.update(keep)

@@ -6,7 +6,8 @@
 2. mart         the stage's MART loop vs a bare reference loop           fp32 >= 1.0, bf16 >= 1.5 (native bf16 only)
 3. loader       MixedBatchLoader delivery vs MART consumption            >= 5
 4. memory       peak RSS pseudo-labeling a 10x larger pool               <= 1.2x, growth <= 0.25x the pool's
-5. generate     the generate stage vs a bare diffusers sampling loop     >= 0.95; peak RSS at 1M vs 100K images <= 1.1x
+5. generate     the generate stage vs a bare diffusers sampling loop     >= 0.95
+               peak RSS generating 1M vs 100K images                     <= 1.1x
 
 GPU readiness and WRN-28-10 MART images/s and MFU are `python -m benchmarks.gpu_check` (its own table).
 

@@ -4,7 +4,8 @@ Each shard `shard-00000.h5`, `shard-00001.h5`, ... holds rows [index * shard_siz
 format `pool.provider = "hdf5"` reads: `images` uint8 (N, H, W, C) and, for images made for a class,
 `labels` int64 (N,) (the pool's provided labels), plus attributes saying where the rows come from. A shard
 is written under a temporary name and renamed when complete, so a shard file that exists is whole: resuming
-after a kill means making the shards that do not exist yet.
+after a kill means making the shards that do not exist yet. h5py is imported where a file is opened: the
+generate stage's declaration names its shards with this module, and `status` imports no HDF5.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-import h5py
 import numpy as np
 
 from data.pool_files import ConcatenatedParts, Hdf5Part
@@ -43,6 +43,8 @@ class ShardWriter:
     """Rows written in any order into a preallocated shard under a temporary name; `done()` renames it."""
 
     def __init__(self, tmp_path: Path, rows: int, image_shape: tuple[int, int, int], with_labels: bool, attrs: dict):
+        import h5py
+
         self._file = h5py.File(tmp_path, "w")
         self._images = self._file.create_dataset("images", (rows, *image_shape), dtype=np.uint8)
         self._labels = self._file.create_dataset("labels", (rows,), dtype=np.int64) if with_labels else None
@@ -117,6 +119,8 @@ class ShardedPool:
         return self._fingerprint
 
     def provided_labels(self) -> np.ndarray | None:
+        import h5py
+
         labels = []
         for path in self.paths:
             with h5py.File(path, "r") as f:

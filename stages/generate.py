@@ -24,9 +24,9 @@ MAX_STEPS = 1000  # a sampler step per training timestep at most (DDPM's schedul
 @dataclass
 class GenerateConfig:
     n: int = 50_000  # images in the pool
-    sampler: str = "dpm-solver++"  # dpm-solver++ | ddim | heun (EDM's Heun with Karras sigmas, 2 * steps - 1 UNet calls)
+    sampler: str = "dpm-solver++"  # dpm-solver++ | ddim | heun (EDM's, Karras sigmas: 2 * steps - 1 UNet calls)
     steps: int = 20  # sampler steps per image (DPM-Solver++: 10-20 suffice)
-    balanced: bool = True  # class of image i = i % K (every prefix balanced); false: drawn at random, or an unconditional model
+    balanced: bool = True  # class of image i = i % K (every prefix balanced); false: random classes, or unconditional
     shard_size: int = 10_000  # images per HDF5 shard file: the unit of resume and of fan-out over jobs
     batch_size: int = 256  # images per UNet forward (speed only)
 
@@ -108,7 +108,8 @@ def _make_shards(ctx, shards: list[int]) -> None:
     scheduler = build_sampler(scheduler_config, cfg.sampler, cfg.steps)
     shape = (info.in_channels, info.image_size, info.image_size)
     attrs = {"num_classes": info.num_classes, "class_names": list(info.class_names), "seed": run_cfg.seed,
-             "sampler": cfg.sampler, "steps": cfg.steps, "balanced": cfg.balanced, "generate_fingerprint": ctx.fingerprint}
+             "sampler": cfg.sampler, "steps": cfg.steps, "balanced": cfg.balanced,
+             "generate_fingerprint": ctx.fingerprint}
     sizes = [shard_rows(s, cfg.n, cfg.shard_size) for s in shards]
     bar = tqdm(total=sum(b - a for a, b in sizes), desc="generate", unit="img", disable=not ctx.dist.is_main)
     for shard, (start, stop) in zip(shards, sizes):
@@ -119,7 +120,8 @@ def _make_shards(ctx, shards: list[int]) -> None:
             batches = [(first, min(first + cfg.batch_size, full_stop)) for first in range(start, stop, cfg.batch_size)]
             noise = initial_noise(run_cfg.seed, *batches[0], shape)
             for b, (first, last) in enumerate(batches):
-                classes = image_classes(run_cfg.seed, first, last, info.num_classes, cfg.balanced) if conditional else None
+                classes = (image_classes(run_cfg.seed, first, last, info.num_classes, cfg.balanced) if conditional
+                           else None)
                 x = denoise(model, scheduler, noise.to(device), torch.from_numpy(classes).to(device) if conditional
                             else None, steps=cfg.steps, precision=run_cfg.precision, memory_format=memory_format)
                 if b + 1 < len(batches):  # on a GPU the batch above is still running: draw the next noise meanwhile

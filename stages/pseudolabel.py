@@ -24,7 +24,7 @@ class PseudolabelConfig:
     dedup_test: bool = False  # drop pool images that nearly duplicate a test image (test leakage)
     dedup_threshold: float = 7.843  # L2 distance on [0,1] pixels below which an image is a duplicate (RST: 2000/255)
     save_logits: bool = False  # also store float16 teacher logits (N, K)
-    keep_top_fraction: float = 1.0  # per teacher class, keep this fraction of the pool, most confident first (DM-AT: 0.2)
+    keep_top_fraction: float = 1.0  # per teacher class, the fraction kept, most confident first (DM-AT: 0.2)
 
     RANGES: ClassVar[dict] = {
         "batch_size": at_least(1, high=2**24),

@@ -28,8 +28,8 @@ def generators(tmp_path_factory):
             "unconditional": save_tiny_generator(base / "u", num_classes=0) / "model"}
 
 
-GENERATE = ["--set", "pool.provider=generate", "--set", "pool.limit=0", "--set", "generate.n=50", "--set", "generate.steps=3",
-            "--set", "generate.shard_size=16", "--set", "generate.batch_size=16"]
+GENERATE = ["--set", "pool.provider=generate", "--set", "pool.limit=0", "--set", "generate.n=50",
+            "--set", "generate.steps=3", "--set", "generate.shard_size=16", "--set", "generate.batch_size=16"]
 
 
 def test_pseudolabel_reads_the_generated_pool(tmp_path, env, generators):

@@ -43,8 +43,9 @@ def run_generate(generator: Path, out_dir: Path, config: Config, shard=None) -> 
     from stages.generate import STAGE
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(config=STAGE.view(config), out_dir=out_dir, inputs={"diffusion": StageInput(generator, "f" * 64)},
-                       sources={}, fingerprint="0" * 64, dist=dist_info(), log=lambda message: None, shard=shard)
+    ctx = StageContext(config=STAGE.view(config), out_dir=out_dir, sources={},
+                       inputs={"diffusion": StageInput(generator, "f" * 64)}, fingerprint="0" * 64, dist=dist_info(),
+                       log=lambda message: None, shard=shard)
     STAGE.run(ctx)
 
 

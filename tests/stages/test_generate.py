@@ -105,7 +105,8 @@ def test_other_samplers(generator, tmp_path, sampler):
 
 def _worker(generator, out_dir, n):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "tests.stages.generate_worker", str(generator), str(out_dir), str(n)],
+    worker = [sys.executable, "-m", "tests.stages.generate_worker", str(generator), str(out_dir), str(n)]
+    return subprocess.Popen(worker,
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

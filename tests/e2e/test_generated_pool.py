@@ -5,6 +5,8 @@ model that cannot do what the config asks are exit 2 with nothing created.
 Until the built-in `diffusion` stage is merged, a stand-in plugin with its import path (diffusion.checkpoint =
 a diffusers directory, copied to the entry's model/) provides the generator; with the built-in, the same
 commands import the tiny model through it."""
+import os
+
 import h5py
 import numpy as np
 import pandas as pd
@@ -102,3 +104,35 @@ def test_balanced_classes_from_an_unconditional_model_are_refused(tmp_path, env,
     made = tmp_path / "store" / "generate"
     assert not [p.name for p in made.iterdir() if not p.name.endswith(".lock")]  # no entry, no partial directory
     assert not (tmp_path / "w" / "generate").exists()
+
+
+def test_a_killed_generate_run_shows_its_shards_in_status_and_resumes(tmp_path, env, generators):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    settings = ["--config", SMOKE, "--workdir", tmp_path / "w", *GENERATE, "--set", "generate.n=160", "--set",
+                "generate.shard_size=8", "--set", "generate.batch_size=8", "--set",
+                f"diffusion.checkpoint={generators['conditional']}"]
+    environment = {**os.environ, **env, "RST_MART_STORE": str(tmp_path / "store")}
+    run = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--stages", "generate", *map(str, settings)],
+                           cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not list((tmp_path / "store" / "generate").glob("*.partial/shard-00001.h5")):
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before its second shard"
+        time.sleep(0.01)
+    run.send_signal(signal.SIGKILL)
+    assert run.wait(timeout=60) == -signal.SIGKILL
+    status = run_cli("status", "--stages", "generate", *settings, env=env).stdout
+    line = next(line for line in status.splitlines() if line.startswith("generate: "))
+    made = int(line.split("(")[1].split(" of ")[0])
+    assert line.startswith("generate: missing (") and "of 20 shards made)" in line and 2 <= made < 20
+    out = run_cli("run", "--stages", "generate", *settings, env=env).stdout
+    assert "generate: ran in" in out
+    images, labels = read_pool(tmp_path / "w" / "generate")
+    assert images.shape == (160, 28, 28, 1) and (labels == np.arange(160) % 10).all()
+    assert sorted(p.name for p in (tmp_path / "w" / "generate").iterdir()) == sorted(
+        [f"shard-{s:05d}.h5" for s in range(20)] + ["stage.json"])

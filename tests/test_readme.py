@@ -1,4 +1,4 @@
-"""The README's custom pool provider is real code: it must work as printed."""
+"""The worked pool provider of the docs (docs/dev/extending.md) is real code: it must work as printed."""
 import re
 import sys
 
@@ -9,9 +9,9 @@ from data.pools import open_pool
 from tests.conftest import ROOT
 
 
-def test_readme_custom_provider_runs(tmp_path, monkeypatch):
-    readme = (ROOT / "README.md").read_text()
-    code = re.search(r"```python\n(# mypools\.py.*?)```", readme, re.S).group(1)
+def test_docs_custom_provider_runs(tmp_path, monkeypatch):
+    page = (ROOT / "docs" / "dev" / "extending.md").read_text()
+    code = re.search(r"```python\n(# mypools\.py.*?)```", page, re.S).group(1)
     (tmp_path / "mypools.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("mypools", None)

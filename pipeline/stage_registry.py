@@ -38,7 +38,11 @@ def stages() -> dict[str, Stage]:
 def _in_default_graph_order(found: dict[str, Stage]) -> dict[str, Stage]:
     """The registry in the order its stages run with default settings, so listings (the config's
     sections, `unknown stage` messages) read upstream first."""
-    defaults = SimpleNamespace(**{s.section: s.config() for s in found.values() if s.config is not None})
+    from pipeline.config import ENGINE_SECTIONS  # here: pipeline.config composes its sections from this registry
+
+    # Every section at its defaults, the engine's too: a stage's inputs may depend on [pool] (pseudolabel's do).
+    defaults = SimpleNamespace(**{name: kind() for name, kind in ENGINE_SECTIONS.items()},
+                               **{s.section: s.config() for s in found.values() if s.config is not None})
     order: list[str] = []
     for name in found:
         try:

@@ -86,7 +86,7 @@ def _make_shards(ctx, shards: list[int]) -> None:
 
     from data.pool_shards import shard_rows, write_shard
     from ml.devices import resolve_device
-    from ml.generator_files import load_generator
+    from ml.diffusion import load_generator
     from ml.sampling import build_sampler, denoise, image_classes, initial_noise, prepare_for_sampling, to_uint8
     from pipeline.core.errors import UserError
 

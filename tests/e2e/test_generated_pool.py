@@ -70,7 +70,8 @@ def test_pseudolabel_reads_the_generated_pool(tmp_path, env, generators):
     assert not (workdir / "pseudolabel" / "pseudolabels-all.h5").exists()
 
     status = cli("status", "--stages", "pseudolabel", "--set", "pseudolabel.keep_top_fraction=0.5")
-    assert all(line.split(": ")[1].startswith("fresh") for line in status.splitlines())
+    lines = dict(line.split(": ", 1) for line in status.splitlines())
+    assert all(lines[stage].startswith("fresh") for stage in ("generate", "teacher", "pseudolabel"))
     status = cli("status", "--stages", "pseudolabel", "--set", "pseudolabel.keep_top_fraction=0.5",
                  "--set", "generate.n=60")
     lines = dict(line.split(": ", 1) for line in status.splitlines())

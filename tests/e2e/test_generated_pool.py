@@ -1,10 +1,7 @@
 """generate -> pseudolabel through the CLI, as a user runs it: pool.provider = "generate" reads the generate
 stage's shards, keep_top_fraction keeps the most confident images per class, bad [generate] values and a
-model that cannot do what the config asks are exit 2 with nothing created.
-
-Until the built-in `diffusion` stage is merged, a stand-in plugin with its import path (diffusion.checkpoint =
-a diffusers directory, copied to the entry's model/) provides the generator; with the built-in, the same
-commands import the tiny model through it."""
+model that cannot do what the config asks are exit 2 with nothing created. The diffusion stage imports a
+tiny real diffusers model the tests save (diffusion.checkpoint)."""
 import os
 
 import h5py
@@ -12,15 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import SMOKE, run_cli
-from tests.e2e.diffusion_stand_in import diffusion_env
+from tests.conftest import ROOT, SMOKE, run_cli
 from tests.e2e.test_user_errors import assert_user_error
 from tests.stages.generator_fixture import read_pool, save_tiny_generator
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return diffusion_env(tmp_path_factory.mktemp("site"))
+def env():
+    """This checkout's code in the CLI's processes, not an installed rst-mart's."""
+    return {"PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +109,6 @@ def test_a_killed_generate_run_shows_its_shards_in_status_and_resumes(tmp_path, 
     import subprocess
     import sys
     import time
-
-    from tests.conftest import ROOT
 
     settings = ["--config", SMOKE, "--workdir", tmp_path / "w", *GENERATE, "--set", "generate.n=160", "--set",
                 "generate.shard_size=8", "--set", "generate.batch_size=8", "--set",

@@ -138,3 +138,14 @@ def test_resume_after_sigkill_gives_the_uninterrupted_pool(generator, tmp_path):
 def test_outputs_follow_the_config():
     assert len(STAGE.output_names(generate_config(n=1_000_000, shard_size=10_000))) == 100
     assert STAGE.shards(STAGE.view(generate_config(n=17, shard_size=16))) == 2
+
+
+def test_bf16_and_channels_last_paths_sample_the_same_pool_closely(generator, tmp_path):
+    run_generate(generator, tmp_path / "fp32", generate_config(n=16))
+    reference = read_pool(tmp_path / "fp32")[0].astype(int)
+    for precision, channels_last, tolerance in (("fp32", True, 0.01), ("bf16", True, 2.0)):
+        config = generate_config(n=16)
+        config.run.precision, config.run.channels_last = precision, channels_last
+        run_generate(generator, tmp_path / precision, config)
+        images = read_pool(tmp_path / precision)[0]
+        assert images.shape == reference.shape and np.abs(images - reference).mean() <= tolerance

@@ -149,3 +149,10 @@ def test_bf16_and_channels_last_paths_sample_the_same_pool_closely(generator, tm
         run_generate(generator, tmp_path / precision, config)
         images = read_pool(tmp_path / precision)[0]
         assert images.shape == reference.shape and np.abs(images - reference).mean() <= tolerance
+
+
+def test_the_declared_samplers_are_the_ones_built():
+    import ml.sampling
+    import stages.generate
+
+    assert stages.generate.SAMPLERS == ml.sampling.SAMPLERS  # declared twice: the declaration imports no torch

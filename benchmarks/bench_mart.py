@@ -35,9 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.core.host_memory import keep_freed_memory
 from benchmarks.common import Comparison, machine, median_step_rates, print_header, synthetic_images, timed_iter
 from ml.devices import native_bf16
+from pipeline.core.host_memory import keep_freed_memory
 
 EPSILON = 8 / 255  # the CIFAR-10 training radius of MART
 STEP_SIZE = 0.007  # MART's PGD step for CIFAR-10
@@ -90,12 +90,12 @@ class StageLoop:
                  prefetch: int | None = None, augment: bool = True):
         from data.augment import augmenter
         from data.mixed import MixedBatchLoader, MixedBatchSampler, prefetch_depth
-        from pipeline.config import RunConfig
         from ml import training
         from ml.attacks import training_attack
         from ml.devices import attack_forward, prepare_for_training, resolve_precision
         from ml.losses import LOSSES
         from ml.optim import make_optimizer, make_scheduler
+        from pipeline.config import RunConfig
 
         self.training = training
         self.device = torch.device(device)
@@ -106,13 +106,19 @@ class StageLoop:
                                     unsup_fraction=unsup_fraction, epoch_size=batch_size * batches_per_epoch, seed=seed)
         loader = MixedBatchLoader(sampler, images, labels, pool_images, pool_labels, device=self.device,
                                   augment=augmenter(augment, images.shape[1]), seed=seed,
-                                  prefetch=prefetch_depth(run_cfg.num_workers, self.device) if prefetch is None else prefetch,
+                                  prefetch=prefetch_depth(run_cfg.num_workers, self.device) if prefetch is None
+                                  else prefetch,
                                   channels_last=channels_last)
         optimizer = make_optimizer(model, lr=0.01, momentum=0.9, weight_decay=3.5e-3)
         scheduler = make_scheduler(optimizer, schedule="constant", epochs=1, steps_per_epoch=len(sampler))
         attack = training_attack("mart", eps=EPSILON, step_size=STEP_SIZE, steps=steps)
+        # train_one_epoch applies the recipe's loss, attack and options; arch and the schedule are set_up's.
+        recipe = training.Recipe(arch="", epochs=1, batch_size=batch_size, epoch_size=batch_size * batches_per_epoch,
+                                 lr=0.01, momentum=0.9, weight_decay=3.5e-3, schedule="constant",
+                                 loss=functools.partial(LOSSES["mart"], beta=BETA), attack=attack, augment=augment,
+                                 unsup_fraction=unsup_fraction)
         self.t = training.Training(model=train_model, optimizer=optimizer, scheduler=scheduler, loader=loader,
-                                   loss=functools.partial(LOSSES["mart"], beta=BETA), attack=attack, device=self.device,
+                                   recipe=recipe, device=self.device,
                                    precision=resolve_precision(precision, self.device), seed=seed, scaler=scaler,
                                    attack_model=attack_forward(model, compile))
         self._epoch = 0
@@ -222,7 +228,8 @@ def bench_mart(arch: str = "small-cnn", shape=(32, 32, 3), batch_size: int = 128
     for s in stage_settings:
         result[f"ratio_stage_{s}_vs_reference_fp32"] = rates[f"stage_{s}"] / rates["reference_fp32"]
     result.update(arch=arch, shape=list(shape), batch_size=batch_size, pgd_steps=steps, train_steps=train_steps,
-                  rounds=rounds, stage_settings=list(stage_settings), fp32_target=fp32_target, fp32_setting=fp32_setting,
+                  rounds=rounds, stage_settings=list(stage_settings), fp32_target=fp32_target,
+                  fp32_setting=fp32_setting,
                   prefetch=stage_loops[stage_settings[0]].t.loader.prefetch, seconds=time.perf_counter() - started)
     return result
 
@@ -238,7 +245,8 @@ def fastest_stage_images_per_s(result: dict) -> float:
 
 
 def comparisons(result: dict) -> list[Comparison]:
-    size = f"{result['arch']} {'x'.join(map(str, result['shape']))} batch {result['batch_size']}, PGD-{result['pgd_steps']}"
+    shape = "x".join(map(str, result["shape"]))
+    size = f"{result['arch']} {shape} batch {result['batch_size']}, PGD-{result['pgd_steps']}"
     bare_bf16 = result.get("reference_bf16+channels_last_images_per_s")
 
     def note(setting: str) -> str:

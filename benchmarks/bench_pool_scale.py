@@ -273,8 +273,8 @@ def bare_forward_images_per_s(model_path: Path, pool_images: np.ndarray, batch_s
     on an idle 2-core machine, and the best of 6 ran 15-25% above a sustained pass.)"""
     import torch
 
+    from ml.checkpoints import load_model
     from ml.evaluation import to_tensor_images
-    from ml.models import load_model
     from pipeline.core.host_memory import keep_freed_memory
 
     keep_freed_memory()  # as the runner does before every stage

@@ -31,9 +31,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import (
+    Comparison,
+    best_rates,
+    print_comparisons,
+    print_header,
+    quiet_stderr,
+    save_teacher,
+    synthetic_labeled_set,
+    write_npy_pool,
+)
 from pipeline.core.host_memory import keep_freed_memory
-from benchmarks.common import (Comparison, print_comparisons, best_rates, print_header, quiet_stderr, save_teacher,
-                               synthetic_labeled_set, write_npy_pool)
 
 SHAPE = (32, 32, 3)
 
@@ -43,7 +51,8 @@ def stage_context(config, out_dir: Path, teacher_dir: Path, pool, labeled):
     from pipeline.core.distributed import DistInfo
     from pipeline.stage import StageContext, StageInput
 
-    return StageContext(config=config, out_dir=Path(out_dir), inputs={"teacher": StageInput(Path(teacher_dir), "bench")},
+    return StageContext(config=config, out_dir=Path(out_dir),
+                        inputs={"teacher": StageInput(Path(teacher_dir), "bench")},
                         sources={"pool": pool, "labeled": types.SimpleNamespace(dataset=labeled)},
                         fingerprint="bench", dist=DistInfo(), log=lambda message: None)
 
@@ -63,8 +72,8 @@ def bench_pseudolabel(num_images: int = 10_000, arch: str = "small-cnn", batch_s
                       rounds: int = 2, tmp_dir: str | None = None) -> dict:
     """images/s of the pseudolabel stage and of a bare teacher forward over the same pool."""
     from data.pools import open_pool
+    from ml.checkpoints import load_model
     from stages import pseudolabel
-    from ml.models import load_model
 
     with tempfile.TemporaryDirectory(prefix="bench-pseudolabel-", dir=tmp_dir) as tmp:
         tmp = Path(tmp)
@@ -104,7 +113,8 @@ def bench_pseudolabel(num_images: int = 10_000, arch: str = "small-cnn", batch_s
         rates = best_rates(passes, rounds)
         kept = _rows_written(out_dir / "pseudolabels.h5")
     result = {f"{name}_images_per_s": rate for name, rate in rates.items()}
-    result.update(ratio=rates["stage"] / rates["bare"], ratio_channels_last=rates["stage"] / rates["bare_channels_last"],
+    result.update(ratio=rates["stage"] / rates["bare"],
+                  ratio_channels_last=rates["stage"] / rates["bare_channels_last"],
                   num_images=num_images, rows_written=kept, arch=arch, batch_size=batch_size)
     return result
 

@@ -12,12 +12,12 @@ import contextlib
 import io
 import json
 import os
-import sys
 import platform
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -161,7 +161,8 @@ def synthetic_labeled_set(shape: tuple[int, int, int], num_train: int = 512, num
 def save_teacher(directory: Path, arch: str, shape: tuple[int, int, int], num_classes: int = 10,
                  seed: int = 0) -> Path:
     """A freshly initialised teacher saved as the teacher stage would (model.pt + stage.json)."""
-    from ml.models import build_model, save_model
+    from ml.checkpoints import save_model
+    from ml.models import build_model
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -96,7 +96,8 @@ def generator_files(directory: str | Path) -> list[Path]:
     """The files that make a generator directory what it is (for its fingerprint)."""
     unet_dir, _ = _layout(Path(directory))
     files = [unet_dir / "config.json", unet_dir / WEIGHTS_FILE]
-    extra = [Path(directory) / SCHEDULER_DIR / "scheduler_config.json", Path(directory) / INFO_FILE]
+    extra = [Path(directory) / SCHEDULER_DIR / "scheduler_config.json", Path(directory) / "scheduler_config.json",
+             Path(directory) / INFO_FILE]
     return files + [f for f in extra if f.is_file()]
 
 
@@ -108,25 +109,16 @@ def load_generator(directory: str | Path, *, key: str = "diffusion.checkpoint") 
 
     directory = Path(directory)
     unet_dir, config = _layout(directory, key=key)
-    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise UserError(f"{unet_dir / 'config.json'} (`{key}`) describes a {config['_class_name']}; rst-mart samples "
-                        f"a diffusers UNet2DModel (pixel space, e.g. google/ddpm-cifar10-32). Point `{key}` at such "
-                        f"a model's directory.")
-    if not (unet_dir / WEIGHTS_FILE).is_file():
-        pickled = sorted(p.name for p in unet_dir.iterdir() if p.suffix in PICKLED_SUFFIXES)
-        problem = (f"holds only pickled weights ({', '.join(pickled)}), which rst-mart does not unpickle" if pickled
-                   else f"has no {WEIGHTS_FILE}")
-        raise UserError(f"The diffusion model directory {unet_dir} (`{key}`) {problem}. Save it with safetensors "
-                        f"where you trust it: `UNet2DModel.from_pretrained(DIR).save_pretrained(NEW_DIR, "
-                        f"safe_serialization=True)`, and point `{key}` at NEW_DIR.")
     try:
         unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         raise UserError(f"The diffusion model in {unet_dir} (`{key}`) could not be loaded: "
                         f"{str(error).splitlines()[0]}. Save it again with diffusers' save_pretrained "
                         f"(safe_serialization=True), or point `{key}` at another directory.") from None
-    scheduler_file = directory / SCHEDULER_DIR / "scheduler_config.json"
-    scheduler_config = _read_json(scheduler_file, key) if scheduler_file.is_file() else dict(DEFAULT_SCHEDULE)
+    # A pipeline keeps it in scheduler/; google/ddpm-cifar10-32 keeps it beside the model's config.json.
+    scheduler_file = next((f for f in (directory / SCHEDULER_DIR / "scheduler_config.json",
+                                       directory / "scheduler_config.json") if f.is_file()), None)
+    scheduler_config = _read_json(scheduler_file, key) if scheduler_file else dict(DEFAULT_SCHEDULE)
     if scheduler_config.get("prediction_type", "epsilon") != "epsilon":
         raise UserError(f"{scheduler_file} (`{key}`): the model predicts `{scheduler_config['prediction_type']}`; "
                         f"rst-mart samples noise-predicting (epsilon) models. Use such a model.")
@@ -157,16 +149,30 @@ def check_generator_fits(info: GeneratorInfo, *, image_shape: tuple[int, int, in
 
 
 def _layout(directory: Path, key: str = "diffusion.checkpoint") -> tuple[Path, dict]:
+    """(the UNet's folder, its config) of a pipeline or bare-model directory, checked for a UNet2DModel with
+    safetensors weights."""
     if not directory.is_dir():
         raise UserError(f"The diffusion model directory {directory} (`{key}`) does not exist. Point `{key}` at a "
                         f"directory diffusers' save_pretrained wrote (e.g. google/ddpm-cifar10-32 fetched with "
                         f"huggingface_hub's snapshot_download), or leave it empty to train one.")
-    for unet_dir in (directory / UNET_DIR, directory):
-        if (unet_dir / "config.json").is_file():
-            return unet_dir, _read_json(unet_dir / "config.json", key)
-    raise UserError(f"{directory} (`{key}`) has neither config.json nor unet/config.json, so it is not a diffusers "
-                    f"model directory. Point `{key}` at the directory save_pretrained wrote (a UNet2DModel, or a "
-                    f"pipeline with unet/ and scheduler/).")
+    unet_dir = next((d for d in (directory / UNET_DIR, directory) if (d / "config.json").is_file()), None)
+    if unet_dir is None:
+        raise UserError(f"{directory} (`{key}`) has neither config.json nor unet/config.json, so it is not a "
+                        f"diffusers model directory. Point `{key}` at the directory save_pretrained wrote (a "
+                        f"UNet2DModel, or a pipeline with unet/ and scheduler/).")
+    config = _read_json(unet_dir / "config.json", key)
+    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise UserError(f"{unet_dir / 'config.json'} (`{key}`) describes a {config['_class_name']}; rst-mart samples "
+                        f"a diffusers UNet2DModel (pixel space, e.g. google/ddpm-cifar10-32). Point `{key}` at "
+                        f"such a model's directory.")
+    if not (unet_dir / WEIGHTS_FILE).is_file():
+        pickled = sorted(p.name for p in unet_dir.iterdir() if p.suffix in PICKLED_SUFFIXES)
+        problem = (f"holds only pickled weights ({', '.join(pickled)}), which rst-mart does not unpickle"
+                   if pickled else f"has no {WEIGHTS_FILE}")
+        raise UserError(f"The diffusion model directory {unet_dir} (`{key}`) {problem}. Save it with safetensors "
+                        f"where you trust it: `UNet2DModel.from_pretrained(DIR).save_pretrained(NEW_DIR, "
+                        f"safe_serialization=True)`, and point `{key}` at NEW_DIR.")
+    return unet_dir, config
 
 
 def _read_json(path: Path, key: str) -> dict:
@@ -213,7 +219,7 @@ def train_diffusion(unet, images: np.ndarray, labels: np.ndarray | None, recipe:
     # -- resume: everything else is drawn from (seed, epoch, batch, rank)
     rows, epoch, batch, totals = [], 0, 0, (0.0, 0, 0.0)
     if state_path.exists():
-        from ml.models import read_checkpoint
+        from ml.checkpoints import read_checkpoint
 
         state = read_checkpoint(state_path, what="Diffusion training state", map_location=device,
                                 fix="Delete it to restart the stage from its first epoch.")

@@ -2,8 +2,8 @@
 torchrun ranks), the training stages' final scoring of their saved checkpoints, and results.csv."""
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -11,12 +11,12 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from ml.attacks import ExampleSeeds
+from ml.checkpoints import load_model
+from ml.devices import resolve_device
+from ml.resume import seed_from
 from pipeline.core import distributed
 from pipeline.core.atomic import atomic_write_csv
-from ml.attacks import ExampleSeeds
-from ml.devices import resolve_device
-from ml.models import load_model
-from ml.resume import seed_from
 
 RESULT_COLUMNS = ["model", "split", "attack", "eps", "accuracy", "n"]
 
@@ -63,9 +63,9 @@ def write_results(path: Path, rows: list[dict]) -> None:
     atomic_write_csv(path, pd.DataFrame(rows, columns=RESULT_COLUMNS))
 
 
-def score_checkpoints(out_dir: Path, checkpoints: Mapping[str, str], attacks: Mapping[str, tuple[Callable | None, float]],
-                      images: np.ndarray, labels: np.ndarray, *, run_cfg, dist, batch_size: int = 256,
-                      log: Callable[[str], None] = print) -> list[dict]:
+def score_checkpoints(out_dir: Path, checkpoints: Mapping[str, str],
+                      attacks: Mapping[str, tuple[Callable | None, float]], images: np.ndarray, labels: np.ndarray,
+                      *, run_cfg, dist, batch_size: int = 256, log: Callable[[str], None] = print) -> list[dict]:
     """Score each saved checkpoint (model name -> file in out_dir) under each attack (name -> (attack or
     None for clean, eps)) and write results.csv; returns its rows.
 

@@ -14,22 +14,20 @@ the killed run wrote past that checkpoint; W&B gets a new run of the same name w
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from pipeline.core.errors import UserError
+from pipeline.core.errors import missing_package_error
 
 _logger = logging.getLogger(__name__)
 
 TENSORBOARD_DIR = "tensorboard"
-# What to install for each option, for the error message (pinned as in pyproject's `log` extra).
-PACKAGES = {"tensorboard": "tensorboard==2.21.0", "wandb": "wandb==0.31.0"}
 
 
-def missing_package_error(option: str) -> UserError:
-    return UserError(f"log.{option} = true needs the `{option}` package, which is not installed; install it "
-                     f"with `pip install {PACKAGES[option]}` (or `pip install 'rst-mart[log]'` for both), or "
-                     f"turn the option off with --set log.{option}=false.")
+def _missing(settings: Any, option: str):
+    # The pins are the [log] section's (PACKAGES on its dataclass), as pyproject's `log` extra has them.
+    return missing_package_error(f"log.{option}", settings.PACKAGES[option], extra="log")
 
 
 class ScalarLog:
@@ -70,9 +68,10 @@ def open_scalar_log(out_dir: Path, settings: Any, run_name: str, rank: int = 0, 
     """The writer for a training run into `out_dir`, or None when nothing is to be written (both options
     off, no settings, or a rank other than 0).
 
-    `settings` has `tensorboard`, `wandb` (bools), `wandb_project`, `wandb_mode` (online | offline) and
-    `every_steps` (pipeline.config.LogConfig). `params` become the W&B run's config. `start_step` is the
-    optimizer step a resumed run continues from (None for a fresh run)."""
+    `settings` has `tensorboard`, `wandb` (bools), `wandb_project`, `wandb_mode` (online | offline),
+    `every_steps` and the pins `PACKAGES` (the engine's [log] section, pipeline.config.LogConfig). `params`
+    become the W&B run's config. `start_step` is the optimizer step a resumed run continues from (None for
+    a fresh run)."""
     if settings is None or rank != 0 or not (settings.tensorboard or settings.wandb):
         return None
     out_dir = Path(out_dir)
@@ -81,7 +80,7 @@ def open_scalar_log(out_dir: Path, settings: Any, run_name: str, rank: int = 0, 
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise missing_package_error("tensorboard") from None
+            raise _missing(settings, "tensorboard") from None
         # purge_step: TensorBoard hides what earlier event files hold past the checkpoint resumed from.
         tensorboard = SummaryWriter(log_dir=str(out_dir / TENSORBOARD_DIR),
                                     purge_step=None if start_step is None else start_step + 1)
@@ -91,7 +90,7 @@ def open_scalar_log(out_dir: Path, settings: Any, run_name: str, rank: int = 0, 
         except ImportError:
             if tensorboard is not None:
                 tensorboard.close()
-            raise missing_package_error("wandb") from None
+            raise _missing(settings, "wandb") from None
         # console="off": W&B would otherwise wrap stdout/stderr, which the CLI and tqdm own.
         wandb_run = wandb.init(project=settings.wandb_project, dir=str(out_dir), mode=settings.wandb_mode,
                                name=run_name, config=dict(params or {}), settings=wandb.Settings(console="off"))

@@ -1,4 +1,4 @@
-"""The model zoo and the checkpoint format every stage shares.
+"""The model zoo: the architectures and `build_model` (the checkpoint format's I/O is ml/checkpoints.py).
 
 Every model takes NCHW float images in [0, 1] at the dataset's native shape and normalises inside
 itself (the RobustBench convention), so attacks, pseudo-labelling and evaluation all work in pixel
@@ -13,18 +13,13 @@ official MART / TRADES / RST weights load under the "net." prefix.
 from __future__ import annotations
 
 import math
-import os
-import pickle
-import re
-import zipfile
 from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.core.atomic import atomic_torch_save
 from pipeline.core.errors import UserError
 
 # Per-channel statistics of the training images in [0, 1], used as the Normalize layer's defaults.
@@ -37,10 +32,6 @@ DATASET_STATS = {
 DEFAULT_MEAN = 0.5
 DEFAULT_STD = 0.25
 
-CHECKPOINT_KEYS = ("arch", "num_classes", "in_channels", "mean", "std", "state_dict")
-
-# Wrappers that rename every key: DistributedDataParallel ("module.") and torch.compile ("_orig_mod.").
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrap parameter names
 
 
 class Normalize(nn.Module):
@@ -288,120 +279,3 @@ def build_model(arch: str, num_classes: int = 10, in_channels: int = 3,
 def count_parameters(model: nn.Module) -> int:
     """Trainable and frozen parameters alike (buffers such as BN statistics and mean/std excluded)."""
     return sum(p.numel() for p in model.parameters())
-
-
-def strip_prefixes(key: str, prefixes=WRAPPER_PREFIXES) -> str:
-    """`key` without any of `prefixes`, however they are stacked ("module._orig_mod.net.x" -> "net.x")."""
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in prefixes:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix):], True
-    return key
-
-
-def _check_plain(value: Any, where: str) -> None:
-    """weights_only loading accepts only plain containers and scalars (and tensors, refused here
-    because metadata should stay human-readable)."""
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return
-    if isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_plain(v, f"{where}[{i}]")
-        return
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise TypeError(f"checkpoint entry {where} has a non-str key {k!r}")
-            _check_plain(v, f"{where}[{k!r}]")
-        return
-    raise TypeError(f"checkpoint entry {where} is a {type(value).__name__}; extra values must be "
-                    "plain python (str/int/float/bool/None/list/dict) so weights_only loading works")
-
-
-def save_model(path: str | os.PathLike, model: nn.Module, *, arch: str, num_classes: int,
-               in_channels: int, mean: Sequence[float], std: Sequence[float], **extra: Any) -> None:
-    """Write the public checkpoint format atomically; `model` may be wrapped by DDP or torch.compile."""
-    clash = set(extra) & set(CHECKPOINT_KEYS)
-    if clash:
-        raise TypeError(f"extra checkpoint entries {sorted(clash)} would overwrite the model's own")
-    for key, value in extra.items():
-        _check_plain(value, key)
-    state_dict = OrderedDict(
-        (strip_prefixes(k), v.detach().cpu().clone()) for k, v in model.state_dict().items())
-    checkpoint = {
-        "arch": str(arch),
-        "num_classes": int(num_classes),
-        "in_channels": int(in_channels),
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "state_dict": state_dict,
-        **extra,
-    }
-    atomic_torch_save(checkpoint, path)
-
-
-def read_checkpoint(path: str | os.PathLike, *, what: str = "Checkpoint",
-                    fix: str = "Copy it again from its source.", map_location: Any = "cpu") -> Any:
-    """The one place a checkpoint file is loaded (models, imported weights, training state): torch.load
-    with weights_only=True (never unpickling code), every failure a UserError naming the file and the
-    fix. `what` names the file in messages; `fix` says what to do about a missing, torn or foreign one."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path} does not exist; check the path (relative to the directory you run "
-                        f"from, or absolute), or run the stage that writes it.")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if refused:
-            # torch's own advice (weights_only=False) would run arbitrary code from the file.
-            raise UserError(
-                f"{what} {path} holds pickled Python objects ({refused.group(1)}: a whole model or a "
-                "custom class) that safe loading (torch.load with weights_only=True) refuses to execute. "
-                "Re-save only the weights where the model's code is available: "
-                "torch.save(model.state_dict(), 'weights.pt'), and point at that file.") from e
-        raise _unreadable(what, path, e, fix) from e
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
-        raise _unreadable(what, path, e, fix) from e
-
-
-def _unreadable(what: str, path: str, error: Exception, fix: str) -> UserError:
-    # torch's own message suggests weights_only=False, which is wrong advice for a torn file.
-    return UserError(f"{what} {path} could not be read as a weights-only torch checkpoint ({type(error).__name__}); "
-                     f"the file is truncated, corrupt, not a torch file, or holds Python objects other than "
-                     f"tensors and plain values. {fix}")
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", channels_last: bool = False) -> nn.Module:
-    """Rebuild the model a checkpoint describes, load its weights, move it to `device`, eval mode.
-
-    channels_last changes only the weights' memory layout (faster oneDNN / cuDNN convolutions), not
-    the arithmetic precision."""
-    path = os.fspath(path)
-    checkpoint = read_checkpoint(path, what="Model checkpoint",
-                                 fix="Delete it and rerun the stage that writes it (or check the path).")
-    if not isinstance(checkpoint, dict):
-        raise UserError(f"Model checkpoint {path} holds a {type(checkpoint).__name__}, not a model "
-                        f"checkpoint dict with keys {list(CHECKPOINT_KEYS)}.")
-    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
-    if missing:
-        raise UserError(f"Model checkpoint {path} lacks the keys {missing}; it was not written by "
-                        "rst-mart's save_model (a full training state or a bare state_dict?).")
-    try:
-        model = build_model(checkpoint["arch"], checkpoint["num_classes"], checkpoint["in_channels"],
-                            checkpoint["mean"], checkpoint["std"])
-    except (UserError, TypeError, ValueError) as e:
-        raise UserError(f"Model checkpoint {path} describes no buildable model: {e}") from e
-    if not isinstance(checkpoint["state_dict"], dict):
-        raise UserError(f"Model checkpoint {path} has a {type(checkpoint['state_dict']).__name__} "
-                        "where its state_dict should be.")
-    state_dict = OrderedDict((strip_prefixes(k), v) for k, v in checkpoint["state_dict"].items())
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:
-        raise UserError(f"Model checkpoint {path} does not match its architecture "
-                        f"{checkpoint['arch']!r}: {str(e).splitlines()[0]}") from e
-    model = model.to(device)
-    return (model.to(memory_format=torch.channels_last) if channels_last else model).eval()

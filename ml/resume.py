@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.core.atomic import atomic_torch_save
+from ml.checkpoints import read_checkpoint
 from ml.devices import unwrap
-from ml.models import read_checkpoint
+from pipeline.core.atomic import atomic_torch_save
 
 STATE_FILE = "train_state.pt"  # in the stage's partial directory; removed when the stage completes
 

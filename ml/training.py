@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,15 +28,16 @@ from tqdm import tqdm
 
 from data.augment import augmenter, cutmix
 from data.mixed import MixedBatchLoader, MixedBatchSampler, prefetch_depth
-from pipeline.core import distributed
-from pipeline.core.atomic import atomic_write_csv
+from ml.checkpoints import save_model
 from ml.devices import attack_forward, autocast, prepare_for_training, resolve_device, resolve_precision, unwrap
 from ml.evaluation import evaluate
 from ml.live_log import open_scalar_log
 from ml.losses import TargetRecipe
-from ml.models import build_model, save_model
+from ml.models import build_model
 from ml.optim import WeightEMA, make_optimizer, make_scheduler
 from ml.resume import STATE_FILE, load_training_state, save_training_state, seed_from
+from pipeline.core import distributed
+from pipeline.core.atomic import atomic_write_csv
 
 METRIC_COLUMNS = ["epoch", "step", "loss", "lr", "train_acc", "train_adv_acc", "images_per_s", "seconds"]
 PROGRESS_INTERVAL_S = 1.0  # the progress bar redraws at most this often
@@ -98,8 +100,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     loader: MixedBatchLoader
-    loss: Callable
-    attack: Callable | None
+    recipe: Recipe  # its loss, attack, target options and CutMix are what each step applies
     device: torch.device
     precision: str  # resolved: fp32 | bf16 | fp16
     seed: int
@@ -108,9 +109,7 @@ class Training:
     rank: int = 0
     world_size: int = 1
     live: Any = None  # ml.live_log.ScalarLog for live curves (rank 0); None = off
-    attack_model: Callable | None = None  # what the attack's forwards call (run.compile: compiled); None = unwrap(model)
-    targets: TargetRecipe = TargetRecipe()
-    pool_cutmix: float = 0.0
+    attack_model: Callable | None = None  # what the attack calls (run.compile: compiled); None = unwrap(model)
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
@@ -142,11 +141,10 @@ def set_up(recipe: Recipe, data: TrainData, *, run_cfg, dist, mean, std) -> tupl
     optimizer = make_optimizer(model, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     scheduler = make_scheduler(optimizer, schedule=recipe.schedule, epochs=recipe.epochs,
                                steps_per_epoch=len(sampler), milestones=recipe.milestones)
-    training = Training(model=train_model, optimizer=optimizer, scheduler=scheduler, loader=loader, loss=recipe.loss,
-                        attack=recipe.attack, device=device, precision=resolve_precision(run_cfg.precision, device),
+    training = Training(model=train_model, optimizer=optimizer, scheduler=scheduler, loader=loader, recipe=recipe,
+                        device=device, precision=resolve_precision(run_cfg.precision, device),
                         seed=run_cfg.seed, ema=ema, scaler=scaler, rank=dist.rank, world_size=dist.world_size,
-                        attack_model=attack_forward(model, run_cfg.compile),
-                        targets=recipe.targets, pool_cutmix=recipe.pool_cutmix)
+                        attack_model=attack_forward(model, run_cfg.compile))
     return training, model
 
 
@@ -249,14 +247,15 @@ def train_one_epoch(t: Training, epoch: int, *, start_batch: int = 0, totals: di
     """Train on the batches of `t.loader` (or `batches`: (x, y) pairs, or (x, y, from_pool) with a bool
     tensor marking the pool rows) from batch index `start_batch` on.
 
-    `t.attack(model, x, targets, generator) -> x_adv` (targets: the labels, or ml.losses.Targets when the
-    recipe has options) runs with the model in eval mode (BatchNorm uses running
-    statistics and the attack does not update them, as in the official MART code); `t.loss(logits_natural,
+    `t.recipe.attack(model, x, targets, generator) -> x_adv` (targets: the labels, or ml.losses.Targets when
+    the recipe has options) runs with the model in eval mode (BatchNorm uses running statistics and the
+    attack does not update them, as in the official MART code); `t.recipe.loss(logits_natural,
     logits_adv, targets)` runs in train mode with separate natural and adversarial forwards. With attack=None
     the loss gets logits_adv=None (natural training). Under torchrun (`t.world_size` > 1) `t.model` is the
     DDP wrapper, the batches this rank's slice of each global batch, and the returned metrics are global.
     """
     batches = t.loader if batches is None else batches
+    recipe = t.recipe
     raw_model = unwrap(t.model)
     attack_model = raw_model if t.attack_model is None else t.attack_model
     amp = autocast(t.device, t.precision)
@@ -287,25 +286,25 @@ def train_one_epoch(t: Training, epoch: int, *, start_batch: int = 0, totals: di
         # pool rows, then Targets for the attack and the loss; without options the labels stay a tensor and
         # the losses run the papers' code. CutMix draws from its own stream, so the attack's stays the same.
         targets = y
-        if t.pool_cutmix > 0 or not t.targets.plain:
+        if recipe.pool_cutmix > 0 or not recipe.targets.plain:
             from_pool = source[0] if source else None
             mixed = {}
-            if t.pool_cutmix > 0 and from_pool is not None:
+            if recipe.pool_cutmix > 0 and from_pool is not None:
                 generator.manual_seed(seed_from(t.seed, epoch, batch_index, t.rank, 2))
-                x, partner, share = cutmix(x, from_pool, t.pool_cutmix, generator)
+                x, partner, share = cutmix(x, from_pool, recipe.pool_cutmix, generator)
                 mixed = {"mixed_labels": y[partner], "mixed_share": share}
-            targets = t.targets(y, from_pool, **mixed)
+            targets = recipe.targets(y, from_pool, **mixed)
 
         # The attack: eval mode, on the unwrapped module so DDP hooks fire once per optimizer step. The
         # rank is part of the seed (as in data.mixed's augmentation): ranks hold different images and must
         # not draw the same start noise. Rank 0's stream is the single-process one (SeedSequence pads its
         # 4-word pool with zeros, so (s, e, b, 0) seeds as (s, e, b)).
         x_adv = None
-        if t.attack is not None:
+        if recipe.attack is not None:
             raw_model.eval()
             generator.manual_seed(seed_from(t.seed, epoch, batch_index, t.rank))
             with amp:
-                x_adv = t.attack(attack_model, x, targets, generator)
+                x_adv = recipe.attack(attack_model, x, targets, generator)
 
         # The loss: train mode, natural and adversarial forwards kept separate (BatchNorm sees each).
         # Under DDP two forwards before one backward are correct: each parameter's gradient accumulator
@@ -315,7 +314,7 @@ def train_one_epoch(t: Training, epoch: int, *, start_batch: int = 0, totals: di
         with amp:
             logits_natural = t.model(x)
             logits_adv = t.model(x_adv) if x_adv is not None else None
-            loss = t.loss(logits_natural.float(), None if logits_adv is None else logits_adv.float(), targets)
+            loss = recipe.loss(logits_natural.float(), None if logits_adv is None else logits_adv.float(), targets)
 
         # The update: backward, optimizer and schedule steps, EMA.
         t.optimizer.zero_grad(set_to_none=True)
@@ -371,7 +370,7 @@ def train_one_epoch(t: Training, epoch: int, *, start_batch: int = 0, totals: di
     return {
         "loss": final["loss"] / seen_total,
         "train_acc": final["correct"] / seen_total,
-        "train_adv_acc": final["adv_correct"] / seen_total if t.attack is not None else float("nan"),
+        "train_adv_acc": final["adv_correct"] / seen_total if recipe.attack is not None else float("nan"),
         "images_per_s": final["seen"] / max(final["seconds"], 1e-9),
         "seconds": final["seconds"],
     }

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                             ("status", "show each stage as fresh, stale or missing, with its fingerprint"),
                             ("sweep", "run a grid of variants (--set key=v1,v2), sharing stages through the store")):
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--config", help=_CONFIG_HELP if name == "status" else "TOML config (default: configs/demo.toml)")
+        sub.add_argument("--config",
+                         help=_CONFIG_HELP if name == "status" else "TOML config (default: configs/demo.toml)")
         sub.add_argument("--stages", default=None,
                          help="comma-separated stages (default: those the stages mark as default)")
         sub.add_argument("--workdir", help="where artifacts live (default: runs/<config name>, "
@@ -46,19 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sweep":
             _sweep_options(sub)
     gc = commands.add_parser("gc", help="list (--dry-run) or remove store entries that no registered work dir "
-                                        "links to (a moved or deleted work dir keeps its entries until --forget)")
+                                        "links to and nothing used within --keep (a moved or deleted work dir "
+                                        "keeps its entries until --forget)")
     gc.add_argument("--store", help="the store (default: as a run with --config/--workdir would use)")
     gc.add_argument("--config", help="TOML config whose run.store to use (default: the work dir's recorded one)")
     gc.add_argument("--workdir", help="a work dir whose store to use (a moved one is registered at its new place)")
-    gc.add_argument("--dry-run", action="store_true", help="only list what would be removed (takes no lock)")
+    gc.add_argument("--dry-run", action="store_true",
+                    help="only list what would be kept (and why) and removed, with sizes (takes no lock)")
+    gc.add_argument("--keep", default="14d", metavar="DURATION",
+                    help="keep unreferenced entries a run, status or report used within this long: 14d (the "
+                         "default), 12h, 2w, ...; 0 keeps none for their age")
     gc.add_argument("--forget", action="append", default=[], metavar="PATH",
-                    help="a registered work dir that no longer exists: stop keeping its entries (repeatable)")
+                    help="a registered work dir that no longer exists (or now links into another store, as after "
+                         "cp -a of a whole project): stop keeping its entries (repeatable)")
     gc.add_argument("--wait", action="store_true",
                     help="wait until no run uses the store instead of exiting 2 (for a scheduled gc; runs that "
                          "start meanwhile are let in, so on a store that is never idle it keeps waiting)")
     export = commands.add_parser("export", help="write a model.pt in another format (RobustBench)")
     export.add_argument("model", help="a model.pt written by a stage, e.g. runs/<config name>/<stage>/model.pt")
-    export.add_argument("--format", default="robustbench", choices=["robustbench"])
+    export.add_argument("--format", default="robustbench", help="robustbench (the only one so far; default)")
     export.add_argument("-o", "--output", required=True, help="the file to write")
     report = commands.add_parser("report", help="write <workdir>/report.html: stages, curves, pseudo-labels, results")
     report.add_argument("--config", help=_CONFIG_HELP)
@@ -80,7 +87,8 @@ def _sweep_options(sub) -> None:
                      help="show each variant's state in the store and its job's, without waiting")
     slurm = sub.add_argument_group("slurm (override the config's [launcher] section)")
     slurm.add_argument("--partition", help="SLURM partition")
-    slurm.add_argument("--time", dest="time_min", type=int, help="minutes per job before it is checkpointed and requeued")
+    slurm.add_argument("--time", dest="time_min", type=int,
+                       help="minutes per job before it is checkpointed and requeued")
     slurm.add_argument("--nodes", type=int, help="nodes per variant (multi-node training)")
     slurm.add_argument("--tasks-per-node", type=int, help="processes per node, one per GPU")
     slurm.add_argument("--gpus", dest="gpus_per_node", type=int, help="GPUs per node")
@@ -197,6 +205,8 @@ def _status(config, workdir: Path, names: list[str], *, verify: bool, note: str 
     if holder:
         print(f"a run is in progress in {workdir} ({holder})")
     runner = Runner(config, workdir)
+    if not holder:  # a copy (`cp -r`) gets its own record, so gc keeps what it links to (the run does it itself)
+        runner.store.note_workdir(workdir)
     for plan in runner.plan(names, verify=verify):
         state = "fresh" if plan.fresh else plan.reason
         if not plan.fresh and plan.stage.shards is not None:  # a sharded stage resumes by shard: say how far it got
@@ -240,16 +250,19 @@ def print_results(workdir: Path, plans) -> None:
 
 
 def _gc(args) -> int:
-    """Entries no registered work dir links to go; a work dir that moved or vanished keeps its entries until
-    --forget. Removing holds the store's lock exclusively (runs hold it shared), so it never races a run;
-    without --wait a busy store is exit 2, with it gc blocks until the store is free. --dry-run takes no
-    lock and changes nothing."""
+    """pipeline.store_gc says what goes. Removing holds the store's lock exclusively (runs hold it shared),
+    so it never races a run; without --wait a busy store is exit 2, with it gc blocks until the store is
+    free. --dry-run takes no lock and changes nothing. Nothing is written before space is freed: on a
+    full disk gc still works, and its messages name the store's filesystem."""
     from pipeline.core import locks
-    from pipeline.workdir_registry import read_id
+    from pipeline.core.errors import storage_errors
     from pipeline.runner import default_workdir, run_in_progress
     from pipeline.store import Store, store_dir
+    from pipeline.store_gc import gc, parse_keep
     from pipeline.workdir_record import choose_config
+    from pipeline.workdir_registry import read_id
 
+    parse_keep(args.keep)  # a typo fails before anything is looked at
     if args.store:
         root = Path(args.store)
     else:
@@ -260,7 +273,8 @@ def _gc(args) -> int:
         raise UserError(f"there is no stage store at {root}; name it with --store (or run.store / $RST_MART_STORE).")
     store = Store(root)
     if args.dry_run:
-        _collect(store, args, remove=False)
+        with storage_errors(root, doing="reading the store"):
+            gc(store, forget_paths=args.forget, keep=args.keep, remove=False)
         return EXIT_OK
     def busy_workdirs() -> list[str]:
         return [f"{r.path} ({run_in_progress(r.path)})" for r in store.registry.all() if run_in_progress(r.path)]
@@ -271,10 +285,13 @@ def _gc(args) -> int:
               flush=True)
 
     try:
-        with locks.exclusive(store.lock_file, wait=args.wait, on_wait=waiting):
-            if args.workdir and read_id(Path(args.workdir)) is not None:
-                store.register(Path(args.workdir))  # a moved work dir: its record follows it here
-            _collect(store, args, remove=True)
+        with storage_errors(root, doing="collecting the store"), \
+                locks.exclusive(store.lock_file, wait=args.wait, on_wait=waiting):
+            moved = args.workdir and read_id(Path(args.workdir)) is not None
+            recorded = _register_moved(store, Path(args.workdir)) if moved else True
+            gc(store, forget_paths=args.forget, keep=args.keep, remove=True)
+            if not recorded and _register_moved(store, Path(args.workdir), quiet=True):  # gc freed the space
+                print(f"recorded {args.workdir} in the store's registry now that gc has freed space")
     except locks.Locked:
         busy = busy_workdirs()
         raise UserError(f"runs are using the store {root}" + (f": {', '.join(busy)}" if busy else "") +
@@ -284,79 +301,38 @@ def _gc(args) -> int:
     return EXIT_OK
 
 
-def _collect(store, args, *, remove: bool) -> None:
-    import shutil
-
-    from pipeline.store import entry_size
-
-    forget = _registrations_to_forget(store, args.forget)
-    found = store.collect(forget=forget)
-    where = f"--store {store.root}"
-    for registration, entries in found.missing:
-        size = sum(entry_size(e) for e in entries)
-        print(f"keeping {len(entries)} entries ({size / 2**20:.1f} MiB) of {registration.path}, a registered work "
-              f"dir that is no longer there: if it moved, any `run` in it (or `gc --workdir NEWPATH`) registers "
-              f"its new place; if it was deleted, `python -m pipeline gc {where} --forget {registration.path}`")
-    for registration in found.unknown:
-        print(f"{registration.path} was registered by an older rst-mart, which did not record its links, and is "
-              f"no longer there: nothing is removed until `python -m pipeline gc {where} --forget "
-              f"{registration.path}` (or a `run` in its new place)")
-    for path in found.not_ours:
-        print(f"leaving {path} alone: no stage.json names it, so rst-mart did not write it")
-    removable = [] if found.unknown else found.removable
-    verb = "removing" if remove else "would remove"
-    total = 0
-    for entry in removable:
-        size = entry_size(entry)
-        total += size
-        print(f"{verb} {entry} ({size / 2**20:.1f} MiB)")
-    if remove:
-        for registration in forget:
-            store.registry.forget(registration)
-            print(f"forgot {registration.path}")
-        for entry in removable:
-            shutil.rmtree(entry)
-    print(f"{len(removable)} unreferenced entries, {total / 2**20:.1f} MiB" +
-          (" removed" if remove else " (dry run: nothing removed)"))
-
-
-def _registrations_to_forget(store, paths: list[str]) -> tuple:
-    chosen = []
-    registrations = store.registry.all()
-    for given in paths:
-        forms = {Path(os.path.abspath(given)), Path(given).resolve()}
-        matches = [r for r in registrations if r.path in forms]
-        if not matches:
-            known = ", ".join(str(r.path) for r in registrations) or "none"
-            raise UserError(f"--forget {given}: no work dir is registered at that path in the store {store.root} "
-                            f"(registered: {known}).")
-        # A record whose work dir is still there is not forgotten (its links protect it anyway); another
-        # record of the same path, from a work dir that was there before, can be.
-        gone = [r for r in matches if not r.present()]
-        if not gone:
-            raise UserError(f"--forget {given}: that work dir still exists and links into the store; gc "
-                            f"already keeps only what it links to. Delete it (rm -r {given}) or the links "
-                            f"you no longer need, then run gc; nothing was changed.")
-        chosen.extend(gone)
-    return tuple(chosen)
+def _register_moved(store, workdir: Path, *, quiet: bool = False) -> bool:
+    """A moved work dir's record follows it here (a copy gets its own). Writing it needs free bytes, which a
+    full store may lack: then its entries stay kept as a moved work dir's, gc goes on, and tries again
+    once it has freed space."""
+    try:
+        store.register(workdir)
+    except (OSError, UserError) as e:
+        if not quiet:
+            print(f"could not record {workdir} in the store's registry yet ({e}); its entries stay kept as those "
+                  f"of a registered work dir that moved.")
+        return False
+    return True
 
 
 def _export(args) -> int:
-    from ml.checkpoints import export_checkpoint
+    from pipeline import library
 
-    note = export_checkpoint(Path(args.model), Path(args.output), format=args.format)
+    note = library.function("export")(Path(args.model), Path(args.output), format=args.format)
     print(f"wrote {args.output}" + (f"\n{note}" if note else ""))
     return EXIT_OK
 
 
 def _report(config, workdir: Path, *, note: str = "") -> int:
-    from pipeline.report import write_report
     from pipeline import stage_registry
-    from pipeline.runner import Runner
+    from pipeline.report import write_report
+    from pipeline.runner import Runner, run_in_progress
 
     if note:
         print(f"report: {note}")
     runner = Runner(config, workdir)
+    if not run_in_progress(workdir):  # a copy (`cp -r`) gets its own record, so gc keeps what it links to
+        runner.store.note_workdir(workdir)
     # The default stages (shown as missing when they are), and any other stage this work dir holds.
     names = stage_registry.default_stages(runner.stages)
     names += [n for n in runner.stages if n not in names and (workdir / n).exists()]

@@ -1,60 +1,69 @@
 """Configuration: one dataclass per TOML section, every default commented with its unit.
 
-The engine's sections ([run], [data], [pool]) are here; every stage declares its own section next to its
-code, and `Config` is composed from the stage registry, so a plug-in stage's section is read, overridden
+The engine's sections ([run], [log], [launcher]) are here; the data sources declare theirs ([data], [pool])
+next to their code (data/sources.py, found through pipeline/library.py), every stage its own next to its
+code, and `Config` is composed from these registries, so a plug-in stage's section is read, overridden
 with `--set` and checked like the built-ins'.
 
 A config file only needs the keys it changes; `--set section.key=value` overrides any key with a
-value parsed and checked against the field's type. Unknown sections and keys are refused, except in
-`[pool]`, whose extra keys belong to the pool provider (which refuses the ones it does not take).
-After the overrides, `config_checks.validate` checks every value's range and the values against each other (and the
-batch sizes against torchrun's world size), so a bad value fails before any stage runs, not hours in.
-No torch here: `status` must stay quick.
+value parsed and checked against the field's type. Unknown sections and keys are refused, except in a
+section whose dataclass has an `options` dict ([pool]): its other keys go there, for the plug-in that
+reads them (which refuses the ones it does not take). After the overrides, `config_checks.validate`
+checks every value's range and the values against each other (and the batch sizes against torchrun's
+world size), so a bad value fails before any stage runs, not hours in. No torch here: `status` must stay
+quick.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pipeline.config_checks import validate
-from pipeline.core.errors import UserError
+from pipeline.core.checks import INT64_MAX, Range, at_least
+from pipeline.core.errors import UserError, missing_package_error
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "demo.toml"
 
 
+# Batches prefetched ahead, each held in memory until used: more than a few never helps.
+MAX_PREFETCH = 64
+
+
 @dataclass
 class RunConfig:
+    """[run]: how stages run. `num_workers` is not DataLoader worker processes: it is the depth of one
+    background thread's queue of gathered batches. It is used as given on a GPU; on a CPU it silently
+    becomes 0 unless a core is left over from torch's compute threads (data.mixed.prefetch_depth: there,
+    the gathering thread preempts the step's OpenMP team and slows every step)."""
+
     seed: int = 0  # seeds every random stream: data split, init, sampling, augmentation, attack starts
-    device: str = "auto"  # auto | cpu | cuda ("auto" takes CUDA when present)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 where native, else fp32): training autocast only; evaluation is always fp32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N ("auto" takes CUDA when present)
+    # fp32 | bf16 | fp16 | auto (bf16 where native, else fp32): training autocast only; evaluation is always fp32
+    precision: str = "fp32"
     channels_last: bool = False  # NHWC memory format for convolutions (faster on GPUs, and with oneDNN on CPUs)
-    compile: bool = False  # torch.compile the model, for the training forwards and the attack's (ml.devices.attack_forward)
-    num_workers: int = 2  # batches gathered ahead by a background thread, used on GPUs or where a CPU core is spare (data.mixed.prefetch_depth); 0 = none
-    checkpoint_every_s: float = 60.0  # seconds between mid-epoch checkpoints (plus one at every epoch end); 0 = every step
+    compile: bool = False  # torch.compile the training forwards and the attack's (ml.devices.attack_forward)
+    num_workers: int = 2  # batches prefetched by one thread (not processes); 0 = none; 0 on a CPU with no core spare
+    checkpoint_every_s: float = 60.0  # seconds between mid-epoch checkpoints (and one per epoch end); 0 = every step
     sync_bn: bool = False  # SyncBatchNorm across ranks under torchrun (GPU)
     store: str = ""  # the stage store; "" = $RST_MART_STORE, else .store beside the work dir (runs/.store)
 
+    RANGES: ClassVar[dict] = {
+        "seed": Range(0, INT64_MAX, meaning="it seeds numpy and torch generators"),
+        "precision": ("fp32", "bf16", "fp16", "auto"),
+        "num_workers": Range(0, MAX_PREFETCH, meaning="batches prepared ahead, each held in memory; 0 = none"),
+        "checkpoint_every_s": at_least(0, "seconds between mid-epoch checkpoints; 0 = after every step"),
+    }
 
-@dataclass
-class DataConfig:
-    dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | package.module:function
-    root: str = ""  # where local files live ("" = the dataset's usual places, e.g. Debian's package)
-    download: bool = False  # fetch with torchvision when the files are missing (needs internet)
-    num_labeled: int = 4000  # class-balanced labeled subset of the training split; 0 = all of it
-
-
-@dataclass
-class PoolConfig:
-    provider: str = "labeled-remainder"  # built-in name, entry point in rst_mart.pools, or module:factory
-    path: str | list = ""  # the pool's file (or folder), a glob of its parts ("pool/part-*.npz"), or a list of files read in order
-    limit: int = 0  # use the first N pool images; 0 = all
-    convert: list[str] = field(default_factory=list)  # explicit conversions, e.g. ["gray-to-rgb", "resize"]
-    options: dict = field(default_factory=dict)  # any other [pool] key, passed to the provider
+    def check(self, config, refuse, world_size: int) -> None:
+        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:[0-9]+", self.device):
+            raise refuse("run.device", "it must be one of auto, cpu, cuda or cuda:N", "")
 
 
 @dataclass
@@ -62,22 +71,27 @@ class LogConfig:
     """[log]: live curves while a stage trains (ml.live_log). No key changes results, so no stage declares
     one: they stay out of every fingerprint, and the runner hands the section to stages as ctx.live_log."""
 
-    tensorboard: bool = False  # TensorBoard event files in the stage's entry, <entry>/tensorboard/ (needs `tensorboard`)
+    tensorboard: bool = False  # TensorBoard event files in <entry>/tensorboard/ (needs `tensorboard`)
     wandb: bool = False  # a Weights & Biases run in <entry>/wandb/ (needs `wandb`)
     wandb_project: str = "rst-mart"  # the W&B project the run belongs to
-    wandb_mode: str = "offline"  # online | offline (no network; upload later with `wandb sync <entry>/wandb/offline-run-*`)
+    # online | offline (no network; upload later with `wandb sync <entry>/wandb/offline-run-*`)
+    wandb_mode: str = "offline"
     every_steps: int = 50  # optimizer steps between interval writes (each costs one host-device sync)
+
+    RANGES: ClassVar[dict] = {"wandb_mode": ("online", "offline"),
+                              "every_steps": at_least(1, "optimizer steps between live-curve writes")}
+
+    # What each option needs installed, pinned as pyproject's `log` extra (ml.live_log says so too).
+    PACKAGES: ClassVar[dict[str, str]] = {"tensorboard": "tensorboard==2.21.0", "wandb": "wandb==0.31.0"}
 
     def check_installed(self) -> None:
         """Refuse before any stage runs when an option is on and its package is missing (the stage would
         only find out when it starts training, maybe hours into a run)."""
         import importlib.util
 
-        from ml.live_log import missing_package_error  # light: no torch, no tensorboard imported
-
         for option in ("tensorboard", "wandb"):
             if getattr(self, option) and importlib.util.find_spec(option) is None:
-                raise missing_package_error(option)
+                raise missing_package_error(f"log.{option}", self.PACKAGES[option], extra="log")
 
 
 @dataclass
@@ -93,23 +107,37 @@ class LauncherConfig:
     sbatch: list[str] = field(default_factory=list)  # other sbatch options, e.g. ["--qos=high", "--account=lab"]
     max_requeues: int = 3  # time-outs a job may checkpoint and be requeued after before it counts as failed
 
+    RANGES: ClassVar[dict] = {
+        "time_min": at_least(1, "minutes of wall clock per SLURM job"),
+        "nodes": at_least(1, "nodes per variant"),
+        "tasks_per_node": at_least(1, "processes per node, one per GPU"),
+        "gpus_per_node": at_least(0, "0 = none"),
+        "cpus_per_task": at_least(0, "0 = the cluster's default"),
+        "mem_gb": at_least(0, "0 = the cluster's default"),
+        "max_requeues": at_least(0, "time-outs a job may be requeued after"),
+    }
 
-# The engine's sections; each stage declares its own next to its code (pipeline.stage.Stage.config).
-ENGINE_SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "pool": PoolConfig, "log": LogConfig,
-                                   "launcher": LauncherConfig}
+
+# The engine's sections; the data sources and each stage declare theirs next to their code.
+ENGINE_SECTIONS: dict[str, type] = {"run": RunConfig, "log": LogConfig, "launcher": LauncherConfig}
 
 
 def section_types() -> dict[str, type]:
-    """Every section's dataclass: the engine's, then the registered stages' (built-ins and plug-ins)."""
+    """Every section's dataclass: the engine's, the data sources', then the registered stages' (built-ins
+    and plug-ins)."""
+    from pipeline.library import source_sections
     from pipeline.stage_registry import stages
 
     types = dict(ENGINE_SECTIONS)
-    for stage in stages().values():
-        if stage.config is not None:
-            if stage.section in ENGINE_SECTIONS:
-                raise UserError(f"the stage {stage.name!r} declares the config section [{stage.section}], which is "
-                                f"the engine's; give the stage a section of its own.")
-            types[stage.section] = stage.config
+    declared = [(f"the data source {source.name!r}", source.section, source.config)
+                for source in source_sections().values()]
+    declared += [(f"the stage {stage.name!r}", stage.section, stage.config)
+                 for stage in stages().values() if stage.config is not None]
+    for who, section, kind in declared:
+        if section in types:
+            raise UserError(f"{who} declares the config section [{section}], which is already the engine's or "
+                            f"a data source's; give it a section of its own.")
+        types[section] = kind
     return types
 
 
@@ -126,10 +154,10 @@ class Config:
         return list(vars(self))
 
     def section(self, name: str) -> dict[str, Any]:
-        """A section as a plain dict (pool options merged in), e.g. for fingerprints and stage.json."""
+        """A section as a plain dict (a plug-in's `options` merged in), e.g. for fingerprints and stage.json."""
         values = dataclasses.asdict(getattr(self, name))
-        if name == "pool":
-            values.update(values.pop("options"))
+        if isinstance(values.get(_OPTIONS), dict):
+            values.update(values.pop(_OPTIONS))
         return values
 
     def __eq__(self, other: object) -> bool:
@@ -137,6 +165,11 @@ class Config:
 
     def __repr__(self) -> str:
         return f"Config({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+# A section whose dataclass has this dict field takes the keys it does not name into it, for the plug-in
+# that reads them ([pool]'s provider), which checks them itself.
+_OPTIONS = "options"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -197,6 +230,9 @@ def _read_toml(path: Path) -> dict:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {path} is not valid TOML ({e}); fix the syntax at that line.") from None
+    except RecursionError:  # tomllib descends once per bracket: thousands of them exhaust Python's stack
+        raise UserError(f"config file {path} nests lists or tables thousands of levels deep: not a config (a "
+                        f"value nests at most {MAX_NESTING} levels); fix or replace the file.") from None
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:
@@ -213,30 +249,55 @@ def _parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:
+        raise UserError(f"--set value {text[:40]}... nests lists or tables thousands of levels deep; a value "
+                        f"nests at most {MAX_NESTING} levels.") from None
+
+
+MAX_NESTING = 32  # lists and tables inside each other in one value; a real config needs two or three
+
+
+def _check_sane(value: Any, name: str, where: str) -> None:
+    """Refuse a value no config means: nested deeper than MAX_NESTING (fingerprinting and JSON would
+    recurse once per level), or a string holding a NUL byte (no path or name can: the OS refuses it
+    with a ValueError deep inside whatever opens it). Iterative, so the check itself cannot recurse."""
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > MAX_NESTING:
+            raise UserError(f"{where}: `{name}` nests lists or tables more than {MAX_NESTING} levels deep; no "
+                            f"setting takes that. Give it a flat value (see the key's comment in configs/demo.toml).")
+        if isinstance(item, str) and "\0" in item:
+            raise UserError(f"{where}: `{name}` holds a NUL byte (\\0 or \\u0000), which no path or name can "
+                            f"contain; remove it.")
+        if isinstance(item, dict):
+            pending += [(k, depth + 1) for k in item] + [(v, depth + 1) for v in item.values()]
+        elif isinstance(item, list):
+            pending += [(v, depth + 1) for v in item]
 
 
 def _assign(config: Config, section: str, key: str, value: Any, where: str) -> None:
+    _check_sane(value, f"{section}.{key}", where)
     if section not in config.section_names():
         raise UserError(f"{where}: unknown section `{section}`; the sections are {', '.join(config.section_names())}.")
     target = getattr(config, section)
     hints = typing.get_type_hints(type(target))
-    if section == "pool" and key not in hints:
-        target.options[key] = value  # the provider validates its own keys when the pool is opened
+    if key not in hints and _OPTIONS in hints:
+        getattr(target, _OPTIONS)[key] = value  # the plug-in validates its own keys when it is constructed
         return
-    if section == "pool" and key == "path":  # one path, a glob, or a list of parts
-        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
-            target.path = value
-            return
-        raise UserError(f"{where}: `pool.path` must be a path, a glob or a list of paths, got {value!r}; for "
-                        f"example pool.path = [\"part-0.npz\", \"part-1.npz\"] or \"pool/part-*.npz\".")
-    if key not in hints or key == "options":
-        known = ", ".join(k for k in hints if k != "options")
+    if key not in hints or key == _OPTIONS or typing.get_origin(hints[key]) is ClassVar:
+        known = ", ".join(k for k, kind in hints.items() if k != _OPTIONS and typing.get_origin(kind) is not ClassVar)
         raise UserError(f"{where}: unknown key `{section}.{key}`; the keys of [{section}] are {known}.")
     setattr(target, key, _coerce(value, hints[key], f"{section}.{key}", where))
 
 
 def _coerce(value: Any, kind: Any, name: str, where: str) -> Any:
     origin = typing.get_origin(kind) or kind
+    if origin is types.UnionType:  # `str | list[str]`: one path, a glob, or a list of parts
+        if any(_is_a(value, arm) for arm in typing.get_args(kind)):
+            return value
+        raise UserError(f"{where}: `{name}` must be {' or '.join(map(_described, typing.get_args(kind)))}, got "
+                        f"{value!r}; for example {name.split('.')[1]} = \"a\" or [\"a\", \"b\"].")
     if origin is list and not typing.get_args(kind):  # a free-form list, checked by the code that reads it
         if isinstance(value, str):
             return [_parse_value(v.strip()) for v in value.split(",") if v.strip()]
@@ -263,6 +324,21 @@ def _coerce(value: Any, kind: Any, name: str, where: str) -> Any:
 
 
 _REFUSED = object()
+
+
+def _is_a(value: Any, kind: Any) -> bool:
+    """`value` is of `kind` as it stands (a union's arms are not converted into one another); a list must
+    hold at least one item, none of them empty."""
+    if typing.get_origin(kind) is list:
+        (element,) = typing.get_args(kind)
+        return isinstance(value, list) and bool(value) and all(isinstance(v, element) and v for v in value)
+    return isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+
+
+def _described(kind: Any) -> str:
+    if typing.get_origin(kind) is list:
+        return f"a non-empty list of {typing.get_args(kind)[0].__name__}"
+    return kind.__name__
 
 
 def _coerce_scalar(value: Any, kind: type) -> Any:

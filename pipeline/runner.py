@@ -94,12 +94,15 @@ class Runner:
         candidates = [self.store.entry(stage.name, fp)]
         if linked.exists() and linked.resolve() != candidates[0].resolve():
             candidates.append(linked.resolve())
+        if candidates[0].is_symlink():  # never followed: the rebuild moves it aside (Store.commit)
+            return candidates[0], False, "stale, the store's entry is a symbolic link, not a directory rst-mart wrote"
         for entry in candidates:
             record = read_record(entry)
             if record is None or record.get("fingerprint") != fp:
                 continue
             problem = check_outputs(entry, record, verify=verify)
             if problem is None:
+                self.store.mark_used(entry)  # gc's grace period counts from the last run, status or report
                 return entry, True, "fresh"
             return candidates[0], False, f"stale, {problem}"
         current = read_record(linked)
@@ -222,7 +225,8 @@ class Runner:
             built_meanwhile = False
             if dist.is_main and not force:
                 record = read_record(plan.entry)
-                built_meanwhile = (record is not None and record.get("fingerprint") == plan.fingerprint
+                built_meanwhile = (not plan.entry.is_symlink() and record is not None
+                                   and record.get("fingerprint") == plan.fingerprint
                                    and check_outputs(plan.entry, record, verify=True) is None)
             if distributed.broadcast_object(built_meanwhile):
                 plan.fresh, plan.reason = True, "fresh"
@@ -284,7 +288,7 @@ class Runner:
             "outputs": outputs,
         })
         with storage_errors(plan.entry):
-            plan.entry = self.store.commit(stage.name, plan.fingerprint, partial)
+            plan.entry = self.store.commit(stage.name, plan.fingerprint, partial, log=self.log)
 
 
 def _why_changed(record: dict, code_version: str, params: dict, inputs: dict) -> str:

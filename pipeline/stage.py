@@ -9,9 +9,13 @@ pipeline/core: stages import it and pipeline.core, never the engine.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # the contract's floor: pipeline.core only
+    from pipeline.core.distributed import DistInfo
 
 
 # The [run] keys that change how fast a stage runs, not what it computes: a stage that uses them lists
@@ -27,12 +31,16 @@ class Source:
     `fingerprint(config)` must be cheap: file digests through the digest cache, never image rows.
     `open(config, cache_dir)` returns the opened source and checks it (shapes, dtypes, labels); it runs
     only when a stage that reads the source will run, before the first stage of that `run` starts.
-    Sources belong to the engine's sections ([run], [data], [pool]) and see the whole config.
+    Sources see the whole config. A source may declare its config section as a stage does (`section`,
+    `config`: the dataclass, with `RANGES` and `check(self, config, refuse, world_size)`, `config` the
+    whole config); the engine finds the built-in ones by name (pipeline/library.py).
     """
 
     name: str
     fingerprint: Callable[[Any], str]
     open: Callable[[Any, Path], Any]
+    section: str = ""  # its config section, [<section>] in the TOML file; "" = none
+    config: type | None = None  # the dataclass of that section
 
 
 @dataclass(frozen=True)
@@ -54,12 +62,14 @@ class Stage:
     name: str
     version: int  # bump when the meaning of the stage's output changes
     section: str  # its config section, [<section>] in the TOML file
-    outputs: tuple[str, ...] | Callable[[Any], tuple[str, ...]]
-    run: Callable[["StageContext"], None]
+    outputs: tuple[str, ...] | Callable[[StageConfig], tuple[str, ...]]
+    run: Callable[[StageContext], None]
     config: type | None = None  # the dataclass of its section; None = a stage without settings
     # Upstream stage names and data sources the stage reads, for a given config (its view).
     inputs: Callable[[Any], tuple[str | Source, ...]] = lambda config: ()
-    reads: tuple[str, ...] = ()  # "section.key" (or "section.*": all its keys) of other sections it reads; they change results unless insignificant
+    # "section.key" (or "section.*": all its keys) of other sections it reads; they change results unless
+    # insignificant
+    reads: tuple[str, ...] = ()
     insignificant: tuple[str, ...] = ()  # own keys, or entries of `reads`, that do not change results
     default: bool = False  # run by `python -m pipeline run` without --stages
     # True for a stage whose results depend on how many torchrun processes share its batches (training:
@@ -72,7 +82,7 @@ class Stage:
     # "y" puts the metric on that axis of sweep.png); `report(entry)` -> its report.html section body.
     results: Callable[[Path], list[dict]] | None = None
     report: Callable[[Path], str] | None = None
-    shards: Callable[[Any], int] | None = None
+    shards: Callable[[StageConfig], int] | None = None
 
     def output_names(self, config) -> tuple[str, ...]:
         """The file names a finished entry holds, for this config."""
@@ -99,7 +109,7 @@ class Stage:
                 params[dotted] = values if key == "*" else values[key]
         return params
 
-    def view(self, config) -> "StageConfig":
+    def view(self, config) -> StageConfig:
         return config if isinstance(config, StageConfig) else StageConfig(self, config)
 
 
@@ -161,18 +171,30 @@ class StageInput:
     fingerprint: str
 
 
+class LiveLogSettings(Protocol):
+    """The engine's [log] section (pipeline.config.LogConfig) as a stage's training loop reads it
+    (ml.live_log.open_scalar_log)."""
+
+    tensorboard: bool
+    wandb: bool
+    wandb_project: str
+    wandb_mode: str
+    every_steps: int
+    PACKAGES: dict[str, str]
+
+
 @dataclass
 class StageContext:
     """Everything a stage may read: its view of the config, its upstream stages, its opened data sources."""
 
-    config: Any  # StageConfig: its own section and the keys it declares from others
+    config: StageConfig  # its own section and the keys it declares from others
     out_dir: Path  # the partial directory the stage writes into
     inputs: dict[str, StageInput]  # upstream stage name -> its finished entry
-    sources: dict[str, Any]  # data source name -> the opened source
+    sources: dict[str, Any]  # data source name -> what its `open` returned (each source has its own type)
     fingerprint: str
-    dist: Any  # pipeline.core.distributed.DistInfo
+    dist: DistInfo  # this process's rank and world size (pipeline.core.distributed)
     log: Callable[[str], None] = print
-    live_log: Any = None  # pipeline.config.LogConfig: live curves, a run-time setting outside fingerprints
+    live_log: LiveLogSettings | None = None  # live curves, a run-time setting outside fingerprints
     # (index, count) when a launcher runs the stage's shards as `count` jobs: make only the missing shards
     # s with s % count == index and none of the final outputs; None = make every missing shard, then finish.
     shard: tuple[int, int] | None = None

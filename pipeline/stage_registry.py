@@ -39,10 +39,13 @@ def _in_default_graph_order(found: dict[str, Stage]) -> dict[str, Stage]:
     """The registry in the order its stages run with default settings, so listings (the config's
     sections, `unknown stage` messages) read upstream first."""
     from pipeline.config import ENGINE_SECTIONS  # here: pipeline.config composes its sections from this registry
+    from pipeline.library import source_sections
 
-    # Every section at its defaults, the engine's too: a stage's inputs may depend on [pool] (pseudolabel's do).
-    defaults = SimpleNamespace(**{name: kind() for name, kind in ENGINE_SECTIONS.items()},
-                               **{s.section: s.config() for s in found.values() if s.config is not None})
+    # Every section at its defaults, the engine's and the sources' too: a stage's inputs may depend on [pool]
+    # (pseudolabel's do).
+    sections = {**ENGINE_SECTIONS, **{name: source.config for name, source in source_sections().items()},
+                **{s.section: s.config for s in found.values() if s.config is not None}}
+    defaults = SimpleNamespace(**{name: kind() for name, kind in sections.items()})
     order: list[str] = []
     for name in found:
         try:

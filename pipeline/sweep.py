@@ -12,7 +12,6 @@ runs each as a job (pipeline.launchers.sweep).
 from __future__ import annotations
 
 import itertools
-import json
 import re
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from pipeline.core.atomic import atomic_path, atomic_write_csv
 from pipeline.config import load_config, parse_override
 from pipeline.core.errors import UserError
 from pipeline.runner import Runner
-from pipeline.store import store_dir
+from pipeline.store import read_record, store_dir
 
 SEED_KEY = "run.seed"
 PLOT_AXIS = "plot_"  # _row's plot_x / plot_y: the columns sweep.png plots, dropped before sweep.csv
@@ -99,8 +98,12 @@ def _row(variant: list[str], varied: list[str], name: str, plans) -> dict:
             row[key] = parse_override(item)[2]
     seconds = 0.0
     for plan in plans:
-        record = json.loads((plan.entry / "stage.json").read_text())
-        seconds += record["seconds"]
+        record = read_record(plan.entry)  # bounded: a stage.json that is a FIFO or huge cannot hang the sweep
+        if record is None:
+            raise UserError(f"{plan.entry / 'stage.json'} cannot be read (missing, not a regular file, over "
+                            f"1 MiB, or not JSON), though the run just checked it; rerun the sweep: it rebuilds "
+                            f"the {plan.stage.name} stage if its entry is damaged.")
+        seconds += record.get("seconds") if isinstance(record.get("seconds"), (int, float)) else float("nan")
         row[f"{plan.stage.name}_fingerprint"] = plan.fingerprint[:16]
     row["seconds"] = round(seconds, 1)
     for plan in plans:

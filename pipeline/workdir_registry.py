@@ -11,19 +11,22 @@ work dir that was deleted, the record's `links` say which entries to keep. A cop
 the id too: it is told apart from a move because the original is still at the recorded path with the
 same id, and gets a new id of its own. Records from before ids (`workdirs/<hash>` holding a path) are
 still read. Records are written atomically by the run holding the work dir's lock (or by gc, holding
-the store exclusively), and read with a size bound that never follows a FIFO or a device.
+the store exclusively; or by `status` and `report`, holding it shared, for a copy no run has used yet),
+and read with a size bound that never follows a FIFO or a device. gc reads them strictly: a record it
+cannot read might be the only one keeping a live work dir's entries, so it stops (`all(strict=True)`).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shlex
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.core.atomic import atomic_write_json, atomic_write_text
-from pipeline.core.bounded import read_regular
+from pipeline.core.bounded import NotRegularFile, TooLarge, read_regular
 from pipeline.core.errors import UserError
 
 ID_FILE = ".rst-mart-id"
@@ -75,12 +78,28 @@ class Registry:
         return self.dir / f"{id}.json"
 
     def read(self, id: str) -> Registration | None:
-        return _parse(self.record_path(id))
+        try:
+            return _parse(self.record_path(id))
+        except BadRecord:
+            return None  # rewritten by the register() that asks
 
-    def all(self) -> list[Registration]:
+    def all(self, *, strict: bool = False) -> list[Registration]:
+        """Every record. A file named as a record that cannot be read as one is skipped, or with `strict`
+        a UserError naming it and the fix (what gc needs: it must not delete what that record keeps)."""
         found = []
         for path in sorted(self.dir.iterdir()) if self.dir.is_dir() else ():
-            registration = _parse(path)
+            try:
+                registration = _parse(path)
+            except BadRecord as e:
+                if strict:
+                    quoted = shlex.quote(str(path))
+                    raise UserError(
+                        f"the store's registry record {path} cannot be read ({e.why}); it may be all that keeps a "
+                        f"live work dir's entries, so gc deletes nothing while it is there. If you know the work "
+                        f"dir it belonged to, run `python -m pipeline status --workdir DIR` there: that rewrites "
+                        f"the record. If that work dir is gone, move the record away (mv {quoted} "
+                        f"{shlex.quote(str(path) + '.broken')}) and rerun gc; nothing was removed.") from None
+                continue
             if registration is not None:
                 found.append(registration)
         return found
@@ -119,23 +138,43 @@ def _legacy_name(path: Path) -> str:
     return hashlib.sha256(str(path).encode()).hexdigest()[:32]
 
 
+class BadRecord(Exception):
+    """A file named as a registry record that is not one; `why` says what is wrong with it."""
+
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why
+
+
 def _parse(path: Path) -> Registration | None:
-    """A record, or None for anything else in the registry directory (left alone, never deleted)."""
+    """A record; None for anything not named as one (left alone, never deleted); BadRecord for a file
+    named as a record that cannot be read as one."""
     name = path.name
     if not (name.endswith(".json") and _ID.fullmatch(name[:-5])) and not _ID.fullmatch(name):
         return None
     try:
         text = read_regular(path, RECORD_LIMIT_BYTES, follow_symlinks=False).decode()
-    except (OSError, UnicodeDecodeError):
-        return None
+    except NotRegularFile as e:
+        raise BadRecord(f"it is {e.kind}, not a regular file") from None
+    except TooLarge as e:
+        raise BadRecord(f"it holds {e.size} bytes, over the {RECORD_LIMIT_BYTES}-byte limit") from None
+    except OSError as e:
+        raise BadRecord(e.strerror or str(e)) from None
+    except UnicodeDecodeError:
+        raise BadRecord("it is not UTF-8 text") from None
     if _ID.fullmatch(name):  # from before ids: the work dir's absolute path on one line
-        return Registration(name, Path(text.strip()), legacy=True) if text.strip() else None
+        if not text.strip() or "\0" in text:
+            raise BadRecord("it names no work dir")
+        return Registration(name, Path(text.strip()), legacy=True)
     try:
         record = json.loads(text)
     except ValueError:
-        return None
-    if not isinstance(record, dict) or record.get("id") != name[:-5] or not isinstance(record.get("path"), str):
-        return None
+        raise BadRecord("it is not JSON: truncated or overwritten") from None
+    if (not isinstance(record, dict) or not isinstance(record.get("path"), str) or "\0" in record["path"]
+            or not os.path.isabs(record["path"])):
+        raise BadRecord("it is not a work dir record (no absolute \"path\")")
+    if record.get("id") != name[:-5]:
+        raise BadRecord(f"it records the id {str(record.get('id'))[:40]!r}, not its own name's: it belongs elsewhere")
     links = record.get("links") if isinstance(record.get("links"), dict) else {}
     # Only names that stay inside the store: a record is never a way to point gc elsewhere.
     links = {s: f for s, f in links.items() if plain_name(s) and isinstance(f, str) and _FINGERPRINT.fullmatch(f)}

@@ -18,7 +18,7 @@ from typing import ClassVar
 from data.sources import LABELED
 from pipeline.core.checks import at_least, below_1, positive
 from pipeline.stage import RUNTIME, Source, Stage
-from stages.recipe_checks import MAX_BATCH, MAX_EPOCHS, check_batch_splits
+from stages.training_section import MAX_BATCH, MAX_EPOCHS, check_batch_splits
 
 MODEL_FILES = ("model/unet/config.json", "model/unet/diffusion_pytorch_model.safetensors",
                "model/scheduler/scheduler_config.json", "model/rst_mart.json")
@@ -71,12 +71,7 @@ def run(ctx) -> None:
     labeled = split.dataset
     model_dir = ctx.out_dir / "model"
     if cfg.checkpoint:
-        unet, schedule, info = diffusion.load_generator(cfg.checkpoint)
-        diffusion.check_generator_fits(info, image_shape=labeled.image_shape, num_classes=labeled.num_classes,
-                                       where=cfg.checkpoint)
-        info = diffusion.GeneratorInfo(num_classes=info.num_classes, image_size=info.image_size,
-                                       in_channels=info.in_channels, dataset=labeled.name,
-                                       class_names=tuple(labeled.class_names) if info.num_classes else ())
+        unet, schedule, info = ctx.sources["diffusion_checkpoint"]  # loaded and checked before any stage ran
         rows = []
         device = resolve_device(run_cfg.device, ctx.dist.local_rank)
         ema = unet.to(device)
@@ -137,8 +132,23 @@ def _checkpoint_fingerprint(config) -> str:
     return fingerprint({"files": [file_digest(f) for f in generator_files(config.diffusion.checkpoint)]})
 
 
-CHECKPOINT = Source("diffusion_checkpoint", _checkpoint_fingerprint,
-                    lambda config, cache_dir: config.diffusion.checkpoint)
+def open_checkpoint(config, cache_dir: Path) -> tuple:
+    """The imported generator, checked against the labeled set (channels, size, classes), as (unet, schedule,
+    info); the engine opens sources before the first stage runs, so a bad directory creates nothing."""
+    from data.sources import open_labeled
+    from ml import diffusion
+
+    labeled = open_labeled(config).dataset
+    unet, schedule, info = diffusion.load_generator(config.diffusion.checkpoint)
+    diffusion.check_generator_fits(info, image_shape=labeled.image_shape, num_classes=labeled.num_classes,
+                                   where=config.diffusion.checkpoint)
+    info = diffusion.GeneratorInfo(num_classes=info.num_classes, image_size=info.image_size,
+                                   in_channels=info.in_channels, dataset=labeled.name,
+                                   class_names=tuple(labeled.class_names) if info.num_classes else ())
+    return unet, schedule, info
+
+
+CHECKPOINT = Source("diffusion_checkpoint", _checkpoint_fingerprint, open_checkpoint)
 
 
 def inputs(config) -> tuple:

@@ -9,43 +9,45 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 from data.sources import LABELED
 from pipeline.core.checks import PIXEL_RADIUS, Range, at_least, below_1, fraction
 from pipeline.core.errors import UserError
 from pipeline.stage import RUNTIME, Stage
-from stages.recipe_checks import TRAINING_RANGES, check_batch_splits, check_schedule
+from stages.training_section import TRAINING_RANGES, TrainingSection
 
 
 @dataclass
-class MartConfig:
-    loss: str = "mart"  # mart | trades | pgd-at
-    arch: str = "small-cnn"  # see ml.models.ARCHS
-    epochs: int = 10  # training epochs of epoch_size examples each
-    epoch_size: int = 0  # examples per epoch (labeled and pool together); 0 = the number of labeled images, as RST
-    batch_size: int = 128  # images per optimizer step (labeled and pool together)
+class MartConfig(TrainingSection):
+    SECTION: ClassVar[str] = "mart"
+
+    # The shared keys' defaults for MART's recipe (epochs: of epoch_size examples each; batch_size: labeled and
+    # pool images together).
     lr: float = 0.01  # SGD learning rate at the start of the schedule
-    momentum: float = 0.9  # SGD momentum
     weight_decay: float = 3.5e-3  # L2 penalty (MART's ResNet-18 recipe)
-    schedule: str = "cosine"  # cosine | piecewise (needs milestones) | constant
-    milestones: list[int] = field(default_factory=list)  # piecewise: lr x0.1 after each of these epochs (1..epochs-1)
+    loss: str = "mart"  # mart | trades | pgd-at
+    epoch_size: int = 0  # examples per epoch (labeled and pool together); 0 = the number of labeled images, as RST
     beta: float = 6.0  # weight of the misclassification-aware KL term (TRADES: of the KL term)
     epsilon: float = 0.031  # L-inf radius of the training attack, on [0,1] pixels
     step_size: float = 0.007  # PGD step of the training attack, on [0,1] pixels
     steps: int = 10  # PGD steps of the training attack
     unsup_fraction: float = 0.5  # share of each batch drawn (with replacement) from the pseudo-labeled pool
-    pool_in_memory: str = "auto"  # load the pool's images into RAM up to this many GiB (0 = read pseudolabels.h5 in chunks); auto = a quarter of the available RAM
-    augment: bool = True  # random crop and horizontal flip on labeled and pool images alike
+    # load the pool's images into RAM up to this many GiB (0 = read pseudolabels.h5 in chunks); auto = a quarter
+    # of the available RAM
+    pool_in_memory: str = "auto"
     ema_decay: float = 0.0  # weight EMA decay per step (e.g. 0.995); 0 = no EMA
-    val_size: int = 0  # labeled images (fewer than there are) held out to pick the best epoch by PGD accuracy; 0 = keep the last
+    # labeled images (fewer than there are) held out to pick the best epoch by PGD accuracy; 0 = keep the last
+    val_size: int = 0
     eval_n: int = 0  # test images for the stage's final clean / PGD-20 evaluation; 0 = the whole test set
     eval_batch_size: int = 256  # images per evaluation batch
     # Recipe options of the frontier (README "Training recipe options"); the defaults are the papers' losses.
-    label_smoothing: float = 0.0  # label smoothing of the labeled examples' cross-entropy targets, in [0, 1) (DM-AT: 0.1)
+    # label smoothing of the labeled examples' cross-entropy targets, in [0, 1) (DM-AT: 0.1)
+    label_smoothing: float = 0.0
     pool_label_smoothing: float = 0.0  # the same for the pool's pseudo-labeled examples, in [0, 1)
-    pool_cutmix: float = 0.0  # probability, per pool example, of a CutMix box from another pool example (Rebuffi et al.)
+    # probability, per pool example, of a CutMix box from another pool example (Rebuffi et al.)
+    pool_cutmix: float = 0.0
     pool_loss_weight: float = 1.0  # weight of each pool example's loss against a labeled one's 1 (RST's w); >= 0
 
     RANGES: ClassVar[dict] = {
@@ -54,7 +56,8 @@ class MartConfig:
         "epoch_size": at_least(0, "0 = as many examples as labeled images", high=2**40),
         "beta": at_least(0, "the weight of the robust term; the papers use 5 or 6"),
         "epsilon": PIXEL_RADIUS,
-        "step_size": Range(0, 1, low_open=True, meaning="the PGD step on [0, 1] pixels, e.g. 0.007 with epsilon 0.031"),
+        "step_size": Range(0, 1, low_open=True,
+                           meaning="the PGD step on [0, 1] pixels, e.g. 0.007 with epsilon 0.031"),
         "steps": at_least(1, high=10**4),
         "unsup_fraction": fraction("the share of each batch drawn from the pool"),
         "ema_decay": below_1("0 = no EMA, e.g. 0.995"),
@@ -71,10 +74,9 @@ class MartConfig:
         if self.pool_in_memory != "auto" and not _is_number_at_least_0(self.pool_in_memory):
             raise refuse("mart.pool_in_memory", "it must be \"auto\" or a number of GiB >= 0 (0 reads the pool "
                                                 "from pseudolabels.h5 in chunks)", "")
-        check_schedule("mart", self, refuse)
+        super().check(config, refuse, world_size)  # the schedule, and the batch against the world size
         if config.data.num_labeled > 0:
             _check_val_size(self.val_size, config.data.num_labeled, refuse)
-        check_batch_splits("mart", self.batch_size, world_size, refuse)
         # Each rank takes its slice of the batch's labeled part and of its pool part; the last rank gets
         # the smallest slices, and must not get an empty batch.
         pool_rows = round(self.batch_size * self.unsup_fraction)  # as MixedBatchSampler splits
@@ -154,8 +156,7 @@ def run(ctx) -> None:
 
     import numpy as np
 
-    from data.pseudolabel_file import PseudoLabelReader
-    from data.pseudolabel_file import validate_pseudolabels
+    from data.pseudolabel_file import PseudoLabelReader, validate_pseudolabels
     from ml import training
     from ml.attacks import EVAL_STEPS, eval_attack, training_attack
     from ml.evaluation import score_checkpoints

@@ -33,14 +33,6 @@ class PseudolabelConfig:
                                    "confident first; 1 = all"),
     }
 
-    def check(self, config, refuse, world_size: int) -> None:
-        pool = config.pool
-        if pool.provider == GENERATED and (pool.limit or pool.convert):
-            key = "pool.limit" if pool.limit else "pool.convert"
-            raise refuse(key, "the generate stage's pool is made at the labeled images' shape and size, so it "
-                         "takes no conversion or limit", "Remove it, and set generate.n to the number of images "
-                         "you want generated.")
-
 
 def run(ctx) -> None:
     """Under torchrun each rank labels a contiguous shard of the pool into its own file (an HDF5 file
@@ -49,9 +41,9 @@ def run(ctx) -> None:
     # Heavy modules are imported here, not at module level: `status` reads this module's declaration.
     import h5py
 
+    from ml.checkpoints import load_model
     from ml.devices import resolve_device
     from ml.labeling import NearDuplicateFilter, is_complete, keep_most_confident, label_rows, merge_shards, shard_path
-    from ml.models import load_model
 
     cfg, run_cfg = ctx.config.pseudolabel, ctx.config.run
     device = resolve_device(run_cfg.device, ctx.dist.local_rank)
@@ -206,7 +198,5 @@ STAGE = Stage(
     inputs=_inputs,
     outputs=("pseudolabels.h5", "results.csv", "quality.csv"),
     # pool.provider says where the pool comes from and whether its provided labels are the dataset's own;
-    # the pool's fingerprint (an input, the generate stage's for a generated pool) already covers it. limit and
-    # convert are read only to refuse them with a generated pool; a file pool's fingerprint covers them too.
-    reads=("run.precision", "pool.provider", "pool.limit", "pool.convert", *RUNTIME),
-    insignificant=("batch_size", "pool.provider", "pool.limit", "pool.convert", *RUNTIME))
+    # the pool's fingerprint (an input, the generate stage's for a generated pool) already covers it.
+    reads=("run.precision", "pool.provider", *RUNTIME), insignificant=("batch_size", "pool.provider", *RUNTIME))

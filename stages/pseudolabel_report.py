@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.reporting import csv_table, e, img, read_csv, table
+from stages.reporting import check_regular, csv_table, e, exists, img, read_csv, table
 
 ALL_CLASSES = "all"  # quality.csv's total row: never counted with the per-class rows
 LABELLED_POINTS = 10  # calibration classes named on the plot (the farthest from the diagonal)
@@ -23,8 +23,9 @@ def report(entry: Path) -> str:
     parts = []
     summary = None
     h5_path = Path(entry) / "pseudolabels.h5"
-    if h5_path.exists():
+    if exists(h5_path):
         try:
+            check_regular(h5_path)  # h5py would block on a FIFO
             summary = pseudolabel_summary(h5_path)
         except (OSError, KeyError, ValueError) as error:
             parts.append(f"<p class=\"note\">{e(h5_path.name)} could not be read ({e(type(error).__name__)}: "
@@ -55,12 +56,12 @@ def quality_table(entry: Path, summary: dict | None):
     import pandas as pd
 
     quality_path = entry / "quality.csv"
-    if quality_path.exists():
+    if exists(quality_path):
         frame, problem = read_csv(quality_path)
         if not problem and {"class", "count", "precision", "mean_confidence"} <= set(frame.columns):
             return frame, "from quality.csv"
     results_path = entry / "results.csv"
-    if not results_path.exists():
+    if not exists(results_path):
         return None, ""
     results, problem = read_csv(results_path)
     if problem or "split" not in results:

@@ -14,28 +14,17 @@ from typing import ClassVar
 from data.sources import LABELED
 from pipeline.core.fingerprint import file_digest
 from pipeline.stage import RUNTIME, Source, Stage
-from stages.recipe_checks import TRAINING_RANGES, check_batch_splits, check_schedule
+from stages.training_section import TrainingSection
 
 
 @dataclass
-class TeacherConfig:
-    arch: str = "small-cnn"  # see ml.models.ARCHS
-    epochs: int = 10  # passes over the labeled set
-    batch_size: int = 128  # images per optimizer step
-    lr: float = 0.05  # SGD learning rate at the start of the schedule
-    momentum: float = 0.9  # SGD momentum (Nesterov off, as in the reference recipes)
-    weight_decay: float = 5e-4  # L2 penalty on all parameters
-    schedule: str = "cosine"  # cosine | piecewise (needs milestones) | constant
-    milestones: list[int] = field(default_factory=list)  # piecewise: lr x0.1 after each of these epochs (1..epochs-1)
-    augment: bool = True  # random crop (padding 3 at 28px, 4 at 32px) and horizontal flip
-    checkpoint: str = ""  # a classifier to import instead of training one (our model.pt, a state dict, RobustBench/MART/RST); "" = train
-    input_normalization: list = field(default_factory=list)  # for an imported checkpoint without its own: [] = [0,1] inputs, ["cifar10"], or [[means], [stds]]
+class TeacherConfig(TrainingSection):
+    SECTION: ClassVar[str] = "teacher"
 
-    RANGES: ClassVar[dict] = TRAINING_RANGES
-
-    def check(self, config, refuse, world_size: int) -> None:
-        check_schedule("teacher", self, refuse)
-        check_batch_splits("teacher", self.batch_size, world_size, refuse)
+    # a classifier to import instead of training one (our model.pt, a state dict, RobustBench/MART/RST); "" = train
+    checkpoint: str = ""
+    # for an imported checkpoint without its own: [] = [0,1] inputs, ["cifar10"], or [[means], [stds]]
+    input_normalization: list = field(default_factory=list)
 
 
 def run(ctx) -> None:
@@ -69,8 +58,7 @@ def run(ctx) -> None:
 
 def import_teacher(out_dir: Path, cfg, labeled) -> None:
     """model.pt from `teacher.checkpoint` (weights_only load), and a metrics.csv with no epochs."""
-    from ml.checkpoints import import_checkpoint, normalization_stats
-    from ml.models import save_model
+    from ml.checkpoints import import_checkpoint, normalization_stats, save_model
     from ml.training import write_metrics
 
     channels = labeled.image_shape[2]

@@ -1,5 +1,6 @@
 """The folders show the architecture: imports run down the floors core < data < ml < stages < engine,
-and the engine (pipeline/) knows stages only by their declarations, never by name."""
+the engine (pipeline/) imports no library floor (it reaches data, ml and stages by name, through
+pipeline/library.py and pipeline/stage_registry.py), and knows stages only by their declarations, never by name."""
 import ast
 import re
 from pathlib import Path
@@ -51,6 +52,38 @@ def test_imports_run_down_the_floors_only():
             if theirs is not None and FLOORS.index(theirs) > FLOORS.index(own):
                 upward.append(f"{path.relative_to(ROOT)}:{line} ({own}) imports {name} ({theirs})")
     assert upward == []
+
+
+def test_the_engine_imports_no_library_floor():
+    """Not even lazily inside a function: what it needs of data, ml and stages comes through its registries."""
+    reached = []
+    for path, module in modules():
+        if floor(module) == "engine":
+            reached += [f"{path.relative_to(ROOT)}:{line} imports {name}" for line, name in
+                        imported(ast.parse(path.read_text())) if floor(name) in ("data", "ml", "stages")]
+    assert reached == []
+
+
+def test_the_engine_names_library_modules_only_in_its_registries():
+    """The strings that name a module of data, ml or stages sit in the two registry modules, where a
+    reader looks for them (the stage registry names the `stages` package)."""
+    named = []
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        if path.name in ("library.py", "stage_registry.py"):
+            continue
+        tree = ast.parse(path.read_text())
+        docs = _docstrings(tree)
+        named += [f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs
+                  and re.fullmatch(r"(data|ml|stages)(\.\w+)*(:\w+)?", node.value)]
+    assert named == []
+
+
+def test_the_public_model_api_still_comes_from_the_engine():
+    import pipeline
+    from ml import checkpoints, models
+
+    assert pipeline.load_model is checkpoints.load_model and pipeline.build_model is models.build_model
 
 
 def test_the_floor_rules_catch_an_upward_import():

@@ -4,8 +4,9 @@ them, and neither needs to know the other."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 INT64_MAX = 2**63 - 1  # TOML integers may be any size in Python; torch and numpy take int64 at most
 
@@ -33,6 +34,8 @@ class Range:
 
 
 def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
     return str(int(value)) if float(value).is_integer() and abs(value) < 1e16 else f"{value:g}"
 
 

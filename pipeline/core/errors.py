@@ -6,8 +6,8 @@ import errno
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 class UserError(Exception):
@@ -16,6 +16,15 @@ class UserError(Exception):
     The message names the offending file or key and says how to fix it. Anything else that escapes
     a stage is a bug in rst-mart and exits 1 with a traceback.
     """
+
+
+
+def missing_package_error(key: str, requirement: str, extra: str) -> UserError:
+    """`key = true` needs the optional package `requirement` names (pinned as pyproject's `extra` is)."""
+    package = re.split(r"[<>=!~\[ ]", requirement, maxsplit=1)[0]
+    return UserError(f"{key} = true needs the `{package}` package, which is not installed; install it with "
+                     f"`pip install {requirement}` (or `pip install 'rst-mart[{extra}]'` for all of that extra's), "
+                     f"or turn the option off with --set {key}=false.")
 
 
 _RERUN = "then rerun the same command: it resumes"

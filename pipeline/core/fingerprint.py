@@ -47,8 +47,20 @@ _memo_lock = threading.Lock()
 
 
 def canonical_json(obj: Any) -> str:
-    """JSON with sorted keys and no whitespace, so equal values always give equal text."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_jsonable)
+    """JSON with sorted keys and no whitespace, so equal values always give equal text (-0.0 is written
+    as 0.0: they compare equal, and `mart.beta = -0.0` is the same run as `0.0`)."""
+    return json.dumps(_without_negative_zero(obj), sort_keys=True, separators=(",", ":"), default=_jsonable)
+
+
+def _without_negative_zero(obj: Any) -> Any:
+    # json.dumps never calls `default` for a float, so -0.0 must be replaced before it writes "-0.0".
+    if isinstance(obj, float):
+        return 0.0 if obj == 0.0 else obj
+    if isinstance(obj, dict):
+        return {k: _without_negative_zero(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_without_negative_zero(v) for v in obj]
+    return obj
 
 
 def _jsonable(obj: Any) -> Any:

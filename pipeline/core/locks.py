@@ -53,9 +53,11 @@ def exclusive(path: Path, *, wait: bool = False, on_wait: Callable[[str], None] 
     """Hold an exclusive lock on `path` (created if needed). Without `wait`, raise Locked at once when
     another process holds it; with `wait`, block until it is free (calling `on_wait(holder)` once)."""
     with _flock(path, fcntl.LOCK_EX, wait=wait, on_wait=on_wait) as fd:
-        # Who holds it, for the other process's message; written after locking, so it is ours.
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{_holder_text()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        # Who holds it, for the other process's message; written after locking, so it is ours. Only a
+        # courtesy: on a full disk (gc, there to free space) the lock holds without it.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{_holder_text()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         yield
 
 

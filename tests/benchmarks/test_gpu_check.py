@@ -89,3 +89,25 @@ def test_mart_flops_count_the_attack_and_the_loss():
     assert flops["attack_step"] == pytest.approx(2 * 10.49e9, rel=0.01)
     assert flops["loss"] == pytest.approx(6 * 10.49e9, rel=0.01)
     assert flops["total"] == pytest.approx(10 * flops["attack_step"] + flops["loss"])
+
+
+def test_the_command_line_and_the_ddp_worker_run_as_modules(tmp_path):
+    """`python -m benchmarks.gpu_check` (a package of checks) keeps its flags and its exit status, and the
+    worker the NCCL check starts in a subprocess (`--ddp-worker`) runs the same way."""
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.gpu_check.common import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "t.csv"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--only", "flops", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert list(pd.read_csv(out)["status"]) == ["ok"] and f"wrote {out.resolve()}" in proc.stdout
+    worker = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--ddp-worker", "cpu"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert worker.returncode == 0, worker.stderr
+    assert "gloo at world size 1" in worker.stdout.strip().splitlines()[-1]
+

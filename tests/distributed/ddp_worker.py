@@ -16,8 +16,6 @@ import torch
 import torch.distributed as dist
 
 from data.mixed import MixedBatchLoader, MixedBatchSampler
-from pipeline.core import distributed
-from pipeline.config import RunConfig
 from ml import training
 from ml.attacks import eval_attack, training_attack
 from ml.devices import prepare_for_training
@@ -25,6 +23,8 @@ from ml.evaluation import evaluate
 from ml.losses import LOSSES
 from ml.models import build_model
 from ml.optim import make_optimizer, make_scheduler
+from pipeline.config import RunConfig
+from pipeline.core import distributed
 
 NUM_LABELED, NUM_POOL = 40, 30
 # 3 global batches of 16 per epoch, 8 pool rows each: the test rebuilds the world_size=1 batches from these.
@@ -78,8 +78,11 @@ def main(out_path: str) -> None:
     t = training.Training(
         model=train_model, optimizer=optimizer, loader=loader,
         scheduler=make_scheduler(optimizer, schedule="constant", epochs=EPOCHS, steps_per_epoch=len(sampler)),
-        loss=functools.partial(LOSSES["mart"], beta=6.0),
-        attack=training_attack("mart", eps=0.1, step_size=0.04, steps=3), device=device, precision="fp32", seed=0,
+        recipe=training.Recipe(arch="tiny-cnn", epochs=EPOCHS, batch_size=SAMPLER_ARGS["batch_size"],
+                               epoch_size=SAMPLER_ARGS["epoch_size"], lr=0.05, momentum=0.9, weight_decay=5e-4,
+                               schedule="constant", loss=functools.partial(LOSSES["mart"], beta=6.0),
+                               attack=training_attack("mart", eps=0.1, step_size=0.04, steps=3)),
+        device=device, precision="fp32", seed=0,
         rank=info.rank, world_size=info.world_size)
     stats = []
     for epoch in range(EPOCHS):

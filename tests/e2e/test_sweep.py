@@ -46,10 +46,12 @@ def test_gc_removes_only_unreferenced_entries(tmp_path):
     run_cli("run", *common)
     run_cli("run", *common, "--set", "mart.beta=3")  # the first mart entry is now unreferenced
     store = tmp_path / "store"
-    dry = run_cli("gc", "--store", store, "--dry-run").stdout
+    dry = run_cli("gc", "--store", store, "--dry-run").stdout  # used a moment ago: kept for the grace period
+    assert "would remove" not in dry and "1 unreferenced entries: 1 kept, used within --keep 14d" in dry
+    dry = run_cli("gc", "--store", store, "--dry-run", "--keep", "0").stdout
     assert "would remove" in dry and "1 unreferenced entries" in dry
     assert len([p for p in (store / "mart").iterdir() if p.is_dir()]) == 2
-    run_cli("gc", "--store", store)
+    run_cli("gc", "--store", store, "--keep", "0")
     remaining = [p for p in (store / "mart").iterdir() if p.is_dir()]
     assert remaining == [(workdir / "mart").resolve()]
     assert "mart: cached" in run_cli("run", *common, "--set", "mart.beta=3").stdout

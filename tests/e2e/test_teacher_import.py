@@ -4,7 +4,8 @@ import json
 import pandas as pd
 import torch
 
-from ml.models import build_model, save_model
+from ml.checkpoints import save_model
+from ml.models import build_model
 from tests.conftest import SMOKE, run_cli
 
 

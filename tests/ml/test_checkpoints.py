@@ -9,11 +9,17 @@ import pytest
 import torch
 import torch.nn as nn
 
+from ml.checkpoints import (
+    checkpoint_digest,
+    export_checkpoint,
+    import_checkpoint,
+    load_model,
+    normalization_stats,
+    save_model,
+)
+from ml.models import DATASET_STATS, build_model
 from pipeline.core.errors import UserError
 from pipeline.core.fingerprint import file_digest
-from ml.checkpoints import (checkpoint_digest, export_checkpoint, import_checkpoint,
-                                  normalization_stats)
-from ml.models import DATASET_STATS, build_model, load_model, save_model
 
 CIFAR_MEAN, CIFAR_STD = DATASET_STATS["cifar10"]
 # RST's NormalizeInput default (the widely copied CIFAR std), not ours: the import must keep the file's.
@@ -160,7 +166,8 @@ def test_recorded_normalisation_and_a_different_given_one_is_refused(tmp_path, w
 
 def test_pickled_module_is_refused_with_the_resave_fix(tmp_path):
     torch.save(build_model("tiny-cnn", num_classes=10, in_channels=1), tmp_path / "whole.pt")
-    with pytest.raises(UserError, match=r"whole\.pt holds pickled .*torch\.nn\.modules.*torch\.save\(model\.state_dict\(\)"):
+    fix = r"torch\.save\(model\.state_dict\(\)"
+    with pytest.raises(UserError, match=r"whole\.pt holds pickled .*torch\.nn\.modules.*" + fix):
         import_checkpoint(tmp_path / "whole.pt", arch="tiny-cnn", num_classes=10, in_channels=1)
 
 
@@ -285,6 +292,19 @@ def test_export_refuses_unknown_format_and_foreign_input(tmp_path, wrn):
     torch.save(wrn.state_dict(), tmp_path / "bare.pt")
     with pytest.raises(UserError, match=r"bare\.pt is not an rst-mart model\.pt"):
         export_checkpoint(tmp_path / "bare.pt", tmp_path / "rb.pt")
+
+
+def test_the_cli_exports_through_the_library_and_refuses_an_unknown_format(tmp_path, wrn):
+    """`python -m pipeline export`: the engine reaches the ML library's exporter by name (pipeline/library.py)."""
+    from tests.conftest import run_cli
+
+    model_pt = saved_wrn(tmp_path, wrn)
+    proc = run_cli("export", model_pt, "-o", tmp_path / "rb.pt")
+    assert proc.stdout.startswith(f"wrote {tmp_path / 'rb.pt'}") and "normalize_model" in proc.stdout
+    assert set(torch.load(tmp_path / "rb.pt", weights_only=True)["state_dict"]) == set(wrn.state_dict())
+    refused = run_cli("export", model_pt, "--format", "onnx", "-o", tmp_path / "x.onnx", check=False)
+    assert refused.returncode == 2 and "Unknown export format 'onnx'" in refused.stderr
+    assert not (tmp_path / "x.onnx").exists()
 
 
 # -- against RobustBench's own classes -------------------------------------------------------------

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from ml.checkpoints import load_model, save_model
+from ml.models import ARCHS, DATASET_STATS, Normalize, build_model, count_parameters
 from pipeline.core.errors import UserError
-from ml.models import (ARCHS, DATASET_STATS, Normalize, build_model, count_parameters,
-                           load_model, save_model)
 
 # At 10 classes and 3 input channels. resnet18 / wrn-28-10 / wrn-34-10 are the published counts of
 # the TRADES/MART reference models; preact-resnet18 is Rice et al.'s (with the final BatchNorm).

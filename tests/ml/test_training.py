@@ -2,10 +2,17 @@ import numpy as np
 import pytest
 import torch
 
+from ml import devices, optim, training
 from pipeline.config import RunConfig
 from pipeline.core.distributed import DistInfo
 from pipeline.core.errors import UserError
-from ml import devices, optim, training
+
+
+def step_recipe(loss, attack=None, **options) -> training.Recipe:
+    """A Recipe for train_one_epoch alone, which applies its loss, attack, targets and CutMix; the set-up
+    fields (arch, schedule, ...) are set_up's and unused here."""
+    return training.Recipe(arch="tiny-cnn", epochs=1, batch_size=4, epoch_size=8, lr=0.1, momentum=0.0,
+                           weight_decay=0.0, schedule="constant", loss=loss, attack=attack, **options)
 
 
 def tiny_run(tmp_path, loss_fn):
@@ -106,7 +113,7 @@ def test_the_attack_runs_in_eval_mode_and_the_loss_in_train_mode():
     optimizer = optim.make_optimizer(model, lr=0.1, momentum=0.0, weight_decay=0.0)
     t = training.Training(model=model, optimizer=optimizer, scheduler=optim.make_scheduler(
         optimizer, schedule="constant", epochs=1, steps_per_epoch=2), loader=MixedBatchLoader(
-        sampler, images, np.zeros(8, np.int64), None, None, prefetch=0), loss=loss, attack=attack,
+        sampler, images, np.zeros(8, np.int64), None, None, prefetch=0), recipe=step_recipe(loss, attack),
         device=torch.device("cpu"), precision="fp32", seed=0)
     sampler.set_epoch(0)
     training.train_one_epoch(t, 0, progress_bar=False)
@@ -235,8 +242,8 @@ def test_one_step_equals_the_official_algorithm_on_pixels_at_0_and_1(method):
 
     optimizer = optim.make_optimizer(model, lr=0.0, momentum=0.0, weight_decay=0.0)
     t = training.Training(model=model, optimizer=optimizer, scheduler=optim.make_scheduler(
-        optimizer, schedule="constant", epochs=1, steps_per_epoch=1), loader=[(x, y)], loss=loss,
-        attack=training_attack(method, **kw), device=torch.device("cpu"), precision="fp32", seed=7)
+        optimizer, schedule="constant", epochs=1, steps_per_epoch=1), loader=[(x, y)],
+        recipe=step_recipe(loss, training_attack(method, **kw)), device=torch.device("cpu"), precision="fp32", seed=7)
     training.train_one_epoch(t, 0, progress_bar=False)
 
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed_from(7, 0, 0, 0)))
@@ -272,8 +279,9 @@ def _options_run(recipe_targets, pool_cutmix, labeled=12, pool=12):
 
     optimizer = optim.make_optimizer(model, lr=0.1, momentum=0.0, weight_decay=0.0)
     t = training.Training(model=model, optimizer=optimizer, scheduler=optim.make_scheduler(
-        optimizer, schedule="constant", epochs=1, steps_per_epoch=3), loader=loader, loss=loss, attack=attack,
-        device=torch.device("cpu"), precision="fp32", seed=0, targets=recipe_targets, pool_cutmix=pool_cutmix)
+        optimizer, schedule="constant", epochs=1, steps_per_epoch=3), loader=loader,
+        recipe=step_recipe(loss, attack, targets=recipe_targets, pool_cutmix=pool_cutmix),
+        device=torch.device("cpu"), precision="fp32", seed=0)
     sampler.set_epoch(0)
     training.train_one_epoch(t, 0, progress_bar=False)
     return seen
@@ -282,7 +290,7 @@ def _options_run(recipe_targets, pool_cutmix, labeled=12, pool=12):
 def test_without_options_the_attack_and_loss_get_plain_labels():
     from ml.losses import TargetRecipe
 
-    for x, targets in _options_run(TargetRecipe(), 0.0):
+    for _x, targets in _options_run(TargetRecipe(), 0.0):
         assert isinstance(targets, torch.Tensor) and targets.dtype == torch.int64
 
 

@@ -9,7 +9,7 @@ import pytest
 from pipeline.config import CONFIG_DIR, DEFAULT_CONFIG, Config, load_config
 from pipeline.config_checks import validate
 from pipeline.core.errors import UserError
-from stages.evaluate import EVAL_ATTACK, EVAL_MODELS
+from stages.eval import EVAL_ATTACK, EVAL_MODELS
 from stages.mart import check_against_labeled
 
 
@@ -44,10 +44,33 @@ def test_pool_extra_keys_go_to_the_provider():
     ("run.precision=fp8", "run.precision"),
     ("mart.unsup_fraction=1.5", "unsup_fraction"),
     ("mart.beta", "section.key=value"),
+    ("pool.path=5", "`pool.path` must be str or a non-empty list of str, got 5"),
+    ("pool.path=[]", "`pool.path` must be str or a non-empty list of str"),
+    ("log.PACKAGES=1", "unknown key `log.PACKAGES`"),  # a class constant, not a key
 ])
 def test_bad_overrides_are_user_errors(override, fragment):
     with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(".", r"\.")):
         load_config(DEFAULT_CONFIG, [override])
+
+
+def test_data_and_pool_are_declared_by_their_sources_and_a_stage_cannot_take_them(monkeypatch):
+    from data.sources import LABELED, POOL
+    from pipeline import config as config_module
+    from pipeline import stage_registry
+    from pipeline.stage import Stage
+
+    sections = config_module.section_types()
+    assert (sections["data"], sections["pool"]) == (LABELED.config, POOL.config)
+    assert list(sections)[:5] == ["run", "log", "launcher", "data", "pool"]  # engine, sources, then stages
+
+    @dataclasses.dataclass
+    class Clash:
+        limit: int = 0
+
+    clash = Stage(name="clash", version=1, section="pool", outputs=(), run=lambda ctx: None, config=Clash)
+    monkeypatch.setattr(stage_registry, "stages", lambda: {"clash": clash})
+    with pytest.raises(UserError, match=r"the stage 'clash' declares the config section \[pool\], which is already"):
+        config_module.section_types()
 
 
 def test_unknown_key_in_file_names_the_file(tmp_path):
@@ -131,11 +154,11 @@ def test_pool_keys_a_provider_takes_and_plugin_keys_pass_the_config_check():
 
 
 def test_every_number_has_a_range():
-    from pipeline import config, config_checks
+    from pipeline import config
 
-    # The engine's sections' ranges are in config_checks; each stage's section declares its own (RANGES).
-    ranges = set(config_checks._RANGES) | {f"{section}.{key}" for section, kind in config.section_types().items()
-                                           for key in getattr(kind, "RANGES", {})}
+    # Every section, the engine's, the data sources' and the stages', declares its ranges (RANGES).
+    ranges = {f"{section}.{key}" for section, kind in config.section_types().items()
+              for key in getattr(kind, "RANGES", {})}
     numbers = {f"{section}.{f.name}" for section, kind in config.section_types().items()
                for f in dataclasses.fields(kind) if typing.get_type_hints(kind)[f.name] in (int, float)}
     assert numbers - ranges == set()
@@ -250,8 +273,8 @@ def test_eval_names_are_checked_before_any_stage():
 
 
 def test_eval_names_agree_with_the_eval_stage():
-    from stages.evaluate import MODEL_FILES
     from ml.robustness import AUTOATTACK_PARTS, build_attack
+    from stages.eval import MODEL_FILES
 
     assert EVAL_MODELS == tuple(MODEL_FILES)
     for name in ("clean", "fgsm", "pgd1", "pgd20", "cw30", "autoattack", "autoattack-fast", *AUTOATTACK_PARTS,

@@ -125,7 +125,7 @@ def test_a_deleted_work_dir_keeps_its_entries_until_forgotten(tmp_path, built):
     assert "0 unreferenced entries" in out and "keeping 2 entries" in out
     dry = run_cli("gc", "--store", built, "--forget", gone, "--dry-run", timeout=60).stdout
     assert "2 unreferenced entries" in dry and all(e.exists() for e in linked)
-    out = run_cli("gc", "--store", built, "--forget", gone, timeout=60).stdout
+    out = run_cli("gc", "--store", built, "--forget", gone, "--keep", "0", timeout=60).stdout
     assert f"forgot {gone}" in out and "2 unreferenced entries" in out
     assert not any(e.exists() for e in linked)
     assert not list((built / "workdirs").glob("*.json"))
@@ -157,10 +157,10 @@ def test_a_vanished_work_dir_registered_by_an_older_version_blocks_removal(tmp_p
     shutil.rmtree(built / "workdirs")  # as an older version left it: no id records at all
     (built / "workdirs").mkdir()
     (built / "workdirs" / hashlib.sha256(legacy.encode()).hexdigest()[:32]).write_text(legacy + "\n")
-    out = run_cli("gc", "--store", built, timeout=60).stdout
-    assert "registered by an older rst-mart" in out and "0 unreferenced entries" in out
+    out = run_cli("gc", "--store", built, "--keep", "0", timeout=60).stdout
+    assert "registered by an older rst-mart" in out and "2 unreferenced entries" in out and "0 removed" in out
     assert len(entries(built, "teacher")) == 1
-    out = run_cli("gc", "--store", built, "--forget", legacy, timeout=60).stdout
+    out = run_cli("gc", "--store", built, "--forget", legacy, "--keep", "0", timeout=60).stdout
     assert "2 unreferenced entries" in out and not entries(built, "teacher")
 
 
@@ -206,13 +206,17 @@ def test_a_stage_json_or_output_that_is_not_a_regular_file_is_never_read(tmp_pat
 
 @pytest.mark.parametrize("what", ["registry record", "id file"])
 def test_a_fifo_in_the_registry_or_as_the_id_file_does_not_hang(tmp_path, built, what):
-    if what == "registry record":
-        os.mkfifo(built / "workdirs" / ("b" * 32 + ".json"))
+    if what == "registry record":  # unreadable: gc stops (exit 2) rather than guess, and does not hang
+        fifo = built / "workdirs" / ("b" * 32 + ".json")
+        os.mkfifo(fifo)
+        proc = run_cli("gc", "--store", built, "--dry-run", check=False, timeout=60)
+        assert proc.returncode == 2 and f"registry record {fifo} cannot be read (it is a FIFO" in \
+            " ".join(proc.stderr.split())
     else:
         (tmp_path / "w" / ".rst-mart-id").unlink()
         os.mkfifo(tmp_path / "w" / ".rst-mart-id")
-    out = run_cli("gc", "--store", built, "--dry-run", timeout=60).stdout
-    assert "unreferenced entries" in out
+        out = run_cli("gc", "--store", built, "--dry-run", timeout=60).stdout
+        assert "unreferenced entries" in out
 
 
 def test_a_new_work_dir_at_a_moved_ones_path_keeps_both_until_the_old_is_forgotten(tmp_path, built):
@@ -221,6 +225,24 @@ def test_a_new_work_dir_at_a_moved_ones_path_keeps_both_until_the_old_is_forgott
     assert worker(tmp_path / "w", built, "--seed", "1", "--hold", "none").returncode == 0  # a new work dir, same path
     out = run_cli("gc", "--store", built, timeout=60).stdout
     assert "keeping 2 entries" in out and "0 unreferenced entries" in out
-    out = run_cli("gc", "--store", built, "--forget", tmp_path / "w", timeout=60).stdout
+    out = run_cli("gc", "--store", built, "--forget", tmp_path / "w", "--keep", "0", timeout=60).stdout
     assert "2 unreferenced entries" in out and not any(e.exists() for e in old_entries)
     assert (tmp_path / "w" / "teacher" / "out.txt").exists()  # the new one's entry stays
+
+
+def test_a_stage_link_pointing_at_the_root_is_replaced_not_blamed_on_the_store(tmp_path, built):
+    (tmp_path / "w2").mkdir()
+    (tmp_path / "w2" / "teacher").symlink_to("/")
+    proc = worker(tmp_path / "w2", built, "--hold", "none")
+    assert proc.returncode == 0, proc.stderr
+    assert "is inside" not in proc.stderr
+    assert (tmp_path / "w2" / "teacher").resolve() == entries(built, "teacher")[0]
+
+
+def test_printed_commands_are_shell_quoted(tmp_path, built):
+    odd = tmp_path / "my runs; rm -rf ~"
+    (odd / "teacher").mkdir(parents=True)
+    (odd / "teacher" / "notes.txt").write_text("mine")
+    proc = worker(odd, built, "--hold", "none")
+    assert proc.returncode == 2
+    assert f"mv '{odd / 'teacher'}' '{odd / 'teacher'}.mine'" in " ".join(proc.stderr.split())

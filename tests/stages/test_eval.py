@@ -10,13 +10,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ml import robustness
+from ml.checkpoints import save_model
+from ml.models import build_model
 from pipeline.config import Config
 from pipeline.core.distributed import DistInfo
 from pipeline.core.errors import UserError
 from pipeline.stage import StageInput
-from ml import robustness
-from stages import evaluate
-from ml.models import build_model, save_model
+from stages import eval as eval_stage
 
 EPS = 0.3  # images whose brightness is within 0.3 of the 0.5 boundary can be flipped
 DEVICE = torch.device("cpu")
@@ -140,7 +141,7 @@ def test_unknown_names_are_user_errors():
     with pytest.raises(UserError, match="pgdN"):
         robustness.build_attack("deepfool", 0.1)
     with pytest.raises(UserError, match="mart-last"):
-        evaluate.model_path({"mart": "x"}, "student")
+        eval_stage.model_path({"mart": "x"}, "student")
     assert robustness.build_attack("clean", 0.1) is None
 
 
@@ -159,12 +160,13 @@ def test_stage_writes_its_outputs(trained, test_set, tmp_path):
     lines = []
     labeled = SimpleNamespace(test_images=images, test_labels=labels, class_names=("dark", "bright"), num_classes=2)
     ctx = SimpleNamespace(  # the config as the runner gives it: only what eval declares it reads
-        config=evaluate.STAGE.view(config), out_dir=tmp_path / "eval", inputs={"mart": StageInput(mart_dir, "test")}, log=lines.append,
+        config=eval_stage.STAGE.view(config), out_dir=tmp_path / "eval", inputs={"mart": StageInput(mart_dir, "test")},
+        log=lines.append,
         dist=DistInfo(), sources={"labeled": SimpleNamespace(dataset=labeled)})
     ctx.out_dir.mkdir()
-    evaluate.run(ctx)
+    eval_stage.run(ctx)
 
-    assert sorted(p.name for p in ctx.out_dir.iterdir()) == sorted(evaluate.OUTPUTS)
+    assert sorted(p.name for p in ctx.out_dir.iterdir()) == sorted(eval_stage.OUTPUTS)
     results = pd.read_csv(ctx.out_dir / "results.csv")
     assert set(results["model"]) == {"mart", "mart-last"} and (results["n"] == 48).all()
     assert set(results["attack"]) == {"clean", "fgsm", "pgd20"}  # accuracies only: the curve has its own file
@@ -178,13 +180,14 @@ def test_stage_writes_its_outputs(trained, test_set, tmp_path):
     assert (ctx.out_dir / "robustness.png").read_bytes()[:4] == b"\x89PNG"
 
     config.eval.checks = False
-    evaluate.run(ctx)
+    eval_stage.run(ctx)
     assert len(pd.read_csv(ctx.out_dir / "checks.csv")) == 0
 
 
 def test_the_fp32_check_fails_for_a_model_evaluated_under_autocast(trained, test_set):
     verdicts = {}
-    for name, context in (("fp32", torch.autocast("cpu", enabled=False)), ("bf16", torch.autocast("cpu", torch.bfloat16))):
+    contexts = (("fp32", torch.autocast("cpu", enabled=False)), ("bf16", torch.autocast("cpu", torch.bfloat16)))
+    for name, context in contexts:
         score = scorer(trained, test_set)
         with context:
             rows = robustness.evaluate_model(score, name, attacks=["clean", "pgd20"], eps=EPS, sweep=[])
@@ -202,15 +205,17 @@ def test_eval_models_can_name_a_checkpoint_file(trained, test_set, tmp_path):
     config = Config()
     config.run.device = "cpu"
     config.mart.arch, config.mart.epsilon = "tiny-cnn", EPS
-    config.eval.models, config.eval.attacks, config.eval.sweep, config.eval.n = [str(theirs)], ["clean", "pgd20"], [], 32
-    assert [s.name for s in evaluate.STAGE.sources(config)] == ["labeled", f"model {theirs}"]
-    assert evaluate.STAGE.upstream(config) == ()
+    config.eval.models, config.eval.attacks = [str(theirs)], ["clean", "pgd20"]
+    config.eval.sweep, config.eval.n = [], 32
+    assert [s.name for s in eval_stage.STAGE.sources(config)] == ["labeled", f"model {theirs}"]
+    assert eval_stage.STAGE.upstream(config) == ()
     images, labels = test_set
     labeled = SimpleNamespace(test_images=images, test_labels=labels, class_names=("dark", "bright"), num_classes=2)
-    ctx = SimpleNamespace(config=evaluate.STAGE.view(config), out_dir=tmp_path / "eval", inputs={}, log=lambda line: None,
+    ctx = SimpleNamespace(config=eval_stage.STAGE.view(config), out_dir=tmp_path / "eval", inputs={},
+                          log=lambda line: None,
                           dist=DistInfo(), sources={"labeled": SimpleNamespace(dataset=labeled)})
     ctx.out_dir.mkdir()
-    evaluate.run(ctx)
+    eval_stage.run(ctx)
     results = pd.read_csv(ctx.out_dir / "results.csv")
     assert set(results["model"]) == {str(theirs)} and set(results["attack"]) == {"clean", "pgd20"}
     ours = robustness.Scorer(trained, images[:32], labels[:32], device=torch.device("cpu"), batch_size=32, seed=0,

@@ -21,18 +21,23 @@ from pipeline.stage import Source, Stage, StageInput
 OUTPUTS = ("results.csv", "robustness.csv", "checks.csv", "robustness.png")
 MODEL_FILES = {"mart": ("mart", "model.pt"), "mart-last": ("mart", "last.pt"), "teacher": ("teacher", "model.pt")}
 
-# The names the eval stage accepts (ml.robustness imports torch, so they are repeated here; a test keeps them equal).
+# The names the eval stage accepts (ml.robustness imports torch, so they are repeated here; a test keeps them
+# equal).
 EVAL_MODELS = tuple(MODEL_FILES)
-EVAL_ATTACK = re.compile(r"clean|fgsm|autoattack|autoattack-fast|apgd-ce|apgd-dlr|apgd-t|fab|fab-t|square|(pgd|cw)[1-9][0-9]*")
+EVAL_ATTACK = re.compile(r"clean|fgsm|autoattack|autoattack-fast|apgd-ce|apgd-dlr|apgd-t|fab|fab-t|square"
+                         r"|(pgd|cw)[1-9][0-9]*")
 
 
 @dataclass
 class EvalConfig:
-    models: list[str] = field(default_factory=lambda: ["mart"])  # mart (selected), mart-last, teacher, or a checkpoint file (imported as mart.arch)
-    attacks: list[str] = field(default_factory=lambda: ["clean", "fgsm", "pgd20", "cw30", "autoattack"])  # pgdN, cwN too
+    # mart (selected), mart-last, teacher, or a checkpoint file (imported as mart.arch)
+    models: list[str] = field(default_factory=lambda: ["mart"])
+    # clean, fgsm, pgdN, cwN, autoattack, autoattack-fast or one AutoAttack part
+    attacks: list[str] = field(default_factory=lambda: ["clean", "fgsm", "pgd20", "cw30", "autoattack"])
     n: int = 1000  # the first n test images, in dataset order
     eps: float = 0.0  # L-inf radius on [0, 1] pixels; 0 = the training radius mart.epsilon
-    sweep: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0])  # multiples of eps for the PGD-20 curve
+    # multiples of eps for the PGD-20 curve
+    sweep: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
     batch_size: int = 256  # images per evaluation batch
     checks: bool = True  # run the gradient-masking sanity checks into checks.csv
 
@@ -46,8 +51,8 @@ class EvalConfig:
         # Anything else is a checkpoint file to import (it must exist).
         unknown = [m for m in self.models if m not in EVAL_MODELS and not Path(m).is_file()]
         if unknown or not self.models:
-            raise refuse("eval.models", f"{f'{unknown[0]!r} is neither a model nor an existing file' if unknown else 'it names no model'}; "
-                                        f"the models are {', '.join(EVAL_MODELS)} or checkpoint files",
+            problem = f"{unknown[0]!r} is neither a model nor an existing file" if unknown else "it names no model"
+            raise refuse("eval.models", f"{problem}; the models are {', '.join(EVAL_MODELS)} or checkpoint files",
                          "List some of them, e.g. --set eval.models=mart,teacher,/models/theirs.pt.")
         unknown = [a for a in self.attacks if not EVAL_ATTACK.fullmatch(a)]
         if unknown or not self.attacks:
@@ -59,7 +64,8 @@ class EvalConfig:
         bad = [m for m in self.sweep if not (math.isfinite(m) and m > 0)]
         if bad:
             raise refuse("eval.sweep", f"{bad[0]!r} is not a positive multiple of eps (the PGD-20 curve is "
-                                       "measured at eps x each item)", "Use numbers > 0, e.g. --set eval.sweep=0.5,1,2.")
+                                       "measured at eps x each item)",
+                         "Use numbers > 0, e.g. --set eval.sweep=0.5,1,2.")
 
 
 def inputs(config) -> tuple:
@@ -88,10 +94,10 @@ def run(ctx) -> None:
     checks), and rank 0 writes the files."""
     import pandas as pd
 
-    from pipeline.core.atomic import atomic_write_csv
     from ml import robustness
     from ml.devices import resolve_device
     from ml.evaluation import write_results
+    from pipeline.core.atomic import atomic_write_csv
     cfg, run_cfg = ctx.config.eval, ctx.config.run
     # Always fp32 and eval mode, whatever run.precision: low-precision gradients underflow to zero and
     # make the attacks look weaker, overstating robustness (load_model gives fp32 in eval mode; no autocast).
@@ -135,7 +141,7 @@ def load(name: str, path: Path, config, labeled, *, device, channels_last: bool)
     checkpoint of mart.arch taking [0, 1] inputs or carrying its normalisation)."""
     import torch
 
-    from ml.models import load_model
+    from ml.checkpoints import load_model
 
     if name in MODEL_FILES:
         return load_model(path, device=device, channels_last=channels_last)

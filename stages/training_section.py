@@ -1,7 +1,11 @@
-"""Cross-checks shared by the training stages' sections (teacher, mart): the learning-rate schedule
-against the epochs, and the global batch against torchrun's world size. Plain functions on a section's
-dataclass; `refuse(key, problem, fix)` is the engine's, and returns the UserError to raise."""
+"""The section every training stage's config extends ([teacher], [mart]): the keys they share, their
+ranges, and the cross-checks on them (the learning-rate schedule against the epochs, the global batch
+against torchrun's world size). `refuse(key, problem, fix)` is the engine's, and returns the UserError
+to raise."""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from pipeline.core.checks import Range, at_least, below_1, positive
 
@@ -16,6 +20,29 @@ TRAINING_RANGES: dict[str, Range | tuple] = {
     "weight_decay": at_least(0),
     "schedule": ("cosine", "piecewise", "constant"),
 }
+
+
+@dataclass
+class TrainingSection:
+    """The keys of a training stage's section. A stage's dataclass extends it, redeclaring a key to give
+    it another default (the key keeps its place), and names its section in SECTION."""
+
+    SECTION: ClassVar[str] = ""  # the stage's config section, for the messages
+    RANGES: ClassVar[dict] = TRAINING_RANGES
+
+    arch: str = "small-cnn"  # see ml.models.ARCHS
+    epochs: int = 10  # training epochs (the teacher's: passes over the labeled set)
+    batch_size: int = 128  # images per optimizer step
+    lr: float = 0.05  # SGD learning rate at the start of the schedule
+    momentum: float = 0.9  # SGD momentum (Nesterov off, as in the reference recipes)
+    weight_decay: float = 5e-4  # L2 penalty on all parameters
+    schedule: str = "cosine"  # cosine | piecewise (needs milestones) | constant
+    milestones: list[int] = field(default_factory=list)  # piecewise: lr x0.1 after each of these epochs (1..epochs-1)
+    augment: bool = True  # random crop (padding 3 at 28px, 4 at 32px) and horizontal flip
+
+    def check(self, config, refuse, world_size: int) -> None:
+        check_schedule(self.SECTION, self, refuse)
+        check_batch_splits(self.SECTION, self.batch_size, world_size, refuse)
 
 
 def check_schedule(section: str, c, refuse) -> None:

@@ -60,20 +60,35 @@ class ShardWriter:
         self._file.flush()
         self._file.close()
 
+    def abandon(self) -> None:
+        """Close after a failure without HDF5 writing again: after a failed write it retries its dirty metadata
+        on every close and at exit, where a second failure crashes the process (data/pseudolabel_writer.py).
+        Pointing its descriptor at /dev/null lets the close succeed; the temporary file is deleted anyway."""
+        with contextlib.suppress(Exception):  # a file already closed has no descriptor to redirect
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, int(self._file.id.get_vfd_handle()))
+            finally:
+                os.close(null)
+        with contextlib.suppress(Exception):
+            self._file.close()
+
 
 @contextlib.contextmanager
 def write_shard(path: Path, rows: int, image_shape: tuple[int, int, int], *, with_labels: bool,
                 attrs: dict) -> Iterator[ShardWriter]:
     """A ShardWriter whose file becomes `path` (fsynced, renamed) only when the block exits cleanly; a kill
     leaves a `.shard-*.tmp` file that `remove_leftovers` clears."""
-    with atomic_path(path) as tmp:
-        with storage_errors(path):
-            writer = ShardWriter(tmp, rows, image_shape, with_labels, attrs)
+    # A full disk while creating, writing or closing the file is the user's paragraph naming `path`; other
+    # errors (the sampler's) pass through storage_errors unchanged.
+    with atomic_path(path) as tmp, storage_errors(path):
+        writer = ShardWriter(tmp, rows, image_shape, with_labels, attrs)
         try:
             yield writer
-        finally:
-            with storage_errors(path):
-                writer.close()
+            writer.close()
+        except BaseException:
+            writer.abandon()
+            raise
 
 
 def remove_leftovers(directory: Path) -> None:

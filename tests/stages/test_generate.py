@@ -156,3 +156,17 @@ def test_the_declared_samplers_are_the_ones_built():
     import stages.generate
 
     assert stages.generate.SAMPLERS == ml.sampling.SAMPLERS  # declared twice: the declaration imports no torch
+
+
+def test_a_full_disk_is_a_user_error_and_leaves_only_whole_shards(generator, tmp_path):
+    from tests.conftest import small_disk
+
+    with small_disk(tmp_path / "disk", "64k"):
+        out = tmp_path / "disk" / "g"
+        with pytest.raises(UserError, match="no space left on the device"):
+            run_generate(generator, out, generate_config(n=200, steps=1, shard_size=16))
+        made = sorted(p.name for p in out.iterdir())
+        assert made and all(name.startswith("shard-") for name in made)  # no temporary file left behind
+        for name in made:  # each one whole
+            with h5py.File(out / name, "r") as f:
+                assert f["images"].shape == (16, 28, 28, 1)

@@ -1,6 +1,6 @@
 """The pseudolabel stage's work: pool rows through the teacher into HDF5 (read ahead and written behind
-in threads where a core is spare, resumable per block), shard merging under torchrun, and the test-set
-near-duplicate filter."""
+in threads where a core is spare, resumable per block), shard merging under torchrun, the test-set
+near-duplicate filter, and the per-class cut to the most confident rows (keep_top_fraction)."""
 from __future__ import annotations
 
 import math
@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.pseudolabel_writer import PseudoLabelWriter
 from data.mixed import prefetch_depth
+from data.pseudolabel_writer import PseudoLabelWriter
 from ml.devices import autocast
 from ml.evaluation import to_tensor_images
 

@@ -83,6 +83,15 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    """fp16 autocast is for CUDA, as in training (ml.devices.prepare_for_training)."""
+    from pipeline.core.errors import UserError
+
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("run.precision = \"fp16\" needs a CUDA device; use run.precision = \"bf16\" or \"fp32\" "
+                        "to sample on the CPU.")
+
+
 def prepare_for_sampling(unet, device: torch.device, *, channels_last: bool, compile: bool) -> tuple[Any, Any]:
     """(callable UNet, memory format of its inputs): moved, in eval mode, channels_last and compiled as asked."""
     unet = unet.to(device).eval().requires_grad_(False)

@@ -87,7 +87,15 @@ def _make_shards(ctx, shards: list[int]) -> None:
     from data.pool_shards import shard_rows, write_shard
     from ml.devices import resolve_device
     from ml.diffusion import load_generator
-    from ml.sampling import build_sampler, denoise, image_classes, initial_noise, prepare_for_sampling, to_uint8
+    from ml.sampling import (
+        build_sampler,
+        check_precision,
+        denoise,
+        image_classes,
+        initial_noise,
+        prepare_for_sampling,
+        to_uint8,
+    )
     from pipeline.core.errors import UserError
 
     cfg, run_cfg = ctx.config.generate, ctx.config.run
@@ -103,6 +111,7 @@ def _make_shards(ctx, shards: list[int]) -> None:
         raise UserError(f"`generate.steps` is {cfg.steps}, more than the {train_steps} timesteps the diffusion "
                         f"model was trained with. Set generate.steps to at most {train_steps} (10-20 suffice).")
     device = resolve_device(run_cfg.device, ctx.dist.local_rank)
+    check_precision(run_cfg.precision, device)
     model, memory_format = prepare_for_sampling(unet, device, channels_last=run_cfg.channels_last,
                                                 compile=run_cfg.compile)
     scheduler = build_sampler(scheduler_config, cfg.sampler, cfg.steps)

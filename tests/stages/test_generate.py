@@ -140,6 +140,14 @@ def test_outputs_follow_the_config():
     assert STAGE.shards(STAGE.view(generate_config(n=17, shard_size=16))) == 2
 
 
+def test_fp16_on_the_cpu_is_refused(generator, tmp_path):
+    config = generate_config(n=8)
+    config.run.precision, config.run.device = "fp16", "cpu"
+    with pytest.raises(UserError, match="needs a CUDA device"):
+        run_generate(generator, tmp_path / "g", config)
+    assert list((tmp_path / "g").iterdir()) == []
+
+
 def test_bf16_and_channels_last_paths_sample_the_same_pool_closely(generator, tmp_path):
     run_generate(generator, tmp_path / "fp32", generate_config(n=16))
     reference = read_pool(tmp_path / "fp32")[0].astype(int)

@@ -179,11 +179,34 @@ def _inputs(config) -> tuple:
 
 
 def results(entry) -> list[dict]:
-    """The pseudo-labels' accuracy where the pool's labels are the dataset's own (`pseudolabel.accuracy`)."""
+    """The pseudo-labels' accuracy where the pool's labels are the dataset's own (`pseudolabel.accuracy`), and
+    for a generated pool the teacher's agreement with the conditioning classes (`pseudolabel.agreement`)."""
     from stages.reporting import results_rows
 
     return results_rows(entry / "results.csv",
-                        lambda row: "accuracy" if row["split"] == "pool" else f"{row['split']}.{row['attack']}")
+                        lambda row: "accuracy" if row["split"] == "pool" else f"{row['split']}.{row['attack']}"
+                        ) + _agreement(entry / "quality.csv")
+
+
+def _agreement(path) -> list[dict]:
+    """quality.csv's `all` row when it measures the teacher against the classes the images were made for."""
+    import csv
+    import io
+
+    from pipeline.core.errors import UserError
+    from stages.reporting import TABLE_LIMIT_BYTES, exists, read_entry_file, unreadable
+
+    if not exists(path):
+        return []
+    try:
+        text = read_entry_file(path, TABLE_LIMIT_BYTES).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} cannot be read as a table ({unreadable(error)}); the entry was damaged after it was "
+                        "written. Rebuild it: python -m pipeline run --stages pseudolabel --force.") from None
+    for row in csv.DictReader(io.StringIO(text, newline="")):
+        if row.get("class") == "all" and row.get("measured_against") == "conditioning classes":
+            return [{"metric": "agreement", "value": float(row["precision"]), "n": int(float(row["count"]))}]
+    return []
 
 
 def report(entry) -> str:

@@ -40,6 +40,7 @@ def test_pseudolabel_reads_the_generated_pool(tmp_path, env, generators):
 
     out = cli("run", "--stages", "pseudolabel")
     assert "generate: missing, running (needed upstream)" in out and "pseudolabel: ran in" in out
+    assert "pseudolabel agreement" in " ".join(out.split())  # the results table: sweep.csv's pseudolabel.agreement
     images, conditioning = read_pool(workdir / "generate")
     with h5py.File(workdir / "pseudolabel" / "pseudolabels.h5", "r") as f:
         assert f.attrs["pool_name"].startswith("generate:") and len(f["images"]) == 50

@@ -10,7 +10,8 @@ in the same run, or bf16+channels_last measured here at the quick size when run 
 loader delivers >= 5x what training consumes, so its background thread takes at most a fifth of the
 time it overlaps.
 
-Adopted fix: `data/pseudolabel_file.py` `PseudoLabelReader.gather` preads uncompressed whole-row chunks (README, problem 2).
+Adopted fix: `data/pseudolabel_file.py` `PseudoLabelReader.gather` preads uncompressed whole-row chunks
+(README, problem 2).
 
 Runtime: default (50 batches per pass, 50,000-image pool, 2 rounds) about 30 s; --quick about 10 s
 (plus the MART measurement when run alone).
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import Comparison, print_comparisons, best_rates, print_header, synthetic_images
+from benchmarks.common import Comparison, best_rates, print_comparisons, print_header, synthetic_images
 
 SHAPE = (32, 32, 3)
 
@@ -52,9 +53,9 @@ def bench_loader(num_labeled: int = 4096, num_pool: int = 50_000, batch_size: in
                  rounds: int = 2, unsup_fraction: float = 0.5, consumer_images_per_s: float | None = None,
                  tmp_dir: str | None = None) -> dict:
     """images/s delivered by MixedBatchLoader with the pool in memory and as a PseudoLabelReader."""
-    from data.pseudolabel_file import PseudoLabelReader
-    from data.mixed import MixedBatchLoader, MixedBatchSampler
     from data.augment import augmenter
+    from data.mixed import MixedBatchLoader, MixedBatchSampler
+    from data.pseudolabel_file import PseudoLabelReader
 
     rng = np.random.default_rng(0)
     images = synthetic_images(num_labeled, SHAPE, 0)

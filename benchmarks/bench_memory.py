@@ -145,7 +145,7 @@ def bench_memory(small: int = 50_000, large: int = 500_000, parallel: bool = Fal
                 running[-1] = (*running[-1][:2], _finish_child(*running[-1][2:]))
             if not parallel:
                 pool_path.unlink()  # before the next pool is written: one big file at a time
-        for key, pool_path, *child in running:
+        for key, _pool_path, *child in running:
             measured = child[0] if not parallel else _finish_child(*child)
             result[f"{key}_peak_rss_mib"] = measured["vm_hwm_kib"] / 1024
             result[f"{key}_peak_rss_anon_mib"] = measured["peak_rss_anon_kib"] / 1024

@@ -13,7 +13,7 @@ pseudo-labeled examples per batch). The claims tested: MART is more robust than 
 the same budget (Wang et al. 2020), and pseudo-labeled unlabeled data adds robust accuracy to each loss
 (Carmon et al. 2019; MART + unlabeled data in Wang et al. 2020).
 
-How: two `pipeline.sweep` grids over configs/demo.toml plus the Budget's overrides, sharing one stage
+How: two `pipeline.sweep_grid` grids over configs/demo.toml plus the Budget's overrides, sharing one stage
 store (`<workdir>/.store`, or $RST_MART_STORE), so every stage whose fingerprint agrees is built once:
 the teacher and its pseudo-labels once per seed (labels-only runs need neither), each MART model once.
 1. `<workdir>/attacks/`: stages mart and eval, clean, PGD-20 and CW-30 on all 10,000 test images.
@@ -54,17 +54,17 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import torch
 
-from pipeline.core.atomic import atomic_write_csv
 from pipeline.config import CONFIG_DIR, load_config
+from pipeline.core.atomic import atomic_write_csv
 from pipeline.core.errors import UserError
-from pipeline.sweep import SEED_KEY, run_sweep
+from pipeline.sweep_grid import SEED_KEY, run_sweep
 
 BASE_CONFIG = CONFIG_DIR / "demo.toml"
 LOSSES = ("pgd-at", "trades", "mart")

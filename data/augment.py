@@ -1,7 +1,7 @@
 """Batch augmentations as tensor ops on the batch's device (airbench style: no per-image Python loop)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -94,7 +94,8 @@ def dataset_files(dataset: str, root: str = "") -> list[Path] | None:
     """The files `load_labeled` would read for a built-in dataset, in the same search order, or None
     (a user's set, or files not there yet): what the labeled set's fingerprint digests without loading."""
     if dataset == "fashion-mnist":
-        candidates = [Path(FASHION_MNIST_SYSTEM_DIR)] + ([Path(root), Path(root) / "FashionMNIST" / "raw"] if root else [])
+        user_dirs = [Path(root), Path(root) / "FashionMNIST" / "raw"] if root else []
+        candidates = [Path(FASHION_MNIST_SYSTEM_DIR)] + user_dirs
         files = next((f for f in map(_fashion_mnist_files, candidates) if f is not None), None)
         return [files[key] for key in _FASHION_MNIST_FILES] if files else None
     if dataset == "cifar10":
@@ -257,7 +258,8 @@ def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
         with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
             raw = f.read()
     except (OSError, EOFError) as e:
-        raise UserError(f"{path} cannot be read ({e}); the file is truncated or corrupt: reinstall or re-download it.") from None
+        raise UserError(f"{path} cannot be read ({e}); the file is truncated or corrupt: "
+                        "reinstall or re-download it.") from None
     magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else -1
     if magic != expected_magic:
         raise UserError(

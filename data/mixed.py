@@ -5,7 +5,7 @@ import math
 import os
 import queue
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -214,9 +214,9 @@ class MixedBatchLoader:
 
     Yields (x float32 NCHW in [0, 1] on `device`, in channels_last memory format with `channels_last`;
     y int64; with `with_source`, also a bool tensor, True on the rows drawn from the pool). `pool_images`
-    is an in-memory uint8 NHWC array or a PseudoLabelReader (read with .gather). `augment(x, generator)` runs on `device` on the
-    whole batch. The sampler runs ahead of the consumer by up to `prefetch` batches, so checkpoint the
-    loader's state_dict (batches consumed), not the sampler's.
+    is an in-memory uint8 NHWC array or a PseudoLabelReader (read with .gather). `augment(x, generator)`
+    runs on `device` on the whole batch. The sampler runs ahead of the consumer by up to `prefetch`
+    batches, so checkpoint the loader's state_dict (batches consumed), not the sampler's.
     """
 
     def __init__(self, sampler: MixedBatchSampler, labeled_images: np.ndarray, labeled_targets: np.ndarray,

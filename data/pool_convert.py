@@ -70,7 +70,8 @@ def _nchw_to_nhwc(images: np.ndarray, pool: AdjustedPool) -> np.ndarray:
 
 def _float_to_uint8(images: np.ndarray, pool: AdjustedPool) -> np.ndarray:
     if images.dtype.kind != "f":
-        raise UserError(f"pool {pool.name}: pool.convert has float-to-uint8 but the images are {images.dtype}; remove it.")
+        raise UserError(f"pool {pool.name}: pool.convert has float-to-uint8 but the images are {images.dtype}; "
+                        "remove it.")
     # NaN fails both comparisons, so it is refused too.
     if not (np.all(images >= 0) and np.all(images <= 1)):
         raise UserError(
@@ -138,8 +139,10 @@ def validate_pool(pool: Pool, labeled: LabeledSet, conversions: tuple[str, ...])
     if shape[0] in (1, 3) and shape[2] not in (1, 3):  # (C, H, W) read as (H, W, C)
         fixes.append("nchw-to-nhwc")
         shape = (shape[1], shape[2], shape[0])
-    if sample.dtype != np.uint8:
-        (fixes if sample.dtype.kind == "f" else unfixable).append("float-to-uint8" if sample.dtype.kind == "f" else str(sample.dtype))
+    if sample.dtype.kind == "f":
+        fixes.append("float-to-uint8")
+    elif sample.dtype != np.uint8:
+        unfixable.append(str(sample.dtype))
     if shape[2] != target[2]:
         fix = {(1, 3): "gray-to-rgb", (3, 1): "rgb-to-gray"}.get((shape[2], target[2]))
         (fixes if fix else unfixable).append(fix or f"{shape[2]} channels")

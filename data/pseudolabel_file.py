@@ -9,7 +9,8 @@ bookkeeping `rows_written`, `pool_rows_done` and `complete` (0 while being writt
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import h5py
 import numpy as np
@@ -248,7 +249,8 @@ class PseudoLabelReader:
         return self._images[()]
 
 
-COLUMN_BLOCK_ROWS = 1 << 20  # rows of the 1-D columns read at a time (about 20 MiB for labels + confidence + pool_index)
+# Rows of the 1-D columns read at a time (about 20 MiB for labels + confidence + pool_index).
+COLUMN_BLOCK_ROWS = 1 << 20
 
 
 def iter_column_blocks(path, names: tuple[str, ...] | list[str],

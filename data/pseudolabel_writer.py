@@ -4,13 +4,12 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import h5py
 import numpy as np
 
-from data.pseudolabel_file import (CACHE_BYTES, DTYPES, REQUIRED_ATTRS, SCHEMA_VERSION, default_rows_per_chunk,
-                                   to_python)
+from data.pseudolabel_file import CACHE_BYTES, DTYPES, REQUIRED_ATTRS, SCHEMA_VERSION, default_rows_per_chunk, to_python
 from pipeline.core.errors import UserError, storage_error
 
 # Attributes the writer owns: a caller passing them would silently fight the bookkeeping.
@@ -270,7 +269,7 @@ class PseudoLabelWriter:
                 self._file.close()  # closes the datasets too, raising (not printing) a failed flush
             self._file, self._datasets, self._fd = None, {}, -1
 
-    def __enter__(self) -> "PseudoLabelWriter":
+    def __enter__(self) -> PseudoLabelWriter:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -9,7 +9,7 @@ touched and an attack can run between a training step's zero_grad and backward.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -80,9 +80,9 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, 
 
     random_start: "uniform" adds U(-eps, eps), projected (Madry et al., evaluation); "normal" adds
     init_std * N(0, 1), not projected before the first step (the MART/TRADES training attack, as their
-    official code); None starts at x. `generator` (on x's
-    device; or ExampleSeeds, one stream per example) makes the start reproducible. For "kl", `logits_natural` are the clean logits the
-    divergence is measured from; they are computed here without gradient when not given.
+    official code); None starts at x. `generator` (on x's device; or ExampleSeeds, one stream per example)
+    makes the start reproducible. For "kl", `logits_natural` are the clean logits the divergence is
+    measured from; they are computed here without gradient when not given.
     """
     if loss not in ATTACK_LOSSES:
         raise ValueError(f"unknown attack loss {loss!r}; expected one of {ATTACK_LOSSES}")

@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -217,7 +218,7 @@ def train_diffusion(unet, images: np.ndarray, labels: np.ndarray | None, recipe:
     state_path = Path(out_dir) / STATE_FILE
 
     # -- resume: everything else is drawn from (seed, epoch, batch, rank)
-    rows, epoch, batch, totals = [], 0, 0, (0.0, 0, 0.0)
+    rows, start_epoch, batch, totals = [], 0, 0, (0.0, 0, 0.0)
     if state_path.exists():
         from ml.checkpoints import read_checkpoint
 
@@ -227,8 +228,8 @@ def train_diffusion(unet, images: np.ndarray, labels: np.ndarray | None, recipe:
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["scheduler"])
         ema.load_state_dict(state["ema"])
-        rows, epoch, batch, totals = state["rows"], state["epoch"], state["batch"], tuple(state["totals"])
-        log(f"  resumed from checkpoint at epoch {epoch + 1}, batch {batch}")
+        rows, start_epoch, batch, totals = state["rows"], state["epoch"], state["batch"], tuple(state["totals"])
+        log(f"  resumed from checkpoint at epoch {start_epoch + 1}, batch {batch}")
 
     def checkpoint(next_epoch: int, next_batch: int, sums: tuple) -> None:
         if rank == 0:
@@ -238,7 +239,7 @@ def train_diffusion(unet, images: np.ndarray, labels: np.ndarray | None, recipe:
 
     amp = autocast(device, precision)
     generator = torch.Generator(device=device)
-    for epoch in range(epoch, recipe.epochs):
+    for epoch in range(start_epoch, recipe.epochs):
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed_from(seed, epoch)))
         loss_sum = torch.zeros((), dtype=torch.float64, device=device) + totals[0]
         seen, seconds_before = totals[1], totals[2]

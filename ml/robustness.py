@@ -14,19 +14,19 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
+from ml.attacks import cw_linf, eval_attack, fgsm, input_gradient_norms
+from ml.evaluation import evaluate, to_tensor_images
 from pipeline.core import distributed
 from pipeline.core.atomic import atomic_path
 from pipeline.core.errors import UserError
-from ml.attacks import cw_linf, eval_attack, fgsm, input_gradient_norms
-from ml.evaluation import evaluate, to_tensor_images
 
 AUTOATTACK_PARTS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 # The cheaper suite for quick checks: the standard one's first two parts (the gradient-based ones) with

@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        if name == "sweep" else ""))
         if name == "run":
             sub.add_argument("--force", action="store_true", help="rerun the named stages even when cached")
+            _launcher_options(sub, jobs_help="jobs that make a sharded stage's shards (local: at once, one GPU "
+                                             "each or the CPU cores split; slurm: one array)")
+            sub.add_argument("--shard", type=_shard, metavar="I/N",
+                             help="make only shard I of N of the one sharded stage --stages names, into its "
+                                  "store entry's partial directory, and commit nothing (what each job of "
+                                  "--launcher runs; a later plain `run` commits the stage)")
+            sub.add_argument("--shard-of", help=argparse.SUPPRESS)  # the fingerprint the launching run planned
         if name == "status":
             sub.add_argument("--verify", action="store_true",
                              help="also check every output's recorded checksum (reads the outputs)")
@@ -76,15 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _sweep_options(sub) -> None:
     sub.add_argument("--seeds", default="", help="comma-separated run.seed values, e.g. 0,1,2")
-    sub.add_argument("--launcher", choices=["serial", "local", "slurm"], default="serial",
-                     help="serial: one variant after another in this process (default); local: --jobs processes "
-                          "on this machine; slurm: a job array through submitit ([launcher] settings)")
-    sub.add_argument("--jobs", type=int, default=1,
-                     help="local: variants at once (one GPU each, or the CPU cores split between them)")
+    _launcher_options(sub, jobs_help="local: variants at once (one GPU each, or the CPU cores split between them)")
     sub.add_argument("--no-wait", dest="wait", action="store_false",
                      help="slurm: return once the jobs are submitted")
     sub.add_argument("--status", action="store_true",
                      help="show each variant's state in the store and its job's, without waiting")
+
+
+_SLURM_FLAGS = ("partition", "time_min", "nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "mem_gb",
+                "sbatch")
+
+
+def _launcher_options(sub, *, jobs_help: str) -> None:
+    from pipeline.launchers import LAUNCHERS
+
+    sub.add_argument("--launcher", choices=list(LAUNCHERS), default="serial",
+                     help="serial: everything in this process, one thing after another (default); local: --jobs "
+                          "processes on this machine; slurm: job arrays through submitit ([launcher] settings)")
+    sub.add_argument("--jobs", type=int, default=1, help=jobs_help)
     slurm = sub.add_argument_group("slurm (override the config's [launcher] section)")
     slurm.add_argument("--partition", help="SLURM partition")
     slurm.add_argument("--time", dest="time_min", type=int,
@@ -149,7 +165,10 @@ def _dispatch(args) -> int:
         return _report(config, workdir, note=note)
     if args.command == "status":
         return _status(config, workdir, _stage_names(args), verify=args.verify, note=note)
-    return _run(config, workdir, _stage_names(args), force=args.force, note=note)
+    if args.shard is not None:
+        return _make_shards(config, workdir, _stage_names(args), args.shard, expected=args.shard_of)
+    return _run(config, workdir, _stage_names(args), force=args.force, note=note,
+                launcher=_run_launcher(args, config, workdir))
 
 
 def _usable_workdir(workdir: Path) -> Path:
@@ -167,22 +186,27 @@ def _usable_workdir(workdir: Path) -> Path:
     return workdir
 
 
+def _shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N with 0 <= I < N (for example 0/4)")
+    return int(index), int(count)
+
+
 def _sweep(args, workdir: Path) -> int:
-    from pipeline import sweep
-    from pipeline.launchers import sweep as launched
+    from pipeline import sweep_grid, sweep_jobs
+    from pipeline.config import LauncherConfig
+    from pipeline.launchers import LAUNCHERS, make_launcher
 
     if args.status:
-        return launched.sweep_status(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds)
-    if args.launcher == "serial":
-        if args.jobs != 1:
-            raise UserError(f"--jobs {args.jobs} runs variants at once, which the serial launcher does not; "
-                            f"add --launcher local (or drop --jobs).")
-        sweep.run_sweep(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds)
+        return sweep_jobs.sweep_status(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds)
+    if LAUNCHERS[args.launcher].in_process:
+        make_launcher(args.launcher, LauncherConfig(), folder=workdir, jobs=args.jobs).check()  # refuses --jobs N
+        sweep_grid.run_sweep(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds)
         return EXIT_OK
-    flags = {key: getattr(args, key) for key in ("partition", "time_min", "nodes", "tasks_per_node",
-                                                 "gpus_per_node", "cpus_per_task", "mem_gb", "sbatch")}
-    return launched.launch_sweep(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds,
-                                 launcher=args.launcher, jobs=args.jobs, wait=args.wait, launcher_flags=flags)
+    return sweep_jobs.launch_sweep(args.config, args.overrides, _stage_names(args), workdir, seeds=args.seeds,
+                                   launcher=args.launcher, jobs=args.jobs, wait=args.wait,
+                                   launcher_flags={key: getattr(args, key) for key in _SLURM_FLAGS})
 
 
 def _stage_names(args) -> list[str]:
@@ -218,7 +242,36 @@ def _status(config, workdir: Path, names: list[str], *, verify: bool, note: str 
     return EXIT_OK
 
 
-def _run(config, workdir: Path, names: list[str], *, force: bool, note: str = "") -> int:
+def _run_launcher(args, config, workdir: Path):
+    """The launcher whose jobs make a sharded stage's shards, checked before anything runs."""
+    from pipeline.core.distributed import dist_info
+    from pipeline.launchers import make_launcher
+
+    launcher = make_launcher(args.launcher, config.launcher, folder=workdir, jobs=args.jobs,
+                             run_device=config.run.device, flags={key: getattr(args, key) for key in _SLURM_FLAGS})
+    launcher.check()
+    if launcher.in_process:
+        return launcher
+    if dist_info().enabled:
+        raise UserError(f"--launcher {args.launcher} starts jobs of its own, but this run is under torchrun, whose "
+                        f"ranks already make a sharded stage's shards between them; use one or the other.")
+    if launcher.world_size != 1:
+        raise UserError(f"a shard job is one process, but launcher.nodes x launcher.tasks_per_node is "
+                        f"{launcher.world_size}; set both to 1 for `run --launcher {args.launcher}` and use --jobs "
+                        f"for more processes.")
+    return launcher
+
+
+def _make_shards(config, workdir: Path, names: list[str], shard: tuple[int, int], *, expected: str | None) -> int:
+    from pipeline.config_checks import check_device_here
+    from pipeline.runner import Runner
+
+    check_device_here(config)
+    Runner(config, workdir).make_shards(names, shard, expected=expected)
+    return EXIT_OK
+
+
+def _run(config, workdir: Path, names: list[str], *, force: bool, note: str = "", launcher=None) -> int:
     from pipeline.config_checks import check_device_here
     from pipeline.core import distributed
     from pipeline.runner import Runner
@@ -229,7 +282,7 @@ def _run(config, workdir: Path, names: list[str], *, force: bool, note: str = ""
     if note:
         log(f"run: {note}")
     try:  # under torchrun, runner.run joins the process group (device type from run.device)
-        plans = Runner(config, workdir, log=log).run(names, force=force)
+        plans = Runner(config, workdir, log=log, launcher=launcher).run(names, force=force)
     finally:
         distributed.destroy_process_group()
     if info.is_main:

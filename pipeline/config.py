@@ -45,8 +45,7 @@ class RunConfig:
 
     seed: int = 0  # seeds every random stream: data split, init, sampling, augmentation, attack starts
     device: str = "auto"  # auto | cpu | cuda | cuda:N ("auto" takes CUDA when present)
-    # fp32 | bf16 | fp16 | auto (bf16 where native, else fp32): training autocast only; evaluation is always fp32
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 where native): training autocast; evaluation is fp32
     channels_last: bool = False  # NHWC memory format for convolutions (faster on GPUs, and with oneDNN on CPUs)
     compile: bool = False  # torch.compile the training forwards and the attack's (ml.devices.attack_forward)
     num_workers: int = 2  # batches prefetched by one thread (not processes); 0 = none; 0 on a CPU with no core spare
@@ -74,8 +73,7 @@ class LogConfig:
     tensorboard: bool = False  # TensorBoard event files in <entry>/tensorboard/ (needs `tensorboard`)
     wandb: bool = False  # a Weights & Biases run in <entry>/wandb/ (needs `wandb`)
     wandb_project: str = "rst-mart"  # the W&B project the run belongs to
-    # online | offline (no network; upload later with `wandb sync <entry>/wandb/offline-run-*`)
-    wandb_mode: str = "offline"
+    wandb_mode: str = "offline"  # online | offline (no network; upload with `wandb sync <entry>/wandb/offline-run-*`)
     every_steps: int = 50  # optimizer steps between interval writes (each costs one host-device sync)
 
     RANGES: ClassVar[dict] = {"wandb_mode": ("online", "offline"),
@@ -96,7 +94,7 @@ class LogConfig:
 
 @dataclass
 class LauncherConfig:
-    """How `sweep --launcher slurm` asks SLURM for each job (no stage reads it: not in any fingerprint)."""
+    """How `sweep`/`run --launcher slurm` ask SLURM for each job (no stage reads it: not in any fingerprint)."""
     partition: str = ""  # SLURM partition; "" = the cluster's default
     time_min: int = 60  # wall-clock limit per job, minutes; a job reaching it checkpoints and is requeued
     nodes: int = 1  # nodes per variant; > 1 trains one variant across nodes (torch.distributed, as torchrun)

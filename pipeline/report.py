@@ -7,7 +7,7 @@ files. A section that cannot be drawn becomes a line saying so, not a failed rep
 from __future__ import annotations
 
 import html
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ def write_report(workdir: Path, stage_rows: list[dict] | None = None, *, stages:
         stage = stages.get(row["name"])
         if stage is not None and stage.report is not None and row["dir"].is_dir():
             sections.append(_contribution(row["name"], stage.report, row["dir"]))
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    now = datetime.now(UTC).isoformat(timespec="seconds")
     page = (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>rst-mart report: {_e(workdir.name)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
             f"<h1>rst-mart run report</h1>\n<p class=\"note\">Work dir <code>{_e(workdir.resolve())}</code>, "

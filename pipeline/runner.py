@@ -10,6 +10,7 @@ so a killed stage never looks done, and its resume state is reused only by the s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,13 +18,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline import stage_registry
+from pipeline import shard_jobs, stage_registry
 from pipeline.config import Config
 from pipeline.config_checks import check_sources
 from pipeline.core import distributed, host_memory, locks
 from pipeline.core.atomic import atomic_write_json
 from pipeline.core.errors import UserError, storage_errors
 from pipeline.core.fingerprint import fingerprint
+from pipeline.launchers import Launcher
 from pipeline.stage import Source, Stage, StageContext, StageInput
 from pipeline.store import Store, check_outputs, output_digest, read_record, store_dir
 from pipeline.workdir_record import record_config
@@ -44,8 +46,11 @@ class StagePlan:
 
 class Runner:
     def __init__(self, config: Config, workdir: Path, *, log: Callable[[str], None] = print,
-                 stages: dict[str, Stage] | None = None, world_size: int | None = None):
+                 stages: dict[str, Stage] | None = None, world_size: int | None = None,
+                 launcher: Launcher | None = None):
         self.config = config
+        # Where the shards of a sharded stage are made (pipeline.launchers): None or serial, in this process.
+        self.launcher = launcher
         # The processes the stages run on: torchrun's (from the environment) unless a launcher plans for
         # jobs of another size than the process planning (a SLURM sweep's multi-task variants).
         self.world_size = world_size
@@ -254,7 +259,10 @@ class Runner:
         host_memory.keep_freed_memory()
         start = time.perf_counter()
         try:
-            stage.run(ctx)
+            if stage.shards is not None:
+                self._run_sharded(plan, ctx, dist)
+            else:
+                stage.run(ctx)
         except UserError:
             if dist.is_main:  # refused before writing anything (an input that does not fit): leave nothing behind
                 with contextlib.suppress(OSError):
@@ -268,6 +276,69 @@ class Runner:
         distributed.barrier()
         plan.fresh, plan.reason = True, "fresh"
         return seconds
+
+    def _run_sharded(self, plan: StagePlan, ctx: StageContext, dist) -> None:
+        """A sharded stage: its shards made by every torchrun rank or by the launcher's jobs, then the stage run
+        once more here (on rank 0 alone) with shard=None, which makes any shard still missing and writes the
+        final outputs. A failed job stops the run (UserError) with its shards kept for the rerun."""
+        stage = plan.stage
+        if dist.enabled:
+            stage.run(dataclasses.replace(ctx, shard=(dist.rank, dist.world_size)))
+            distributed.barrier()
+            if dist.is_main:
+                stage.run(dataclasses.replace(ctx, dist=distributed.DistInfo()))
+            return
+        if self.launcher is not None and not self.launcher.in_process:
+            shard_jobs.make_shards(self.launcher, plan.stage.name, plan.fingerprint, ctx.out_dir,
+                                   count=stage.shards(ctx.config), workdir=self.workdir, store=self.store.root,
+                                   log=self.log)
+        stage.run(ctx)
+
+    def make_shards(self, names: list[str], shard: tuple[int, int], *, expected: str | None = None) -> None:
+        """`run --shard I/N`: make shard I of N of one sharded stage (the shards s with s % N == I that are
+        missing) into its entry's partial directory, under the store's shared lock, and commit nothing: the
+        run that launched the job (or a later plain `run`) commits it. Its upstream stages must be fresh.
+        Takes no work dir lock and writes nothing in the work dir: its launching run holds and owns it."""
+        if distributed.dist_info().enabled:
+            raise UserError("--shard is for one process; under torchrun every rank already makes its own shards "
+                            "(drop --shard).")
+        stage = self.stages.get(names[0]) if len(names) == 1 else None
+        if stage is None or stage.shards is None:
+            raise UserError(f"--shard needs --stages naming one sharded stage (got {','.join(names)}); a sharded "
+                            f"stage declares Stage(shards=...). Run other stages without --shard.")
+        index, count = shard
+        if not 0 <= index < count:
+            raise UserError(f"--shard {index}/{count}: the index must be from 0 to {count - 1}.")
+        plans = self.plan(names, verify=True)
+        plan, stale = plans[-1], [p for p in plans[:-1] if not p.fresh]
+        if stale:
+            raise UserError(f"--shard makes shards of {stage.name} only, but its upstream stage "
+                            f"{stale[0].stage.name} is {stale[0].reason}; run that first (the same command "
+                            f"without --shard runs everything).")
+        if expected is not None and plan.fingerprint != expected:
+            raise UserError(f"this job computed fingerprint {plan.fingerprint[:16]} for stage {stage.name}, but the "
+                            f"run that launched it {expected[:16]}: the job sees other code, config or data; give "
+                            f"every node the same ones.")
+        if plan.fresh:
+            self.log(f"{stage.name}: cached")
+            return
+        dist = distributed.dist_info()
+        with locks.shared(self.store.lock_file, wait=True, on_wait=lambda who: self.log(
+                f"waiting for gc ({who}) to finish with the store {self.store.root}")):
+            sources = {s.name: self._open(s, dist) for s in stage.sources(self.config)}
+            check_sources(stage, self.config, sources)
+            partial = self.store.partial(stage.name, plan.fingerprint)
+            with storage_errors(partial):
+                partial.mkdir(parents=True, exist_ok=True)
+            by_name = {p.stage.name: p for p in plans}
+            ctx = StageContext(
+                config=stage.view(self.config), out_dir=partial, fingerprint=plan.fingerprint, dist=dist,
+                log=self.log, live_log=self.config.log, sources=sources, shard=(index, count),
+                inputs={up: StageInput(by_name[up].entry, by_name[up].fingerprint)
+                        for up in stage.upstream(self.config)})
+            start = time.perf_counter()
+            stage.run(ctx)
+        self.log(f"{stage.name}: made shards {index}/{count} in {time.perf_counter() - start:.1f}s")
 
     def _commit(self, plan: StagePlan, partial: Path, seconds: float) -> None:
         stage = plan.stage

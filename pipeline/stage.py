@@ -49,9 +49,7 @@ class Stage:
 
     `outputs` is a tuple of file names, or a function of the stage's config view returning one, for a
     stage whose files depend on its settings (generate: one shard file per `generate.shard_size` images);
-    the engine asks `output_names(config)`. `shards(config view)`, when set, is how many independent
-    shards the stage's work splits into (results that do not depend on which process made them), so a
-    launcher may run them as separate jobs with `StageContext.shard` set.
+    the engine asks `output_names(config)`.
 
     `config` is the dataclass of its section (every default commented with its unit). It may hold
     `RANGES: ClassVar[dict]` (key -> pipeline.core.checks.Range or a tuple of choices) and the methods
@@ -82,6 +80,10 @@ class Stage:
     # "y" puts the metric on that axis of sweep.png); `report(entry)` -> its report.html section body.
     results: Callable[[Path], list[dict]] | None = None
     report: Callable[[Path], str] | None = None
+    # For a stage whose work splits into independent shards, each the same whichever process makes it:
+    # how many there are (config view -> int). `run(ctx)` then honours `ctx.shard`, and the runner may have
+    # the shards made by several processes (torchrun's ranks, `run --launcher local|slurm --jobs N`)
+    # before it runs the stage once more with shard=None and commits it.
     shards: Callable[[StageConfig], int] | None = None
 
     def output_names(self, config) -> tuple[str, ...]:
@@ -195,6 +197,8 @@ class StageContext:
     dist: DistInfo  # this process's rank and world size (pipeline.core.distributed)
     log: Callable[[str], None] = print
     live_log: LiveLogSettings | None = None  # live curves, a run-time setting outside fingerprints
-    # (index, count) when a launcher runs the stage's shards as `count` jobs: make only the missing shards
-    # s with s % count == index and none of the final outputs; None = make every missing shard, then finish.
+    # (index, count) for a sharded stage (Stage.shards): make only the missing shards s with s % count ==
+    # index, each written atomically into out_dir, and none of the final outputs. None: make every missing
+    # shard, then write the final outputs. This call may run on a single process while other ranks wait
+    # (rank 0 finishing after torchrun's ranks made their shards): with shard=None, use no collectives.
     shard: tuple[int, int] | None = None

@@ -86,7 +86,9 @@ def _value(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")) if not math.isfinite(value) else repr(value)
+        if math.isfinite(value):
+            return repr(value)
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, str):
         # JSON's escapes are TOML basic-string escapes (non-ASCII kept: JSON would write surrogate pairs)
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")

@@ -122,8 +122,9 @@ def _own_docstring(kind: type) -> str:
 
 
 def _field_comments(kind: type) -> dict[str, str]:
-    """field name -> the comment at the end of its line(s), for the class and the classes it inherits from
-    (a field declared in a shared base keeps the base's comment)."""
+    """field name -> the comment at the end of its line(s), or else the comment lines right above it (a long
+    comment wrapped above its field), for the class and the classes it inherits from (a field declared in a
+    shared base keeps the base's comment)."""
     comments: dict[str, str] = {}
     for cls in reversed(kind.__mro__):
         if not dataclasses.is_dataclass(cls) or cls is object:
@@ -135,8 +136,12 @@ def _field_comments(kind: type) -> dict[str, str]:
         for node in ast.parse(source).body[0].body:
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
                 found = [by_line[n] for n in range(node.lineno, node.end_lineno + 1) if n in by_line]
-                if found:
-                    comments[node.target.id] = found[-1]
+                above, line = [], node.lineno - 1
+                while line in by_line and source.splitlines()[line - 1].lstrip().startswith("#"):
+                    above.insert(0, by_line[line])
+                    line -= 1
+                if found or above:
+                    comments[node.target.id] = found[-1] if found else " ".join(above)
     return comments
 
 

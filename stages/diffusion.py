@@ -18,7 +18,7 @@ from typing import ClassVar
 from data.sources import LABELED
 from pipeline.core.checks import at_least, below_1, positive
 from pipeline.stage import RUNTIME, Source, Stage
-from stages.training_section import MAX_BATCH, MAX_EPOCHS, check_batch_splits
+from stages.training_section import MAX_BATCH, MAX_EPOCHS
 
 MODEL_FILES = ("model/unet/config.json", "model/unet/diffusion_pytorch_model.safetensors",
                "model/scheduler/scheduler_config.json", "model/rst_mart.json")
@@ -57,7 +57,6 @@ class DiffusionConfig:
         if not widths or len(widths) > 6 or any(not isinstance(w, int) or not 1 <= w <= 4096 for w in widths):
             raise refuse("diffusion.block_out_channels", f"it is {widths}; it must list 1 to 6 widths in 1..4096",
                          "Use e.g. --set diffusion.block_out_channels=[16,32,32].")
-        check_batch_splits("diffusion", self.batch_size, world_size, refuse)
 
 
 def run(ctx) -> None:
@@ -70,6 +69,14 @@ def run(ctx) -> None:
     split = ctx.sources["labeled"]
     labeled = split.dataset
     model_dir = ctx.out_dir / "model"
+    if not cfg.checkpoint and cfg.batch_size % ctx.dist.world_size:
+        # Checked here, not in the section's check: a torchrun user who never runs this stage must not be
+        # told to change its batch.
+        from pipeline.core.errors import UserError
+
+        raise UserError(f"`diffusion.batch_size` is {cfg.batch_size}; the global batch is split evenly across the "
+                        f"{ctx.dist.world_size} torchrun processes, and it is not a multiple of that. Use a multiple "
+                        f"of {ctx.dist.world_size} or change --nproc_per_node.")
     if cfg.checkpoint:
         unet, schedule, info = ctx.sources["diffusion_checkpoint"]  # loaded and checked before any stage ran
         rows = []

@@ -57,25 +57,19 @@ def _shards(config) -> int:
 
 
 def run(ctx) -> None:
-    """This process's missing shards, then (unless a launcher runs shards as jobs) the check that every
-    shard is there and the cleanup of what killed writers left."""
-    from pipeline.core import distributed
-
+    """The missing shards of this call (ctx.shard: the runner gives each torchrun rank or launcher job its
+    own), then, on the call without ctx.shard, any shard still missing and the cleanup of what killed writers
+    left. No collectives: the finishing call runs on one process."""
     cfg = ctx.config.generate
     total = _shards(ctx.config)
-    job_shards = [s for s in range(total) if ctx.shard is None or s % ctx.shard[1] == ctx.shard[0]]
-    mine = job_shards[ctx.dist.rank::ctx.dist.world_size]  # under torchrun each rank its own
+    mine = [s for s in range(total) if ctx.shard is None or s % ctx.shard[1] == ctx.shard[0]]
     missing = [s for s in mine if not (ctx.out_dir / shard_name(s)).exists()]
     if missing:
         _make_shards(ctx, missing)
-    distributed.barrier()
-    if ctx.shard is not None or not ctx.dist.is_main:
+    if ctx.shard is not None:
         return
     from data.pool_shards import remove_leftovers
 
-    absent = [shard_name(s) for s in range(total) if not (ctx.out_dir / shard_name(s)).exists()]
-    if absent:
-        raise RuntimeError(f"generate: shards {', '.join(absent[:5])} missing after every process finished")
     remove_leftovers(ctx.out_dir)
     ctx.log(f"  {cfg.n:,} images in {total} shards of up to {cfg.shard_size:,}")
 

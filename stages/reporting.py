@@ -17,8 +17,9 @@ import html
 import io
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.core.bounded import NotRegularFile, TooLarge, open_regular, read_regular
 from pipeline.core.errors import UserError

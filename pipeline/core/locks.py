@@ -23,8 +23,8 @@ import fcntl
 import os
 import socket
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from pipeline.core.bounded import read_regular
 

@@ -1,55 +1,32 @@
-"""Where a sweep's jobs run: `local` (N processes on this machine) or `slurm` (job arrays via submitit).
+"""Where jobs run: `serial` (in the caller's process), `local` (N processes on this machine) or `slurm`
+(job arrays via submitit), all behind one interface (pipeline.launchers.base.Launcher).
 
-A job is one ordinary `python -m pipeline run` in its own work dir on the sweep's store, so a launched
-variant is built exactly as the serial sweep builds it, resumes the same way, and caches the same way.
-The launchers only start processes; the store decides what is done.
+A job is one ordinary `python -m pipeline run`, so a launched variant or shard is built exactly as the
+serial run builds it, resumes the same way, and caches the same way. The launchers only start
+processes; the store decides what is done.
 """
 from __future__ import annotations
 
-import os
-import shlex
-import sys
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-ROOT = Path(__file__).resolve().parent.parent.parent  # the repository root: jobs import this code
+from pipeline.core.errors import UserError
+from pipeline.launchers.base import ROOT, Job, JobState, Launcher, Submitted, job_env, stage_lines, tail
+from pipeline.launchers.local import LocalLauncher, SerialLauncher
+from pipeline.launchers.slurm import SlurmLauncher
 
+LAUNCHERS: dict[str, type[Launcher]] = {cls.name: cls for cls in (SerialLauncher, LocalLauncher, SlurmLauncher)}
 
-@dataclass(frozen=True)
-class Job:
-    name: str  # the variant's name, or "shared-<variant>" for a job building stages variants share
-    kind: str  # "variant" | "shared"
-    args: tuple[str, ...]  # `python -m pipeline run` arguments (config, work dir, --set ..., --stages)
-    python: str = sys.executable  # the interpreter the sweep runs under (on a cluster: on the shared filesystem)
-
-    @property
-    def command(self) -> list[str]:
-        return [self.python, "-m", "pipeline", "run", *self.args]
-
-    def __str__(self) -> str:
-        return shlex.join(self.command)
+__all__ = ["LAUNCHERS", "ROOT", "Job", "JobState", "Launcher", "Submitted", "job_env", "make_launcher",
+           "stage_lines", "tail"]
 
 
-def job_env(threads: int | None = None, base: dict | None = None) -> dict[str, str]:
-    """The environment a job runs in: this worktree's code first on the path, and `threads` torch threads."""
-    env = dict(os.environ if base is None else base)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    if threads:
-        # torch sizes its intra-op pool from these at import: jobs sharing a machine then split its
-        # cores instead of each starting one thread per core and thrashing.
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    return env
-
-
-def stage_lines(log_text: str, stage_names) -> list[str]:
-    """The `<stage>: ran in 1.2s` / `<stage>: cached` lines of a run's log (progress bars left out)."""
-    prefixes = tuple(f"{name}: " for name in stage_names)
-    return [line for line in log_text.replace("\r", "\n").splitlines() if line.startswith(prefixes) and "%|" not in line]
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = Path(path).read_text(errors="replace")
-    except OSError:
-        return "(no log yet)"
-    return "\n".join(text.rstrip().splitlines()[-lines:]) or "(empty)"
+def make_launcher(name: str, settings, *, folder: Path, jobs: int = 1, run_device: str = "auto",
+                  flags: dict | None = None, log: Callable[[str], None] = print) -> Launcher:
+    """The launcher `--launcher NAME` asks for, with the command line's flags over the [launcher] section."""
+    if name not in LAUNCHERS:
+        raise UserError(f"--launcher {name!r} is not one of {', '.join(LAUNCHERS)}.")
+    for key, value in (flags or {}).items():
+        if value is not None:
+            setattr(settings, key, value)
+    return LAUNCHERS[name](settings, folder=folder, jobs=jobs, run_device=run_device, log=log)

@@ -1,8 +1,9 @@
-"""`sweep --launcher slurm`: the variants as one SLURM job array through submitit.
+"""`--launcher slurm`: jobs as SLURM job arrays through submitit.
 
-The stages variants share are their own array, which the variants' array depends on (afterok; a failed
-dependency cancels the dependants). Every task runs the ordinary `python -m pipeline run` from the
-repository root. On a time-out or preemption SLURM signals the job, submitit calls `RunJob.checkpoint`
+Each `submit` is one array; dependencies are afterok (a failed dependency cancels the dependants). A
+sweep submits the stages variants share as one array and the variants as another after it; a sharded
+stage its shard jobs as one array. Every task runs the ordinary `python -m pipeline run`.
+On a time-out or preemption SLURM signals the job, submitit calls `RunJob.checkpoint`
 (the run is stopped; its stage keeps its last checkpoint in the store's partial dir) and requeues it;
 the requeued `run` resumes from that checkpoint. A job over several tasks (nodes x tasks_per_node)
 exports MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from SLURM's environment, the variables
@@ -22,9 +23,12 @@ import time
 from pathlib import Path
 
 from pipeline.core.errors import UserError
-from pipeline.launchers import ROOT, Job, job_env
+from pipeline.launchers.base import ROOT, Job, JobState, Launcher, Submitted, job_env
 
 INSTALL = "pip install 'rst-mart[slurm]' (or: pip install submitit==1.5.4)"
+FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED",
+          "GONE"}  # GONE: neither squeue nor submitit knows the job
+POLL_S = 2.0  # seconds between squeue calls while waiting: the scheduler has no push notification
 ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
           "RESIZING", "SUSPENDED", "PREEMPTED", "SIGNALING", "STAGE_OUT", "STOPPED"}
 
@@ -36,7 +40,7 @@ def require_slurm():
     except ImportError:
         raise UserError(f"--launcher slurm needs submitit, which is not installed; install it with {INSTALL}.") from None
     if shutil.which("sbatch") is None:
-        raise UserError("--launcher slurm needs SLURM's sbatch, which is not on PATH; run the sweep on a SLURM "
+        raise UserError("--launcher slurm needs SLURM's sbatch, which is not on PATH; run it on a SLURM "
                         "login node, or for a one-node test cluster on this machine run (as root) "
                         "bash scripts/slurm_local.sh (it installs slurm-wlm and munge).")
     return submitit
@@ -69,7 +73,7 @@ class RunJob:
             # Every task sees all of its node's GPUs; LOCAL_RANK picks one (pipeline.core.distributed).
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         threads = os.environ.get("SLURM_CPUS_PER_TASK")
-        self._child = subprocess.Popen(job.command, cwd=ROOT, env=job_env(int(threads) if threads else None))
+        self._child = subprocess.Popen(job.command, cwd=job.cwd, env=job_env(int(threads) if threads else None))
         code = self._child.wait()
         if code != 0:
             raise RuntimeError(f"`{job}` exited with status {code}")
@@ -167,3 +171,75 @@ def states(job_ids: list[str], folder: Path) -> dict[str, str]:
 def log_paths(folder: Path, job_id: str) -> tuple[Path, Path]:
     """(stdout, stderr) of the job's first task: submitit's file names."""
     return folder / f"{job_id}_0_log.out", folder / f"{job_id}_0_log.err"
+
+
+class SlurmLauncher(Launcher):
+    """Jobs as SLURM arrays. The cluster's state is the record: a later launch adopts what is still queued,
+    and `states` works from any process (squeue, then submitit's result files)."""
+
+    name = "slurm"
+    detaches = True
+
+    def __init__(self, settings, **kwargs):
+        super().__init__(settings, **kwargs)
+        self.slurm_folder = (self.folder / "slurm").resolve()
+        self._executor = None
+
+    @property
+    def world_size(self) -> int:
+        return self.settings.nodes * self.settings.tasks_per_node
+
+    def check(self) -> None:
+        require_slurm()
+
+    def settings_record(self) -> dict:
+        return {"folder": str(self.slurm_folder), "world_size": self.world_size}
+
+    def adopt(self, previous: dict[str, Submitted]) -> dict[str, Submitted]:
+        known = {name: one for name, one in previous.items() if "job_id" in one.info}
+        live = states([one.info["job_id"] for one in known.values()], self.slurm_folder) if known else {}
+        adopted = {name: one for name, one in known.items() if live[one.info["job_id"]] in ACTIVE}
+        for name, one in sorted(adopted.items()):
+            self.log(f"{name}: still {live[one.info['job_id']]} as job {one.info['job_id']}; not submitted again")
+        return adopted
+
+    def submit(self, jobs: list[Job], *, after: list[Submitted] = ()) -> list[Submitted]:
+        if not jobs:
+            return []
+        if self._executor is None:
+            self._executor = make_executor(self.slurm_folder, self.settings, name=f"rst-mart-{self.folder.name}")
+        arrays = ":".join(sorted({array_id(one.info["job_id"]) for one in after}))
+        submitted = []
+        for job, job_id in zip(jobs, submit(self._executor, jobs, after=arrays or None)):
+            submitted.append(Submitted(job.name, job.kind, {"job_id": job_id, "command": str(job)}))
+            self.log(f"{job.name}: submitted as job {job_id}" + (f" (after {arrays})" if arrays else ""))
+        return submitted
+
+    def states(self, submitted: list[Submitted]) -> dict[str, JobState]:
+        now = states([one.info["job_id"] for one in submitted], self.slurm_folder)
+        return {one.name: self._state(now[one.info["job_id"]], one.info["job_id"]) for one in submitted}
+
+    @staticmethod
+    def _state(state: str, job_id: str) -> JobState:
+        # ENDED (squeue has forgotten it, submitit left a result) is neither: the store tells what it did.
+        return JobState(f"{state} (job {job_id})", active=state in ACTIVE, succeeded=state == "COMPLETED",
+                        failed=state in FAILED, started=state != "PENDING")
+
+    def wait(self, submitted, *, on_change=lambda s, state: None) -> dict[str, JobState]:
+        told: dict[str, str] = {}
+        while True:
+            now = self.states(submitted)
+            for one in submitted:
+                if now[one.name].text != told.get(one.name):
+                    told[one.name] = now[one.name].text
+                    on_change(one, now[one.name])
+            if not any(state.active for state in now.values()):
+                return now
+            time.sleep(POLL_S)
+
+    def logs(self, submitted: Submitted) -> list[Path]:
+        return list(log_paths(self.slurm_folder, submitted.info["job_id"]))
+
+    def describe(self, submitted: Submitted, state: JobState) -> str:
+        out, err = self.logs(submitted)
+        return f"job {submitted.info['job_id']} {state.text.split(' (')[0]}; its logs are {out} and {err}"

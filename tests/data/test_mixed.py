@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from data.mixed import MixedBatchLoader, MixedBatchSampler
 from data.pseudolabel_file import PseudoLabelReader
 from data.pseudolabel_writer import PseudoLabelWriter
-from data.mixed import MixedBatchLoader, MixedBatchSampler
 
 
 def sampler(**kw):
@@ -211,8 +211,9 @@ def test_prefetch_depth_does_not_change_the_batches(prefetch):
     """prefetch=0 gathers in the consumer's thread (no worker): same batches, augmentation included."""
     lab_x, pool_x = encoded_images(70, 0), encoded_images(30, 1)
     lab_y, pool_y = np.arange(70) % 10, (np.arange(30) * 3) % 10
-    flip = lambda x, generator: torch.where(torch.rand(len(x), generator=generator)[:, None, None, None] < 0.5,
-                                            x.flip(3), x)
+
+    def flip(x, generator):
+        return torch.where(torch.rand(len(x), generator=generator)[:, None, None, None] < 0.5, x.flip(3), x)
 
     def batches(depth):
         loader = MixedBatchLoader(sampler(), lab_x, lab_y, pool_x, pool_y, seed=1, augment=flip, prefetch=depth)

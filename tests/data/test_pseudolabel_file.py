@@ -8,11 +8,10 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import small_disk
-from data.pseudolabel_file import PseudoLabelReader
-from data.pseudolabel_file import SCHEMA_VERSION, validate_pseudolabels
+from data.pseudolabel_file import SCHEMA_VERSION, PseudoLabelReader, validate_pseudolabels
 from data.pseudolabel_writer import PseudoLabelWriter
 from pipeline.core.errors import UserError
+from tests.conftest import small_disk
 
 N, SHAPE, K = 50, (8, 8, 3), 10
 ATTRS = {"class_names": [f"c{i}" for i in range(K)], "pool_name": "toy", "pool_fingerprint": "pool-abc",

@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from data.pseudolabel_file import validate_pseudolabels
 from data.mixed import MixedBatchSampler
+from data.pseudolabel_file import validate_pseudolabels
 from pipeline.core.distributed import shard_range
 from tests.conftest import ROOT, SMOKE
 from tests.distributed import ddp_worker
@@ -111,9 +111,9 @@ def run_pseudolabel_stage(config, out_dir, teacher_dir, dist, data=None, log=lam
     from stages import pseudolabel
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    teacher_fingerprint = json.loads((teacher_dir / "stage.json").read_text())["fingerprint"]
     pseudolabel.run(StageContext(
-        config=config, out_dir=out_dir,
-        inputs={"teacher": StageInput(teacher_dir, json.loads((teacher_dir / "stage.json").read_text())["fingerprint"])},
+        config=config, out_dir=out_dir, inputs={"teacher": StageInput(teacher_dir, teacher_fingerprint)},
         sources=data or open_sources(config, out_dir), fingerprint="test", dist=dist, log=log))
 
 
@@ -165,9 +165,9 @@ def test_sharded_pseudolabel_with_dropped_rows_and_logits_merges_like_one_proces
 
 def test_an_interrupted_shard_resumes_at_its_last_block(torchrun_workdir, tmp_path, monkeypatch):
     from data import pseudolabel_writer
+    from ml import labeling
     from pipeline.config import load_config
     from pipeline.core.distributed import DistInfo
-    from ml import labeling
 
     monkeypatch.setattr(labeling, "COMMIT_SECONDS", 0.0)  # every block durable: the granularity under test
 

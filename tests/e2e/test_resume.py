@@ -64,9 +64,9 @@ def test_pseudolabel_resumes_at_block_granularity(smoke_workdir, tmp_path, monke
     """An interrupted pseudolabel stage continues after the last block written, same file in the end, whether
     it reads and writes in threads (a GPU, a spare core) or in the teacher's thread (every core busy)."""
     from data import pseudolabel_writer
+    from ml import labeling
     from pipeline.config import load_config
     from pipeline.runner import Runner
-    from ml import labeling
 
     monkeypatch.setattr(labeling, "prefetch_depth", lambda requested, device: requested if threaded else 0)
     monkeypatch.setattr(labeling, "COMMIT_SECONDS", 0.0)  # every block durable: the granularity under test

@@ -3,7 +3,6 @@ shows in `status` with its own config section, with no edit to pipeline/: the en
 import json
 import os
 import shutil
-import textwrap
 
 import pandas as pd
 
@@ -75,8 +74,10 @@ def install_plugin(site):
 def test_a_plugin_stage_runs_caches_and_shows_in_status(tmp_path, smoke_workdir):
     install_plugin(tmp_path / "site")
     # The smoke run's entries (teacher, pseudolabel, mart) in a store of this test's own.
-    shutil.copytree(smoke_workdir.parent / "store", tmp_path / "store", ignore=shutil.ignore_patterns("*.lock", "workdirs"))
-    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)]), "RST_MART_STORE": str(tmp_path / "store")}
+    shutil.copytree(smoke_workdir.parent / "store", tmp_path / "store",
+                    ignore=shutil.ignore_patterns("*.lock", "workdirs"))
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)]),
+           "RST_MART_STORE": str(tmp_path / "store")}
     workdir = tmp_path / "w"
 
     def cli(*args):

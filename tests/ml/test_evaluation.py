@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.core import distributed
 from ml import evaluation
 from ml.attacks import ExampleSeeds, eval_attack, pgd_linf
 from ml.models import build_model
+from pipeline.core import distributed
 
 
 @pytest.fixture
@@ -25,8 +25,11 @@ def test_random_starts_are_per_example():
     x = torch.rand(6, 1, 4, 4)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
     seeds = [11, 12, 13, 14, 15, 16]
-    start = lambda rows: pgd_linf(model, x[rows], torch.zeros(len(x[rows]), dtype=torch.int64), eps=0.3,
-                                  step_size=0.1, steps=0, generator=ExampleSeeds([seeds[i] for i in rows], "cpu"))
+
+    def start(rows):
+        return pgd_linf(model, x[rows], torch.zeros(len(x[rows]), dtype=torch.int64), eps=0.3,
+                        step_size=0.1, steps=0, generator=ExampleSeeds([seeds[i] for i in rows], "cpu"))
+
     assert torch.equal(start([0, 1, 2, 3])[2:], start([2, 3, 4])[:2])  # same image, same start, any batch
     assert not torch.equal(start([0])[0], start([1])[0] - x[1] + x[0])  # different images, different noise
 

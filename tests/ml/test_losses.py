@@ -153,7 +153,8 @@ from ml.losses import TargetRecipe, Targets  # noqa: E402
 
 def random_batch(n=6, k=5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, k, generator=g, dtype=torch.float64) * 2, torch.randn(n, k, generator=g, dtype=torch.float64) * 2,
+    return (torch.randn(n, k, generator=g, dtype=torch.float64) * 2,
+            torch.randn(n, k, generator=g, dtype=torch.float64) * 2,
             torch.randint(0, k, (n,), generator=g))
 
 
@@ -206,8 +207,8 @@ def test_a_cutmix_example_costs_the_area_mixture_of_its_two_labels(name):
     nat, adv, y = random_batch()
     other = (y + 1 + torch.arange(6) % 3) % 5
     share = 0.3
-    mixed = LOSSES[name](nat, adv, Targets(y, mixed_labels=other, mixed_share=torch.full((6,), share, dtype=torch.float64)),
-                          beta=6.0)
+    targets = Targets(y, mixed_labels=other, mixed_share=torch.full((6,), share, dtype=torch.float64))
+    mixed = LOSSES[name](nat, adv, targets, beta=6.0)
     want = (1 - share) * LOSSES[name](nat, adv, y, beta=6.0) + share * LOSSES[name](nat, adv, other, beta=6.0)
     assert mixed.item() == pytest.approx(want.item(), rel=1e-10)
 

@@ -38,11 +38,11 @@ def run_scenario(name: str, out_dir: Path, interrupt_at_step: int | None = None)
     """Train tiny-cnn for 2 epochs of 3 batches of 16 (CPU, fp32, seed 0) through ml.training.train;
     returns the final weights (and the EMA's, prefixed "ema."). `interrupt_at_step` raises Interrupted
     inside that step, after a checkpoint at every step, as a kill would."""
-    from pipeline.config import RunConfig
-    from pipeline.core.distributed import DistInfo
     from ml import training
     from ml.attacks import training_attack
     from ml.losses import LOSSES
+    from pipeline.config import RunConfig
+    from pipeline.core.distributed import DistInfo
 
     d = data()
     mart = name == "mart"

@@ -1,6 +1,5 @@
 """AutoAttack run part by part (ml.robustness.run_autoattack) against pyautoattack's own
 run_standard_evaluation, on a fixed linear 10-class model over 8x8 images (seconds on one core)."""
-import numpy as np
 import pytest
 import torch
 

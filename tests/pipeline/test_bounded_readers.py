@@ -80,7 +80,7 @@ def test_a_sweep_row_refuses_a_damaged_stage_json(tmp_path, kind):
     entry.mkdir(parents=True)
     damage(entry / "stage.json", kind, 1 << 20)
     code = (f"from pathlib import Path\nfrom types import SimpleNamespace as NS\n"
-            f"from pipeline.core.errors import UserError\nfrom pipeline.sweep import _row\n"
+            f"from pipeline.core.errors import UserError\nfrom pipeline.sweep_grid import _row\n"
             f"plan = NS(entry=Path({str(entry)!r}), fingerprint='a' * 64, stage=NS(name='teacher', results=None))\n"
             f"try:\n    _row(['run.seed=0'], [], 'base', [plan])\nexcept UserError as e:\n    print('USER', e)\n")
     proc = python(code)

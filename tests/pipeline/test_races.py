@@ -91,7 +91,8 @@ def test_gc_cannot_remove_what_a_run_in_a_new_work_dir_has_planned_to_use(tmp_pa
         waiting = subprocess.Popen([sys.executable, "-m", "pipeline", "gc", "--store", str(store), "--wait"],
                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = waiting.stdout.readline()
-        assert line.startswith(f"waiting for the runs using the store {store} to finish") and str(tmp_path / "new") in line
+        assert line.startswith(f"waiting for the runs using the store {store} to finish")
+        assert str(tmp_path / "new") in line
         assert waiting.poll() is None and (seed0[0] / "out.txt").exists()
     finally:
         os.kill(run.pid, signal.SIGCONT)

@@ -19,6 +19,7 @@ from pipeline.report import write_report
 
 CLASS_NAMES = ["shirt", "boot", "bag"]
 VOID_TAGS = {"meta", "img", "br", "hr", "link", "input"}
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
 
 class Page(HTMLParser):
@@ -144,7 +145,8 @@ def full_workdir(tmp_path):
         "results.csv": results("mart", [("test", "clean", 0.0, 0.8065, 2000), ("test", "pgd20", 0.1, 0.7125, 2000)])})
     eval_dir = write_stage(workdir, "eval", "d" * 64, 132.0, {
         "results.csv": results("mart", [("test", "fgsm", 0.1, 0.742, 1000)]),
-        "checks.csv": pd.DataFrame([{"model": "mart", "check": "pgd <= fgsm", "passed": True, "detail": "0.71 <= 0.74"}])})
+        "checks.csv": pd.DataFrame([{"model": "mart", "check": "pgd <= fgsm", "passed": True,
+                                     "detail": "0.71 <= 0.74"}])})
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(3, 2))
@@ -268,7 +270,7 @@ def test_h5_summary_reads_in_blocks(tmp_path):
 
 
 def test_renders_in_headless_chromium(full_workdir, tmp_path):
-    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    browser = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
     if browser is None:
         pytest.skip("no chromium installed: the page is checked by parsing only")
     path = write_report(full_workdir)
@@ -316,7 +318,7 @@ def test_pseudolabel_section_counts_each_image_once_at_10_and_100_classes(tmp_pa
 
 
 def test_renders_at_100_classes_in_headless_chromium(tmp_path):
-    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    browser = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
     if browser is None:
         pytest.skip("no chromium installed: the page is checked by parsing only")
     path = write_report(many_class_workdir(tmp_path, 100))
@@ -335,8 +337,8 @@ def test_a_stage_whose_section_fails_gets_a_note_and_the_others_their_sections(f
     def broken(entry):
         raise KeyError("labels")
 
-    stages = dict(registered_stages(), mart=Stage(name="mart", version=1, section="mart", outputs=(), run=lambda ctx: None,
-                                     report=broken))
+    mart = Stage(name="mart", version=1, section="mart", outputs=(), run=lambda ctx: None, report=broken)
+    stages = dict(registered_stages(), mart=mart)
     page = Page(write_report(full_workdir, stages=stages).read_text())
     assert "this section could not be drawn (KeyError: 'labels')" in page.all_text
     assert [h for h in page.headings if h in registered_stages()] == ["teacher", "pseudolabel", "mart", "eval"]

@@ -6,15 +6,16 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.core import fingerprint
 from pipeline.config import load_config
+from pipeline.core import fingerprint
 from pipeline.runner import Runner
 from tests.conftest import ROOT, SMOKE
 
 
 def test_status_imports_no_ml_library(tmp_path):
     code = ("import sys; from pipeline.cli import main; main(['status', '--config', sys.argv[1], '--workdir', "
-            "sys.argv[2]]); print('heavy:', sorted(m for m in ('torch', 'torchvision', 'h5py', 'pandas') if m in sys.modules))")
+            "sys.argv[2]]); "
+            "print('heavy:', sorted(m for m in ('torch', 'torchvision', 'h5py', 'pandas') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code, str(SMOKE), str(tmp_path / "w")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

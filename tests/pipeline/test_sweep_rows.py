@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 
-from pipeline import sweep
+from pipeline import sweep_grid
 from pipeline.stage import Stage
 
 
@@ -27,8 +27,8 @@ def test_rows_ask_the_stages_and_the_plot_uses_their_axes(tmp_path):
     for beta, value in (("1", 0.8), ("6", 0.6)):
         plans = [finished(tmp_path / beta, "prep", "a"), finished(tmp_path / beta, "train", "b", results=trained)]
         (plans[1].entry / "acc.txt").write_text(str(value))
-        rows.append(sweep._row([f"train.beta={beta}"], ["train.beta"], f"train.beta={beta}", plans))
-    sweep.write_table(tmp_path, rows, ["train.beta"])
+        rows.append(sweep_grid._row([f"train.beta={beta}"], ["train.beta"], f"train.beta={beta}", plans))
+    sweep_grid.write_table(tmp_path, rows, ["train.beta"])
     table = pd.read_csv(tmp_path / "sweep.csv")
     assert list(table.columns) == ["variant", "train.beta", "prep_fingerprint", "train_fingerprint", "seconds",
                                    "train.clean", "train.robust", "train.last.clean"]
@@ -39,6 +39,6 @@ def test_rows_ask_the_stages_and_the_plot_uses_their_axes(tmp_path):
 
 def test_no_axes_no_plot(tmp_path):
     plans = [finished(tmp_path, "prep", "a", results=lambda entry: [{"metric": "n", "value": 3}])]
-    sweep.write_table(tmp_path, [sweep._row([], [], "base", plans)], [])
+    sweep_grid.write_table(tmp_path, [sweep_grid._row([], [], "base", plans)], [])
     assert pd.read_csv(tmp_path / "sweep.csv")["prep.n"].tolist() == [3]
     assert not (tmp_path / "sweep.png").exists()

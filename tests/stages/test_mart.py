@@ -5,7 +5,7 @@ from data.pseudolabel_file import PseudoLabelReader
 from pipeline.config import load_config
 from pipeline.core.errors import UserError
 from stages import mart
-from tests.data.test_pseudolabel_file import N, SHAPE, make_pool, write_file
+from tests.data.test_pseudolabel_file import SHAPE, N, make_pool, write_file
 
 
 @pytest.fixture
@@ -42,7 +42,8 @@ def test_recipe_options_are_off_by_default_and_reach_the_recipe():
                              "mart.pool_loss_weight=0.3"]).mart
     options = mart.recipe_options(cfg)
     t = options["targets"]
-    assert (t.label_smoothing, t.pool_label_smoothing, t.pool_loss_weight, options["pool_cutmix"]) == (0.1, 0.2, 0.3, 0.5)
+    smoothing_and_weights = (t.label_smoothing, t.pool_label_smoothing, t.pool_loss_weight, options["pool_cutmix"])
+    assert smoothing_and_weights == (0.1, 0.2, 0.3, 0.5)
 
 
 @pytest.mark.parametrize("setting", ["mart.label_smoothing=1.0", "mart.pool_label_smoothing=-0.1",

@@ -11,8 +11,14 @@ import pytest
 import torch
 
 from pipeline.core import atomic
-from pipeline.core.atomic import (atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_json, atomic_write_text,
-                             current_umask)
+from pipeline.core.atomic import (
+    atomic_path,
+    atomic_torch_save,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+    current_umask,
+)
 from pipeline.core.errors import UserError, human_bytes, storage_error
 
 WRITERS = {
@@ -176,8 +182,9 @@ def test_real_full_disk_on_a_tmpfs(tmp_path):
     _mount_tmpfs(disk, "512k")
     try:
         # In a child process: what the pipeline would print, and no crash on the way out.
-        script = ("import torch, sys\nfrom pipeline.core.atomic import atomic_torch_save\nfrom pipeline.core.errors import "
-                  "UserError\ntry:\n    atomic_torch_save({'w': torch.zeros(1_000_000)}, sys.argv[1])\n"
+        script = ("import torch, sys\nfrom pipeline.core.atomic import atomic_torch_save\n"
+                  "from pipeline.core.errors import UserError\n"
+                  "try:\n    atomic_torch_save({'w': torch.zeros(1_000_000)}, sys.argv[1])\n"
                   "except UserError as e:\n    print(e)\n")
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
         proc = subprocess.run([sys.executable, "-c", script, str(disk / "model.pt")], cwd=root, capture_output=True,

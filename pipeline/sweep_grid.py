@@ -7,7 +7,7 @@ sweep resumes by running the same command: finished variants are cached, a kille
 checkpoint. A list-valued key takes TOML lists as its values: `--set 'mart.milestones=[5,8],[6,9]'`.
 
 Serially (the default) the variants run one after another in this process; `--launcher local|slurm`
-runs each as a job (pipeline.launchers.sweep).
+runs each as a job (pipeline.sweep_jobs).
 """
 from __future__ import annotations
 

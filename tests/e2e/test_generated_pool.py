@@ -133,3 +133,15 @@ def test_a_killed_generate_run_shows_its_shards_in_status_and_resumes(tmp_path, 
     assert images.shape == (160, 28, 28, 1) and (labels == np.arange(160) % 10).all()
     assert sorted(p.name for p in (tmp_path / "w" / "generate").iterdir()) == sorted(
         [f"shard-{s:05d}.h5" for s in range(20)] + ["stage.json"])
+
+
+def test_local_jobs_make_the_shards_of_the_serial_pool(tmp_path, env, generators):
+    settings = ["--config", SMOKE, *GENERATE, "--set", "generate.n=40", "--set", "generate.shard_size=8", "--set",
+                "generate.batch_size=8", "--set", f"diffusion.checkpoint={generators['conditional']}"]
+    out = run_cli("run", "--stages", "generate", "--workdir", tmp_path / "jobs", *settings, "--launcher", "local",
+                  "--jobs", "2", env=env).stdout
+    assert "generate: 5 shards, made by 2 local job(s)" in out and "generate: ran in" in out
+    run_cli("run", "--stages", "generate", "--workdir", tmp_path / "serial", *settings, env=env)
+    jobs, jobs_labels = read_pool(tmp_path / "jobs" / "generate")
+    serial, serial_labels = read_pool(tmp_path / "serial" / "generate")
+    assert jobs.shape == (40, 28, 28, 1) and (jobs == serial).all() and (jobs_labels == serial_labels).all()

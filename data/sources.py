@@ -33,6 +33,7 @@ class DataConfig:
 # (data/pool_shards.py), never through open_pool, and no other [pool] key applies.
 GENERATED = "generate"
 
+
 @dataclass
 class PoolConfig:
     """[pool]: the unlabeled pool. Keys the dataclass does not name go to `options`, for the provider."""

@@ -24,6 +24,7 @@ from data.labeled import LabeledSet, import_object
 from data.pool_convert import CONVERSIONS, AdjustedPool, ordered_conversions, validate_pool  # noqa: F401 (CONVERSIONS re-exported)
 from data.pool_files import ConcatenatedParts, Hdf5Part, RawArrayPart, open_npy_part, open_npz_part, resolve_pool_paths
 from data.rst_pickle import convert_rst_pickle
+from data.sources import GENERATED
 from pipeline.core.errors import UserError
 from pipeline.core.fingerprint import array_digest, file_digest, fingerprint, user_cache_dir
 
@@ -277,9 +278,11 @@ def unused_pool_options(provider: str, options: dict) -> tuple[list[str], list[s
     """For a built-in provider, the [pool] `options` it does not take and the ones it does, without
     constructing it (so a config check can refuse them before any stage runs). Plugins are checked
     when constructed, by `_construct`: ([], []) here."""
+    options = {k: v for k, v in options.items() if not (k == "path" and v in ("", None))}
+    if provider == GENERATED:
+        return list(options), []
     if provider not in BUILTIN_PROVIDERS:
         return [], []
-    options = {k: v for k, v in options.items() if not (k == "path" and v in ("", None))}
     accepted = [] if provider in _CONTEXT_PROVIDERS else _keywords(BUILTIN_PROVIDERS[provider]) or []
     return [k for k in options if k not in accepted], accepted
 

@@ -29,6 +29,11 @@ class DataConfig:
     RANGES: ClassVar[dict] = {"num_labeled": Range(0, INT64_MAX, meaning="0 = the whole training split")}
 
 
+# pool.provider for the generate stage's shards: the pseudolabel stage reads them from that stage's entry
+# (data/pool_shards.py), never through open_pool, and no other [pool] key applies.
+GENERATED = "generate"
+
+
 @dataclass
 class PoolConfig:
     """[pool]: the unlabeled pool. Keys the dataclass does not name go to `options`, for the provider."""
@@ -49,6 +54,11 @@ class PoolConfig:
         one the user asked for."""
         from data.pools import unused_pool_options
 
+        if self.provider == GENERATED and (self.limit or self.convert):
+            key = "pool.limit" if self.limit else "pool.convert"
+            raise refuse(key, "the generate stage's pool is made at the labeled images' shape and size, so it "
+                         "takes no conversion or limit", "Remove it, and set generate.n to the number of images "
+                         "you want generated.")
         unused, accepted = unused_pool_options(self.provider, _pool_options(config))
         if unused:
             takes = f"it takes {', '.join('pool.' + k for k in accepted)}" if accepted else "it takes no options"

@@ -1,8 +1,9 @@
 """The pseudolabel stage's work: pool rows through the teacher into HDF5 (read ahead and written behind
-in threads where a core is spare, resumable per block), shard merging under torchrun, and the test-set
-near-duplicate filter."""
+in threads where a core is spare, resumable per block), shard merging under torchrun, the test-set
+near-duplicate filter, and the per-class cut to the most confident rows (keep_top_fraction)."""
 from __future__ import annotations
 
+import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -12,8 +13,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.pseudolabel_writer import PseudoLabelWriter
 from data.mixed import prefetch_depth
+from data.pseudolabel_writer import PseudoLabelWriter
 from ml.devices import autocast
 from ml.evaluation import to_tensor_images
 
@@ -147,3 +148,55 @@ def merge_shards(final: Path, shards: list[tuple[Path, int, int]], *, total: int
         writer.close()
         raise
     writer.finish()
+
+
+def is_complete(path: Path) -> bool:
+    """Whether `path` is a pseudo-label file whose writer finished (a resumed stage need not label again)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("complete") == 1
+    except (OSError, FileNotFoundError):
+        return False
+
+
+def most_confident_rows(labels: np.ndarray, confidence: np.ndarray, fraction: float, num_classes: int) -> np.ndarray:
+    """A mask keeping, per class, the ceil(fraction * count) rows of highest confidence; ties go to the
+    earlier row, so the choice is the same however the file was written (DM-AT's top 20% per class)."""
+    keep = np.zeros(len(labels), dtype=bool)
+    for k in range(num_classes):
+        rows = np.flatnonzero(labels == k)
+        count = math.ceil(round(fraction * len(rows), 6))  # 0.2 * 500,000 is 100,000, not 100,001
+        keep[rows[np.argsort(-confidence[rows], kind="stable")[:count]]] = True
+    return keep
+
+
+def keep_most_confident(source: Path, final: Path, fraction: float, *, image_shape, num_classes, save_logits,
+                        attrs) -> int:
+    """Copy the most confident `fraction` of `source`'s rows per class into `final`, in pool order; returns
+    how many. The two 1-D columns are read whole (12 bytes a row); images are copied a block at a time."""
+    from data.pseudolabel_file import iter_column_blocks
+
+    columns = [block for block in iter_column_blocks(source, ("labels", "confidence"), 1 << 20)]
+    labels = np.concatenate([c["labels"] for c in columns]) if columns else np.zeros(0, np.int64)
+    confidence = np.concatenate([c["confidence"] for c in columns]) if columns else np.zeros(0, np.float32)
+    keep = most_confident_rows(labels, confidence, fraction, num_classes)
+    names = ("images", "labels", "confidence", "pool_index") + (("logits",) if save_logits else ())
+    final.unlink(missing_ok=True)  # a filter killed half-way is redone from the complete source
+    writer = PseudoLabelWriter(final, capacity=int(keep.sum()), image_shape=image_shape, num_classes=num_classes,
+                               save_logits=save_logits, attrs=attrs)
+    step = writer.rows_per_chunk * 8
+    try:
+        with h5py.File(source, "r") as f:
+            pool_rows = int(f.attrs["pool_rows_done"])
+            for a in range(0, len(labels), step):
+                b = min(a + step, len(labels))
+                block = {name: f[name][a:b][keep[a:b]] for name in names}
+                done = pool_rows if b == len(labels) else int(f["pool_index"][b - 1]) + 1
+                writer.append(**block, pool_rows_done=done)
+            if len(labels) == 0:
+                writer.append(**{name: f[name][:0] for name in names}, pool_rows_done=pool_rows)
+    except BaseException:
+        writer.close()
+        raise
+    writer.finish()
+    return int(keep.sum())

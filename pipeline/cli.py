@@ -233,6 +233,11 @@ def _status(config, workdir: Path, names: list[str], *, verify: bool, note: str 
         runner.store.note_workdir(workdir)
     for plan in runner.plan(names, verify=verify):
         state = "fresh" if plan.fresh else plan.reason
+        if not plan.fresh and plan.stage.shards is not None:  # a sharded stage resumes by shard: say how far it got
+            partial = runner.store.partial(plan.stage.name, plan.fingerprint)
+            outputs = plan.stage.output_names(config)
+            made = sum((partial / name).is_file() for name in outputs) if partial.is_dir() else 0
+            state += f" ({made} of {len(outputs)} shards made)" if made else ""
         print(f"{plan.stage.name}: {state}  fingerprint {plan.fingerprint[:16]}")
     return EXIT_OK
 

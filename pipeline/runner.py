@@ -258,10 +258,16 @@ class Runner:
             sources={s.name: self._open(s, dist) for s in stage.sources(self.config)})
         host_memory.keep_freed_memory()
         start = time.perf_counter()
-        if stage.shards is not None:
-            self._run_sharded(plan, ctx, dist)
-        else:
-            stage.run(ctx)
+        try:
+            if stage.shards is not None:
+                self._run_sharded(plan, ctx, dist)
+            else:
+                stage.run(ctx)
+        except UserError:
+            if dist.is_main:  # refused before writing anything (an input that does not fit): leave nothing behind
+                with contextlib.suppress(OSError):
+                    partial.rmdir()  # only an empty directory goes: resume state stays
+            raise
         seconds = time.perf_counter() - start
         host_memory.release_free_memory()
         distributed.barrier()
@@ -337,7 +343,7 @@ class Runner:
     def _commit(self, plan: StagePlan, partial: Path, seconds: float) -> None:
         stage = plan.stage
         outputs = {}
-        for name in stage.outputs:
+        for name in stage.output_names(self.config):
             path = partial / name
             if not path.exists():
                 raise RuntimeError(f"stage {stage.name} finished without writing its declared output {name}")

@@ -47,6 +47,10 @@ class Source:
 class Stage:
     """A stage's declaration: `run(ctx)` writes `outputs` into `ctx.out_dir`.
 
+    `outputs` is a tuple of file names, or a function of the stage's config view returning one, for a
+    stage whose files depend on its settings (generate: one shard file per `generate.shard_size` images);
+    the engine asks `output_names(config)`.
+
     `config` is the dataclass of its section (every default commented with its unit). It may hold
     `RANGES: ClassVar[dict]` (key -> pipeline.core.checks.Range or a tuple of choices) and the methods
     `check(self, config, refuse, world_size)` (values against each other, `config` the stage's view)
@@ -56,7 +60,7 @@ class Stage:
     name: str
     version: int  # bump when the meaning of the stage's output changes
     section: str  # its config section, [<section>] in the TOML file
-    outputs: tuple[str, ...]
+    outputs: tuple[str, ...] | Callable[[StageConfig], tuple[str, ...]]
     run: Callable[[StageContext], None]
     config: type | None = None  # the dataclass of its section; None = a stage without settings
     # Upstream stage names and data sources the stage reads, for a given config (its view).
@@ -80,7 +84,11 @@ class Stage:
     # how many there are (config view -> int). `run(ctx)` then honours `ctx.shard`, and the runner may have
     # the shards made by several processes (torchrun's ranks, `run --launcher local|slurm --jobs N`)
     # before it runs the stage once more with shard=None and commits it.
-    shards: Callable[[Any], int] | None = None
+    shards: Callable[[StageConfig], int] | None = None
+
+    def output_names(self, config) -> tuple[str, ...]:
+        """The file names a finished entry holds, for this config."""
+        return tuple(self.outputs(self.view(config)) if callable(self.outputs) else self.outputs)
 
     @property
     def code_version(self) -> str:

@@ -38,12 +38,21 @@ def stages() -> dict[str, Stage]:
 def _in_default_graph_order(found: dict[str, Stage]) -> dict[str, Stage]:
     """The registry in the order its stages run with default settings, so listings (the config's
     sections, `unknown stage` messages) read upstream first."""
-    defaults = SimpleNamespace(**{s.section: s.config() for s in found.values() if s.config is not None})
-    try:
-        order = in_graph_order(found, list(found), defaults)
-    except (AttributeError, KeyError, UserError):  # an inputs() that needs more than the defaults: keep as found
-        return found
-    return {name: found[name] for name in order}
+    from pipeline.config import ENGINE_SECTIONS  # here: pipeline.config composes its sections from this registry
+    from pipeline.library import source_sections
+
+    # Every section at its defaults, the engine's and the sources' too: a stage's inputs may depend on [pool]
+    # (pseudolabel's do).
+    sections = {**ENGINE_SECTIONS, **{name: source.config for name, source in source_sections().items()},
+                **{s.section: s.config for s in found.values() if s.config is not None}}
+    defaults = SimpleNamespace(**{name: kind() for name, kind in sections.items()})
+    order: list[str] = []
+    for name in found:
+        try:
+            order += [n for n in in_graph_order(found, [name], defaults) if n not in order]
+        except (AttributeError, KeyError, UserError):  # inputs() that need more than the defaults, or a stage
+            continue  # whose upstream is not installed: kept, after the others, as found
+    return {name: found[name] for name in [*order, *(n for n in found if n not in order)]}
 
 
 def _builtin() -> list[tuple[Stage, str]]:

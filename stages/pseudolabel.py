@@ -12,9 +12,9 @@ import shutil
 from dataclasses import dataclass
 from typing import ClassVar
 
-from data.sources import LABELED, POOL
+from data.sources import GENERATED, LABELED, POOL
 from pipeline.core import distributed
-from pipeline.core.checks import at_least, positive
+from pipeline.core.checks import Range, at_least, positive
 from pipeline.stage import RUNTIME, Stage
 
 
@@ -24,10 +24,13 @@ class PseudolabelConfig:
     dedup_test: bool = False  # drop pool images that nearly duplicate a test image (test leakage)
     dedup_threshold: float = 7.843  # L2 distance on [0,1] pixels below which an image is a duplicate (RST: 2000/255)
     save_logits: bool = False  # also store float16 teacher logits (N, K)
+    keep_top_fraction: float = 1.0  # per teacher class, the fraction kept, most confident first (DM-AT: 0.2)
 
     RANGES: ClassVar[dict] = {
         "batch_size": at_least(1, high=2**24),
         "dedup_threshold": positive("an L2 distance on [0, 1] pixels; RST used 2000/255 = 7.843"),
+        "keep_top_fraction": Range(0, 1, low_open=True, meaning="the fraction of each class's images kept, most "
+                                   "confident first; 1 = all"),
     }
 
 
@@ -40,14 +43,18 @@ def run(ctx) -> None:
 
     from ml.checkpoints import load_model
     from ml.devices import resolve_device
-    from ml.labeling import NearDuplicateFilter, label_rows, merge_shards, shard_path
+    from ml.labeling import NearDuplicateFilter, is_complete, keep_most_confident, label_rows, merge_shards, shard_path
 
     cfg, run_cfg = ctx.config.pseudolabel, ctx.config.run
     device = resolve_device(run_cfg.device, ctx.dist.local_rank)
-    pool = ctx.sources["pool"]
     labeled = ctx.sources["labeled"].dataset
+    pool = _generated_pool(ctx, labeled) if ctx.config.pool.provider == GENERATED else ctx.sources["pool"]
     total = len(pool)
     final = ctx.out_dir / "pseudolabels.h5"
+    # With keep_top_fraction < 1 every row is labeled into `labeled_all` first: the per-class cut needs
+    # every confidence.
+    filtering = cfg.keep_top_fraction < 1
+    labeled_all = ctx.out_dir / "pseudolabels-all.h5" if filtering else final
     spec = dict(image_shape=labeled.image_shape, num_classes=labeled.num_classes, save_logits=cfg.save_logits,
                 attrs={"num_classes": labeled.num_classes, "class_names": list(labeled.class_names),
                        "pool_name": pool.name, "pool_fingerprint": pool.fingerprint(),
@@ -58,8 +65,9 @@ def run(ctx) -> None:
     start, stop = shards[ctx.dist.rank]
     # Named by their rows: a rerun with the same world size resumes each shard at its last block, one
     # with another world size starts new shards (a merge is never resumed: it is quick and redone).
-    path = shard_path(ctx.out_dir, start, stop) if ctx.dist.enabled else final
-    if start < stop or not ctx.dist.enabled:  # one process writes its (possibly empty) file regardless
+    path = shard_path(ctx.out_dir, start, stop) if ctx.dist.enabled else labeled_all
+    labeling = not (filtering and is_complete(labeled_all))  # killed while cutting: the labels are all there
+    if labeling and (start < stop or not ctx.dist.enabled):  # one process writes its (possibly empty) file regardless
         teacher = load_model(ctx.inputs["teacher"].path / "model.pt", device=device,
                              channels_last=run_cfg.channels_last)
         dedup = NearDuplicateFilter(labeled.test_images, cfg.dedup_threshold, device) if cfg.dedup_test else None
@@ -68,10 +76,16 @@ def run(ctx) -> None:
     distributed.barrier()
     if not ctx.dist.is_main:  # the others wait at the runner's barrier while rank 0 merges and reports
         return
-    if ctx.dist.enabled:
-        merge_shards(final, [(shard_path(ctx.out_dir, a, b), a, b) for a, b in shards if a < b], total=total,
+    if ctx.dist.enabled and labeling:
+        merge_shards(labeled_all, [(shard_path(ctx.out_dir, a, b), a, b) for a, b in shards if a < b], total=total,
                      **spec)
     shutil.rmtree(ctx.out_dir / "shards", ignore_errors=True)  # merged, or left by a torchrun attempt
+    if filtering:
+        kept = keep_most_confident(labeled_all, final, cfg.keep_top_fraction, **spec)
+        _log_agreement(ctx, pool, labeled_all, labeled.num_classes)
+        labeled_all.unlink()
+        ctx.log(f"  keep_top_fraction {cfg.keep_top_fraction}: kept the {kept} most confident of {total} images "
+                "per class")
     if cfg.dedup_test:
         with h5py.File(final, "r") as f:
             dropped = total - f["images"].shape[0]
@@ -93,10 +107,12 @@ def _write_results(ctx, pool) -> None:
     class_names = list(ctx.sources["labeled"].dataset.class_names)
     k = len(class_names)
     provided = pool.provided_labels() if hasattr(pool, "provided_labels") else None
-    # labeled-remainder's provided labels are the dataset's own labels; any other pool's provided labels
-    # (RST's extrapolated_targets) come from someone else's classifier, so they measure agreement.
+    # labeled-remainder's provided labels are the dataset's own labels; a generated pool's are the classes
+    # its images were made for; any other pool's (RST's extrapolated_targets) come from someone else's
+    # classifier. The last two measure agreement.
     own_labels = ctx.config.pool.provider == "labeled-remainder"
-    measured_against = "" if provided is None else ("dataset labels" if own_labels else "provided labels")
+    measured_against = "" if provided is None else ("dataset labels" if own_labels else "conditioning classes"
+                                                     if ctx.config.pool.provider == GENERATED else "provided labels")
     count, hits, confidence = np.zeros(k), np.zeros(k), np.zeros(k)
     rows = 0
     columns = ("labels", "confidence", "pool_index")
@@ -127,12 +143,70 @@ def _write_results(ctx, pool) -> None:
 _SUM_BLOCK = 1 << 20  # rows of the 1-D columns summed at a time (about 20 MiB)
 
 
+def _generated_pool(ctx, labeled):
+    """The generate stage's shards as the pool (its fingerprint is the generate stage's), checked against the
+    labeled images' shape as any pool is."""
+    from data.pool_convert import validate_pool
+    from data.pool_shards import ShardedPool
+
+    generated = ctx.inputs[GENERATED]
+    pool = ShardedPool(generated.path, generated.fingerprint)
+    validate_pool(pool, labeled, ())
+    return pool
+
+
+def _log_agreement(ctx, pool, labeled_all, num_classes: int) -> None:
+    """Before the cut: how often the teacher agrees with the labels that came with the pool, on all of it."""
+    import numpy as np
+
+    from data.pseudolabel_file import iter_column_blocks
+
+    provided = pool.provided_labels() if hasattr(pool, "provided_labels") else None
+    if provided is None:
+        return
+    agreed = rows = 0
+    for block in iter_column_blocks(labeled_all, ("labels", "pool_index"), _SUM_BLOCK):
+        agreed += int(np.sum(provided[block["pool_index"]] == block["labels"]))
+        rows += len(block["labels"])
+    ctx.log(f"  before keep_top_fraction: {agreed / max(rows, 1):.4f} of {rows} pool images agree with the "
+            f"pool's labels")
+
+
+def _inputs(config) -> tuple:
+    # A generated pool is the generate stage's output: that stage is an upstream input (its fingerprint is
+    # the pool's), not a data source.
+    return ("teacher", LABELED, GENERATED if config.pool.provider == GENERATED else POOL)
+
+
 def results(entry) -> list[dict]:
-    """The pseudo-labels' accuracy where the pool's labels are the dataset's own (`pseudolabel.accuracy`)."""
+    """The pseudo-labels' accuracy where the pool's labels are the dataset's own (`pseudolabel.accuracy`), and
+    for a generated pool the teacher's agreement with the conditioning classes (`pseudolabel.agreement`)."""
     from stages.reporting import results_rows
 
     return results_rows(entry / "results.csv",
-                        lambda row: "accuracy" if row["split"] == "pool" else f"{row['split']}.{row['attack']}")
+                        lambda row: "accuracy" if row["split"] == "pool" else f"{row['split']}.{row['attack']}"
+                        ) + _agreement(entry / "quality.csv")
+
+
+def _agreement(path) -> list[dict]:
+    """quality.csv's `all` row when it measures the teacher against the classes the images were made for."""
+    import csv
+    import io
+
+    from pipeline.core.errors import UserError
+    from stages.reporting import TABLE_LIMIT_BYTES, exists, read_entry_file, unreadable
+
+    if not exists(path):
+        return []
+    try:
+        text = read_entry_file(path, TABLE_LIMIT_BYTES).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} cannot be read as a table ({unreadable(error)}); the entry was damaged after it was "
+                        "written. Rebuild it: python -m pipeline run --stages pseudolabel --force.") from None
+    for row in csv.DictReader(io.StringIO(text, newline="")):
+        if row.get("class") == "all" and row.get("measured_against") == "conditioning classes":
+            return [{"metric": "agreement", "value": float(row["precision"]), "n": int(float(row["count"]))}]
+    return []
 
 
 def report(entry) -> str:
@@ -144,8 +218,8 @@ def report(entry) -> str:
 STAGE = Stage(
     name="pseudolabel", version=2, section="pseudolabel", config=PseudolabelConfig, run=run, default=True,
     results=results, report=report,
-    inputs=lambda config: ("teacher", LABELED, POOL),
+    inputs=_inputs,
     outputs=("pseudolabels.h5", "results.csv", "quality.csv"),
-    # pool.provider only says whether the pool's provided labels are the dataset's own; the pool's
-    # fingerprint (an input) already covers it.
+    # pool.provider says where the pool comes from and whether its provided labels are the dataset's own;
+    # the pool's fingerprint (an input, the generate stage's for a generated pool) already covers it.
     reads=("run.precision", "pool.provider", *RUNTIME), insignificant=("batch_size", "pool.provider", *RUNTIME))

@@ -61,3 +61,19 @@ def test_quality_summed_in_blocks_equals_the_whole_columns(tmp_path, monkeypatch
     assert quality.loc["all", "precision"] == pytest.approx(accuracy)
     results = pd.read_csv(tmp_path / "results.csv")
     assert results["accuracy"].tolist() == pytest.approx([accuracy]) and results["n"].tolist() == [n]
+
+
+def test_keep_top_fraction_keeps_the_most_confident_per_class_ties_to_the_earlier_row():
+    from ml.labeling import most_confident_rows
+
+    labels = np.array([0, 1, 0, 0, 1, 0, 2, 0])
+    confidence = np.array([0.9, 0.5, 0.7, 0.9, 0.6, 0.1, 0.3, 0.8], dtype=np.float32)
+    # class 0: five rows, ceil(0.5 * 5) = 3 kept: 0.9 (row 0), 0.9 (row 3), 0.8 (row 7); class 1: one of two;
+    # class 2: its only row.
+    assert np.flatnonzero(most_confident_rows(labels, confidence, 0.5, 3)).tolist() == [0, 3, 4, 6, 7]
+    assert most_confident_rows(labels, confidence, 1.0, 3).all()
+    tie = most_confident_rows(np.zeros(4, np.int64), np.full(4, 0.5, np.float32), 0.5, 1)
+    assert tie.tolist() == [True, True, False, False]
+    # 0.2 * 500,000 is 100,000 (not 100,001 through float rounding), as DM-AT keeps of each class.
+    many = most_confident_rows(np.zeros(500_000, np.int64), np.linspace(0, 1, 500_000, dtype=np.float32), 0.2, 1)
+    assert many.sum() == 100_000 and many[-100_000:].all()

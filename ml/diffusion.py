@@ -39,7 +39,6 @@ UNET_DIR, SCHEDULER_DIR, INFO_FILE = "unet", "scheduler", "rst_mart.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 STATE_FILE = "diffusion_state.pt"  # resume state in the stage's partial directory
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-SAMPLERS = ("dpm-solver++", "ddim")
 DEFAULT_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
                     "prediction_type": "epsilon"}  # DDPM's (Ho et al. 2020)
 METRIC_COLUMNS = ["epoch", "step", "loss", "lr", "train_acc", "images_per_s", "seconds"]
@@ -304,52 +303,20 @@ def _memory_format(unet) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-# -- sampling ----------------------------------------------------------------------------------------------
-
-def sampler_for(scheduler_config: dict, sampler: str, steps: int):
-    """A fast sampler built from the training schedule: DPM-Solver++ (2nd order multistep) or DDIM, both
-    deterministic given the initial noise."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-    config = {**DEFAULT_SCHEDULE, **scheduler_config}
-    if sampler == "dpm-solver++":
-        scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
-    elif sampler == "ddim":
-        scheduler = DDIMScheduler.from_config(config)
-    else:
-        raise ValueError(f"unknown sampler {sampler!r}; one of {SAMPLERS}")
-    scheduler.set_timesteps(steps)
-    return scheduler
-
-
-@torch.no_grad()
-def sample(unet, scheduler_config: dict, noise: torch.Tensor, class_labels: torch.Tensor | None, *, steps: int,
-           sampler: str = "dpm-solver++", precision: str = "fp32") -> torch.Tensor:
-    """Denoise `noise` (NCHW, N(0, 1)) in `steps` sampler steps; returns uint8 NHWC images."""
-    scheduler = sampler_for(scheduler_config, sampler, steps)
-    x = noise * scheduler.init_noise_sigma
-    amp = autocast(noise.device, precision)
-    for t in scheduler.timesteps:
-        with amp:
-            eps = unet(scheduler.scale_model_input(x, t), t, class_labels=class_labels).sample
-        x = scheduler.step(eps.float(), t, x).prev_sample
-    return to_uint8(x)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] NCHW floats to uint8 NHWC, rounded."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
+# -- the sample grid ---------------------------------------------------------------------------------------
 
 def sample_grid(unet, scheduler_config: dict, info: GeneratorInfo, *, per_class: int, steps: int, seed: int,
                 device: torch.device) -> np.ndarray:
-    """A grid image (uint8 HWC): one row per class (one row of 2 x per_class for an unconditional model)."""
+    """A grid image (uint8 HWC) of DPM-Solver++ samples: one row per class (2 rows for an unconditional model),
+    from the initial noise of the pool's first images (ml.sampling.initial_noise)."""
+    from ml import sampling
+
     rows = info.num_classes or 2
-    generator = torch.Generator(device="cpu").manual_seed(seed_from(seed, 0))
-    noise = torch.randn((rows * per_class, info.in_channels, info.image_size, info.image_size),
-                        generator=generator).to(device)
+    shape = (info.in_channels, info.image_size, info.image_size)
+    noise = sampling.initial_noise(seed, 0, rows * per_class, shape).to(device)
     labels = (torch.arange(rows * per_class, device=device) // per_class) if info.num_classes else None
-    images = sample(unet, scheduler_config, noise, labels, steps=steps).cpu().numpy()
+    scheduler = sampling.build_sampler(scheduler_config, "dpm-solver++", steps)
+    images = sampling.to_uint8(sampling.denoise(unet, scheduler, noise, labels, steps=steps))
     size, channels = info.image_size, info.in_channels
     grid = images.reshape(rows, per_class, size, size, channels).transpose(0, 2, 1, 3, 4)
     return grid.reshape(rows * size, per_class * size, channels)

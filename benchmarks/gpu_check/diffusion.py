@@ -1,5 +1,5 @@
 """Generated pools on a GPU: a DM-AT-sized 32x32 class-conditional UNet's training and sampling images/s per GPU,
-through the code the diffusion and generate stages run (ml.diffusion.train_diffusion, ml.diffusion.sample).
+through the code the diffusion and generate stages run (ml.diffusion.train_diffusion, ml.sampling.denoise).
 
 The UNet is google/ddpm-cifar10-32's architecture (diffusers UNet2DModel: widths 128, 256, 256, 256, two ResNet
 blocks per resolution, attention at 16x16; 35.7M parameters) with class embeddings; DM-AT's EDM DDPM++ is a
@@ -70,19 +70,19 @@ def unet_train_check(precision: str, *, channels_last: bool = False) -> Callable
 
 def unet_sample_check(precision: str, steps: int = 20) -> Callable[[Context], str]:
     def check(ctx: Context) -> str:
-        from ml import diffusion
+        from ml import diffusion, sampling
 
         _skip_emulated_bf16(ctx, precision)
         batch = 4 if ctx.quick else 1024
         unet = dm_at_unet(ctx.quick).to(ctx.device).eval()
         noise = torch.randn((batch, 3, 32, 32), generator=torch.Generator().manual_seed(0)).to(ctx.device)
         labels = torch.arange(batch, device=ctx.device) % 10
-        diffusion.sample(unet, diffusion.DEFAULT_SCHEDULE, noise, labels, steps=2, precision=precision)  # warm-up
+        scheduler = sampling.build_sampler(diffusion.DEFAULT_SCHEDULE, "dpm-solver++", steps)
+        sampling.denoise(unet, scheduler, noise, labels, steps=2, precision=precision)  # warm-up
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        images = diffusion.sample(unet, diffusion.DEFAULT_SCHEDULE, noise, labels, steps=steps, precision=precision)
-        images.cpu()  # synchronizes
+        sampling.to_uint8(sampling.denoise(unet, scheduler, noise, labels, steps=steps, precision=precision))
         rate = batch / (time.perf_counter() - started)
         return (f"DPM-Solver++ {steps} steps, batch {batch}: {rate:.0f} img/s "
                 f"({rate * 86400 / 1e6:.1f}M images per GPU-day)")

@@ -140,13 +140,14 @@ def test_a_bad_directory_exits_2_and_creates_nothing(tmp_path, case):
     assert not list((tmp_path / "store").glob("diffusion/*"))
 
 
-def test_sampling_is_deterministic_given_the_noise():
-    from ml.diffusion import DEFAULT_SCHEDULE, sample
+def test_the_sample_grid_is_a_row_per_class():
+    from ml.diffusion import DEFAULT_SCHEDULE, GeneratorInfo, sample_grid
 
-    unet = tiny_unet().eval()
-    noise = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    labels = torch.arange(4)
-    first = sample(unet, DEFAULT_SCHEDULE, noise, labels, steps=3)
-    assert first.shape == (4, 28, 28, 1) and first.dtype == torch.uint8
-    assert torch.equal(first, sample(unet, DEFAULT_SCHEDULE, noise.clone(), labels, steps=3))
-    assert not torch.equal(first, sample(unet, DEFAULT_SCHEDULE, noise, labels.flip(0), steps=3))
+    info = GeneratorInfo(num_classes=10, class_names=(), image_size=28, in_channels=1)
+    grid = sample_grid(tiny_unet().eval(), DEFAULT_SCHEDULE, info, per_class=3, steps=2, seed=0,
+                       device=torch.device("cpu"))
+    assert grid.shape == (10 * 28, 3 * 28, 1) and grid.dtype == np.uint8
+    again = sample_grid(tiny_unet().eval(), DEFAULT_SCHEDULE, info, per_class=3, steps=2, seed=0,
+                        device=torch.device("cpu"))
+    assert np.array_equal(grid, again)
+    assert not np.array_equal(grid[:28], grid[28:56])  # two classes from the same noise differ

@@ -12,10 +12,10 @@
 GPU readiness and WRN-28-10 MART images/s and MFU are `python -m benchmarks.gpu_check` (its own table).
 
 Runtime on 2 idle CPU cores: --quick under 2 minutes (134 s with another job loading both cores),
-default under 15 minutes (--full: resnet18 teacher in the pseudolabel benchmark, longer). On a shared machine everything is slower and noisier,
-and oversubscribed cores hurt 2-thread runs most: `--threads 1` gives steadier ratios there. Each
-comparison's two sides are measured alternately in one process, so ratios hold up better than the
-absolute numbers.
+default under 15 minutes (--full: resnet18 teacher in the pseudolabel benchmark, longer). On a shared
+machine everything is slower and noisier, and oversubscribed cores hurt 2-thread runs most: `--threads 1`
+gives steadier ratios there. Each comparison's two sides are measured alternately in one process, so ratios
+hold up better than the absolute numbers.
 
 Last seen: see benchmarks/README.md.
 """
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         frame = pd.DataFrame([r.row() for r in rows])
         frame["machine"] = where
         frame["mode"] = "quick" if args.quick else "full" if args.full else "default"
-        frame["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        frame["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(args.out, index=False)
         print(f"wrote {args.out}")

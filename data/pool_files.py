@@ -19,7 +19,6 @@ import numpy as np
 from data.npz_members import NpzMember, locate_member, npz_keys, open_archive, read_npy_header
 from pipeline.core.errors import UserError
 
-
 # --- naming the parts ------------------------------------------------------------------------------
 
 def resolve_pool_paths(path, provider: str, key: str = "pool.path") -> list[Path]:

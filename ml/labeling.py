@@ -4,9 +4,9 @@ near-duplicate filter, and the per-class cut to the most confident rows (keep_to
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
@@ -133,7 +133,7 @@ def merge_shards(final: Path, shards: list[tuple[Path, int, int]], *, total: int
                                save_logits=save_logits, attrs=attrs)
     step = writer.rows_per_chunk * 8  # whole chunks: ~24 MiB of images per copy
     try:
-        for path, start, stop in shards:
+        for path, _start, stop in shards:
             with h5py.File(path, "r") as f:
                 if f.attrs.get("complete") != 1:
                     raise RuntimeError(f"{path}: shard incomplete after every rank finished its rows")

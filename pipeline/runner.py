@@ -13,10 +13,11 @@ import contextlib
 import dataclasses
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline import shard_jobs, stage_registry
 from pipeline.config import Config
@@ -174,7 +175,8 @@ class Runner:
             for source in plan.stage.sources(self.config):
                 self._open(source, dist)
         for plan in to_run:  # the stage's own checks against what the sources hold, e.g. the labeled set's size
-            check_sources(plan.stage, self.config, {s.name: self._opened[s.name] for s in plan.stage.sources(self.config)})
+            opened = {s.name: self._opened[s.name] for s in plan.stage.sources(self.config)}
+            check_sources(plan.stage, self.config, opened)
         if dist.is_main:  # what status and report plan with later; not written by a run refused for its input
             record_config(self.workdir, self.config)
         for plan in plans:
@@ -223,8 +225,9 @@ class Runner:
         stage, store = plan.stage, self.store
         held = None
         if dist.is_main:
-            held = locks.exclusive(store.lock_path(stage.name, plan.fingerprint), wait=True, on_wait=lambda who: self.log(
-                f"{stage.name}: waiting for {who}, which is building the same entry"))
+            held = locks.exclusive(store.lock_path(stage.name, plan.fingerprint), wait=True,
+                                   on_wait=lambda who: self.log(f"{stage.name}: waiting for {who}, which is "
+                                                                f"building the same entry"))
             held.__enter__()
         try:
             built_meanwhile = False
@@ -355,7 +358,7 @@ class Runner:
             "inputs": plan.inputs,
             "code_version": stage.code_version,
             "seconds": round(seconds, 3),
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "outputs": outputs,
         })
         with storage_errors(plan.entry):

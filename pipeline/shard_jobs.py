@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pipeline.core.atomic import atomic_write_json
 from pipeline.core.bounded import read_regular

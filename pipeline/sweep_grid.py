@@ -15,8 +15,8 @@ import itertools
 import re
 from pathlib import Path
 
-from pipeline.core.atomic import atomic_path, atomic_write_csv
 from pipeline.config import load_config, parse_override
+from pipeline.core.atomic import atomic_path, atomic_write_csv
 from pipeline.core.errors import UserError
 from pipeline.runner import Runner
 from pipeline.store import read_record, store_dir

@@ -7,8 +7,8 @@ processes; the store decides what is done.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pipeline.core.errors import UserError
 from pipeline.launchers.base import ROOT, Job, JobState, Launcher, Submitted, job_env, stage_lines, tail

@@ -13,9 +13,10 @@ import os
 import shlex
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 ROOT = Path(__file__).resolve().parent.parent.parent  # the repository root: jobs import this code
 
@@ -49,7 +50,7 @@ class Submitted:
         return {"kind": self.kind, **self.info}
 
     @classmethod
-    def from_record(cls, name: str, record: dict) -> "Submitted":
+    def from_record(cls, name: str, record: dict) -> Submitted:
         return cls(name, record["kind"], {k: v for k, v in record.items() if k != "kind"})
 
 
@@ -88,7 +89,7 @@ class Launcher(ABC):
         """Processes per job (their runs plan for it: training's fingerprint depends on it)."""
         return 1
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027  a hook: most launchers have nothing to refuse
         """Refuse what cannot work (UserError with the fix) before anything is written or submitted."""
 
     def settings_record(self) -> dict:
@@ -136,7 +137,8 @@ def job_env(threads: int | None = None, base: dict | None = None) -> dict[str, s
 def stage_lines(log_text: str, stage_names) -> list[str]:
     """The `<stage>: ran in 1.2s` / `<stage>: cached` lines of a run's log (progress bars left out)."""
     prefixes = tuple(f"{name}: " for name in stage_names)
-    return [line for line in log_text.replace("\r", "\n").splitlines() if line.startswith(prefixes) and "%|" not in line]
+    lines = log_text.replace("\r", "\n").splitlines()
+    return [line for line in lines if line.startswith(prefixes) and "%|" not in line]
 
 
 TAIL_BYTES = 64 << 10  # the end of a log that `tail` reads: a job's log can grow to gigabytes of progress bars

@@ -29,7 +29,8 @@ def gpu_devices(run_device: str) -> list[str]:
     if shutil.which("nvidia-smi") is None:
         return []
     listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-    return [str(i) for i, line in enumerate(l for l in listing.stdout.splitlines() if l.startswith("GPU "))]
+    gpus = [line for line in listing.stdout.splitlines() if line.startswith("GPU ")]
+    return [str(i) for i in range(len(gpus))]
 
 
 class LocalLauncher(Launcher):

@@ -38,7 +38,8 @@ def require_slurm():
     try:
         import submitit
     except ImportError:
-        raise UserError(f"--launcher slurm needs submitit, which is not installed; install it with {INSTALL}.") from None
+        raise UserError(f"--launcher slurm needs submitit, which is not installed; install it with "
+                        f"{INSTALL}.") from None
     if shutil.which("sbatch") is None:
         raise UserError("--launcher slurm needs SLURM's sbatch, which is not on PATH; run it on a SLURM "
                         "login node, or for a one-node test cluster on this machine run (as root) "

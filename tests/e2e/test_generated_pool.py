@@ -145,3 +145,23 @@ def test_local_jobs_make_the_shards_of_the_serial_pool(tmp_path, env, generators
     jobs, jobs_labels = read_pool(tmp_path / "jobs" / "generate")
     serial, serial_labels = read_pool(tmp_path / "serial" / "generate")
     assert jobs.shape == (40, 28, 28, 1) and (jobs == serial).all() and (jobs_labels == serial_labels).all()
+
+
+def test_the_whole_generated_chain_from_the_smoke_config(tmp_path):
+    """configs/smoke_generated.toml: a generator trained on the labeled images, its pool, the teacher's labels
+    on it (half kept), MART on the mix; a rerun takes every stage from the store."""
+    config = ROOT / "configs" / "smoke_generated.toml"
+    stages = "diffusion,generate,teacher,pseudolabel,mart"
+    workdir = tmp_path / "w"
+    first = run_cli("run", "--config", config, "--workdir", workdir, "--stages", stages)
+    for stage in stages.split(","):
+        assert f"{stage}: ran in" in first.stdout
+    with h5py.File(workdir / "pseudolabel" / "pseudolabels.h5") as f:
+        assert 300 <= len(f["labels"]) <= 305  # ceil(half) of each teacher class's images, of 600
+        assert f["images"].shape[1:] == (28, 28, 1)
+    quality = pd.read_csv(workdir / "pseudolabel" / "quality.csv")
+    assert (quality["measured_against"] == "conditioning classes").all()
+    results = pd.read_csv(workdir / "mart" / "results.csv")
+    assert set(results["attack"]) >= {"clean", "pgd20"}
+    again = run_cli("run", "--config", config, "--workdir", workdir, "--stages", stages)
+    assert all(f"{stage}: cached" in again.stdout for stage in stages.split(","))

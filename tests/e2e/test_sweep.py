@@ -3,8 +3,8 @@ import pandas as pd
 
 from tests.conftest import SMOKE, run_cli
 
-TINY = ["--set", "teacher.epochs=1", "--set", "pool.limit=256", "--set", "mart.epochs=1", "--set", "mart.epoch_size=128",
-        "--set", "mart.eval_n=32"]
+TINY = ["--set", "teacher.epochs=1", "--set", "pool.limit=256", "--set", "mart.epochs=1",
+        "--set", "mart.epoch_size=128", "--set", "mart.eval_n=32"]
 
 
 def test_a_2x2_sweep_writes_4_rows_and_builds_one_teacher(tmp_path):

@@ -19,7 +19,7 @@ SOURCE = textwrap.dedent('''
 
     from pipeline.stage import Stage
 
-    N_BLOCKS = %d
+    N_BLOCKS = {n_blocks}
 
 
     @dataclass
@@ -51,7 +51,7 @@ SOURCE = textwrap.dedent('''
         index, count = ctx.shard or (0, 1)
         for s in range(N_BLOCKS):
             path = ctx.out_dir / f"block-{s}.bin"
-            if s %% count != index or path.exists():
+            if s % count != index or path.exists():
                 continue
             time.sleep(cfg.seconds_per_block)
             if s == cfg.fail_block:
@@ -69,7 +69,7 @@ SOURCE = textwrap.dedent('''
                    inputs=lambda config: ("salt",), insignificant=("fail_block", "seconds_per_block"),
                    outputs=tuple(f"block-{s}.bin" for s in range(N_BLOCKS)) + ("blocks.json",),
                    shards=lambda config: N_BLOCKS)
-''' % N_BLOCKS)
+''').replace("{n_blocks}", str(N_BLOCKS))
 
 
 def install(site) -> dict:

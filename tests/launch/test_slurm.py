@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import time
 
-
 from pipeline.config import load_config
 from pipeline.runner import Runner
 from tests.conftest import SMOKE
@@ -55,7 +54,7 @@ def test_a_2x2_sweep_through_slurm_survives_scancel_and_matches_the_serial_sweep
 
     status = sweep("--workdir", out, *GRID, "--status", check=False)
     assert status.returncode == 1, status.stdout
-    line = next(l for l in status.stdout.splitlines() if l.startswith(f"{victim}:"))
+    line = next(row for row in status.stdout.splitlines() if row.startswith(f"{victim}:"))
     assert "CANCELLED" in line and "mart missing" in line
     assert f"{victim} FAILED: job {victim_job['job_id']} CANCELLED" in status.stdout
     assert str(out / "slurm") in status.stdout

@@ -83,8 +83,8 @@ def stage_loop(images: np.ndarray, labels: np.ndarray, steps: int, *, channels_l
     return rows[-1]["images_per_s"]
 
 
-def run(quick: bool = False) -> list[Comparison]:
-    steps, rounds = (6, 2) if quick else (12, 3)
+def run(quick: bool = False, steps: int | None = None, rounds: int | None = None) -> list[Comparison]:
+    steps, rounds = steps or (6 if quick else 12), rounds or (2 if quick else 3)
     images, labels = images_and_labels(steps * BATCH)
     for warm in (lambda: bare_loop(images, labels, 1), lambda: stage_loop(images, labels, 1, channels_last=True)):
         warm()  # oneDNN primitives are created on the first step

@@ -6,7 +6,8 @@
 2. mart         the stage's MART loop vs a bare reference loop           fp32 >= 1.0, bf16 >= 1.5 (native bf16 only)
 3. loader       MixedBatchLoader delivery vs MART consumption            >= 5
 4. memory       peak RSS pseudo-labeling a 10x larger pool               <= 1.2x, growth <= 0.25x the pool's
-5. generate     the generate stage vs a bare diffusers sampling loop     >= 0.95
+5. diffusion    the diffusion stage's training loop vs a bare diffusers loop   >= 1.0
+6. generate     the generate stage vs a bare diffusers sampling loop     >= 0.95
                peak RSS generating 1M vs 100K images                     <= 1.1x
 
 GPU readiness and WRN-28-10 MART images/s and MFU are `python -m benchmarks.gpu_check` (its own table).
@@ -29,10 +30,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from benchmarks import bench_generate, bench_loader, bench_mart, bench_memory, bench_pseudolabel
+from benchmarks import bench_diffusion, bench_generate, bench_loader, bench_mart, bench_memory, bench_pseudolabel
 from benchmarks.common import Comparison, machine
 
-BENCHMARKS = ("pseudolabel", "mart", "loader", "memory", "generate")
+BENCHMARKS = ("pseudolabel", "mart", "loader", "memory", "diffusion", "generate")
 
 
 def run_all(quick: bool = False, full: bool = False, only=BENCHMARKS) -> list[Comparison]:
@@ -48,6 +49,8 @@ def run_all(quick: bool = False, full: bool = False, only=BENCHMARKS) -> list[Co
         rows += bench_loader.run(quick=quick, consumer_images_per_s=consumer)
     if "memory" in only:
         rows += bench_memory.run(quick=quick)
+    if "diffusion" in only:
+        rows += bench_diffusion.run(quick=quick)
     if "generate" in only:
         rows += bench_generate.run(quick=quick)
     return rows

@@ -78,3 +78,12 @@ def test_run_all_writes_the_csv(tmp_path, monkeypatch):
     assert "1 of 2 targets met" in run_all.summary(rows)
     with pytest.raises(SystemExit):
         run_all.main(["--only", "nonsense"])
+
+
+def test_diffusion_compares_the_stage_loop_with_the_bare_diffusers_loop():
+    from benchmarks import bench_diffusion
+
+    rows = bench_diffusion.run(steps=1, rounds=1)
+    assert [r.name for r in rows] == ["stage fp32 vs bare diffusers loop",
+                                      "stage fp32+channels_last vs bare diffusers loop"]
+    assert all(r.measured > 0 and r.reference > 0 and r.target == 1.0 for r in rows)

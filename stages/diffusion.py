@@ -37,7 +37,7 @@ class DiffusionConfig:
     attention: bool = False  # self-attention blocks at every resolution (diffusers' AttnDownBlock2D)
     num_train_timesteps: int = 1000  # DDPM noise levels (linear betas 1e-4..0.02)
     flip: bool = True  # random horizontal flips of the training images
-    sample_steps: int = 20  # DPM-Solver++ steps for samples.png
+    sample_steps: int = 20  # DDIM steps for samples.png
 
     RANGES: ClassVar[dict] = {
         "epochs": at_least(1, high=MAX_EPOCHS),

@@ -151,3 +151,14 @@ def test_the_sample_grid_is_a_row_per_class():
                         device=torch.device("cpu"))
     assert np.array_equal(grid, again)
     assert not np.array_equal(grid[:28], grid[28:56])  # two classes from the same noise differ
+
+
+def test_the_shipped_demo_generator_fits_fashion_mnist():
+    """configs/demo_generated.toml imports it: a class-conditional 28x28x1 model, about 1 MB of safetensors."""
+    from ml.diffusion import load_generator
+
+    directory = ROOT / "generators" / "fashion-mnist-264k"
+    unet, schedule, info = load_generator(directory)
+    assert (info.num_classes, info.image_size, info.in_channels) == (10, 28, 1)
+    assert sum(p.numel() for p in unet.parameters()) == 263_665
+    assert (directory / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size < 1.2e6

@@ -1,7 +1,10 @@
 import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,22 @@ def run_cli(*args, check=True, timeout=300, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def kill_when(args, written: Callable[[], list], timeout: float = 300) -> None:
+    """Start `python -m pipeline run ARGS`, SIGKILL it as soon as `written()` finds what it waits for (e.g. a
+    training checkpoint in a partial directory): a kill in the middle of the work, on the condition, not a timer."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while not written():
+            assert proc.poll() is None, "the run ended before what the kill waits for was written"
+            assert time.monotonic() < deadline, "nothing was written in time"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,35 +1,20 @@
 """kill -9 in the middle of a stage, rerun: it resumes, says so, and ends bit-identical (CPU) to the
 uninterrupted smoke run."""
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, SMOKE, run_cli
+from tests.conftest import SMOKE, kill_when, run_cli
 
 
 def kill_when_checkpointed(workdir, stage, timeout=120):
     """Start the smoke run, SIGKILL it as soon as `stage` has written its first training checkpoint."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--config", str(SMOKE), "--workdir",
-                             str(workdir), "--set", "run.checkpoint_every_s=0"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = workdir.parent / "store" / stage  # the test's stage store (tests/conftest.py)
-    partials = lambda: list(store.glob("*.partial/train_state.pt"))  # noqa: E731
-    deadline = time.monotonic() + timeout
-    try:
-        while not partials():  # wait for the condition, not for a guessed duration
-            assert proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_when(["--config", SMOKE, "--workdir", workdir, "--set", "run.checkpoint_every_s=0"],
+              lambda: list(store.glob("*.partial/train_state.pt")), timeout=timeout)
     assert not (workdir / stage).exists(), "the kill came too late to interrupt the stage"
 
 

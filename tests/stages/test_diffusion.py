@@ -1,16 +1,12 @@
 """The diffusion stage: trains a class-conditional diffusers UNet on the labeled images only (resuming after
 kill -9 to the same bytes), or imports a diffusers directory the user has; bad directories exit 2."""
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, SMOKE, run_cli
+from tests.conftest import ROOT, SMOKE, kill_when, run_cli
 
 TINY = ["diffusion.block_out_channels=[8,16]", "diffusion.epochs=2", "diffusion.batch_size=50",
         "diffusion.sample_steps=2", "data.num_labeled=200"]
@@ -63,18 +59,8 @@ def test_the_generator_never_depends_on_the_pool(trained):
 
 def test_kill_9_then_resume_gives_the_same_weights(trained, tmp_path):
     workdir = tmp_path / "w"
-    args = [sys.executable, "-m", "pipeline", "run", "--config", str(SMOKE), "--workdir", str(workdir), "--stages",
-            "diffusion", *sets(*TINY, "run.checkpoint_every_s=0")]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    try:
-        while not list((tmp_path / "store" / "diffusion").glob("*.partial/diffusion_state.pt")):
-            assert proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+    args = ["--config", SMOKE, "--workdir", workdir, "--stages", "diffusion", *sets(*TINY, "run.checkpoint_every_s=0")]
+    kill_when(args, lambda: list((tmp_path / "store" / "diffusion").glob("*.partial/diffusion_state.pt")))
     assert not (workdir / "diffusion").exists(), "the kill came too late to interrupt the stage"
     rerun = run_cli("run", "--config", SMOKE, "--workdir", workdir, "--stages", "diffusion",
                     *sets(*TINY, "run.checkpoint_every_s=0"))

@@ -41,7 +41,6 @@ STATE_FILE = "diffusion_state.pt"  # resume state in the stage's partial directo
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 DEFAULT_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
                     "prediction_type": "epsilon"}  # DDPM's (Ho et al. 2020)
-METRIC_COLUMNS = ["epoch", "step", "loss", "lr", "train_acc", "images_per_s", "seconds"]
 
 
 @dataclass(frozen=True)
@@ -240,6 +239,7 @@ def train_diffusion(unet, images: np.ndarray, labels: np.ndarray | None, recipe:
                                "epoch": next_epoch, "batch": next_batch, "totals": list(sums)}, state_path)
 
     amp = autocast(device, precision)
+    memory_format = _memory_format(unet)  # the inputs follow the weights' layout (run.channels_last)
     generator = torch.Generator(device=device)
     for epoch in range(start_epoch, recipe.epochs):
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed_from(seed, epoch)))
@@ -264,7 +264,7 @@ def train_diffusion(unet, images: np.ndarray, labels: np.ndarray | None, recipe:
             s = (1 - alphas[t]).sqrt()[:, None, None, None]
             noisy = a * x0 + s * noise
             with amp:
-                predicted = train_model(noisy.contiguous(memory_format=_memory_format(unet)), t,
+                predicted = train_model(noisy.contiguous(memory_format=memory_format), t,
                                         class_labels=classes[rows_index] if classes is not None else None).sample
                 loss = F.mse_loss(predicted.float(), noise)
             optimizer.zero_grad(set_to_none=True)

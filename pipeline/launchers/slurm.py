@@ -59,6 +59,14 @@ def sbatch_options(options: list[str]) -> dict:
     return parsed
 
 
+def master_port(job_id: str) -> int:
+    """The rendezvous port every task of job `job_id` derives alike. submitit's own pick (20000-60000) falls
+    in Linux's ephemeral range (32768-60999) three times in four, where any outgoing connection on the
+    node may hold it: rank 0 then cannot bind and the other ranks wait for it. Below that range, no
+    connection is handed the port by the kernel."""
+    return 20000 + int(job_id) % 12000
+
+
 class RunJob:
     """The callable submitit pickles: runs `job` as a subprocess and is checkpointable (requeued on time-out)."""
 
@@ -72,7 +80,9 @@ class RunJob:
         if tasks > 1:
             # The rendezvous torchrun would give: rank 0's host and a port derived from the job id.
             # Every task sees all of its node's GPUs; LOCAL_RANK picks one (pipeline.core.distributed).
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            rendezvous = submitit.helpers.TorchDistributedEnvironment()
+            rendezvous.master_port = master_port(os.environ["SLURM_JOB_ID"])
+            rendezvous.export(set_cuda_visible_devices=False)
         threads = os.environ.get("SLURM_CPUS_PER_TASK")
         self._child = subprocess.Popen(job.command, cwd=job.cwd, env=job_env(int(threads) if threads else None))
         code = self._child.wait()
@@ -115,6 +125,9 @@ def make_executor(folder: Path, launcher, *, name: str):
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=launcher.max_requeues)
     params = {"job_name": name, "time": launcher.time_min, "nodes": launcher.nodes,
               "ntasks_per_node": launcher.tasks_per_node, "signal_delay_s": 60,
+              # A task that fails (a rank that could not start its process group) ends the job's
+              # other tasks, which would otherwise wait for it until the time limit.
+              "srun_args": ["--kill-on-bad-exit=1"],
               "additional_parameters": sbatch_options(launcher.sbatch),
               # submitit unpickles RunJob in the job: this worktree's code must be importable there.
               "setup": [f"export PYTHONPATH={shlex.quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]}

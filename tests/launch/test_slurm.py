@@ -9,8 +9,10 @@ import json
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 from pipeline.config import load_config
+from pipeline.launchers.slurm import master_port
 from pipeline.runner import Runner
 from tests.conftest import SMOKE
 from tests.launch.conftest import GRID, LONG, THREADS, TINY, model_digest, sweep
@@ -109,5 +111,14 @@ def test_one_variant_over_two_tasks_trains_as_under_torchrun(tmp_path, slurm, se
     rank0 = (out / "slurm" / f"{job['job_id']}_0_log.out").read_text()
     rank1 = (out / "slurm" / f"{job['job_id']}_1_log.out").read_text()
     assert "global_rank=0(2)" in rank0 and "global_rank=1(2)" in rank1
+    # One task that fails ends the other instead of leaving it waiting for its rank 0.
+    assert "--kill-on-bad-exit=1" in (out / "slurm" / f"{job['job_id']}_submission.sh").read_text()
     assert "mart: ran in" in rank0 and "mart: ran in" not in rank1  # only rank 0 reports, as under torchrun
     assert "mart: ran in" in proc.stdout and (out / "base" / "mart" / "model.pt").exists()
+
+
+def test_the_rendezvous_port_is_outside_the_ephemeral_range_and_the_same_for_every_task():
+    low, _high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = {master_port(str(job_id)) for job_id in range(1, 50_000, 7)}
+    assert max(ports) < low and min(ports) >= 1024 and len(ports) > 1000
+    assert master_port("4711") == master_port("4711")

@@ -9,6 +9,13 @@ from pathlib import Path
 
 import pytest
 
+# One OpenMP thread in the test process and in every process it starts (they inherit the environment): the
+# tests' tensors are small, and a 2-rank torchrun or a CLI child beside the parent would otherwise run 4
+# threads on a 2-core machine, where a descheduled thread stalls its team at every barrier (the suite took
+# 24.5 minutes that way on 2 cores, 13.4 with one thread per process). A user's own setting wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.toml"
 

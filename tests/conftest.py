@@ -20,6 +20,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.toml"
 
 
+def pytest_collection_modifyitems(items):
+    """The launcher tests run in one xdist worker, one after another: they share the one-node SLURM
+    cluster (two sweeps at once would queue behind each other's jobs) and the serial reference sweep, a
+    session fixture that each worker would otherwise build again."""
+    launch = ROOT / "tests" / "launch"
+    for item in items:
+        if launch in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.xdist_group("launch"))
+
+
 def run_cli(*args, check=True, timeout=300, env=None):
     """`python -m pipeline ...` in a subprocess, as a user runs it; returns the CompletedProcess."""
     proc = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=ROOT, capture_output=True,

@@ -13,8 +13,8 @@
    100,000 vs 1,000,000 images of 28x28x1 from a tiny UNet at 1 step (--quick: 2,000 vs 20,000). Target: the
    larger pool's peak resident set <= 1.1x the smaller's (the stage holds one batch, never the pool).
 
-Runtime: on 2 idle cores the default sizes take tens of minutes (the 1M-image child dominates); --quick
-about a minute. Not yet measured on an idle machine: figures go to benchmarks/README.md when they are.
+Runtime: the default sizes take about 17 minutes on 2 cores (the 1M-image child, about 15); --quick about a
+minute. Figures: docs/benchmarks/generated-pools.md.
 """
 from __future__ import annotations
 

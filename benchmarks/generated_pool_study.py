@@ -40,7 +40,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -181,8 +181,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     budget = QUICK if args.quick else DEFAULT
     if args.seeds or args.epochs:
-        budget = Budget(**{**budget.__dict__, "seeds": tuple(args.seeds or budget.seeds),
-                           "epochs": tuple(sorted(args.epochs or budget.epochs))})
+        budget = replace(budget, seeds=tuple(args.seeds or budget.seeds),
+                         epochs=tuple(sorted(args.epochs or budget.epochs)))
     name = "generated_pool_study"
     workdir = Path(args.workdir or (f"runs/{name}_quick" if args.quick else f"runs/{name}"))
     out = Path(args.out or (workdir / f"{name}.csv" if args.quick else f"benchmarks/{name}.csv"))

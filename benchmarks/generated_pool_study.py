@@ -32,7 +32,7 @@ images, budgets of 1 and 2 epochs of 128 examples, 64 test images, one seed: a s
 (under a minute), numbers meaningless.
 
 Results and the machine they were measured on: docs/benchmarks/generated-pools.md (rows in
-benchmarks/generated_pool_study.csv).
+benchmarks/generated_pool_study.csv, curves in generated_pool_study.png beside it).
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ import pandas as pd
 
 from benchmarks.reproduce_fashion import _stage_record, machine
 from pipeline.config import CONFIG_DIR
-from pipeline.core.atomic import atomic_write_csv
+from pipeline.core.atomic import atomic_path, atomic_write_csv
 from pipeline.core.errors import UserError
 from pipeline.sweep_grid import SEED_KEY, run_sweep
 
@@ -170,6 +170,31 @@ def labeling_table(raw: pd.DataFrame) -> pd.DataFrame:
     return table.join(teacher.rename("teacher on real test (%)")).reset_index()
 
 
+def plot(raw: pd.DataFrame, path: Path) -> None:
+    """Clean and PGD-20 against training examples, one line per setting (mean over seeds, std as error bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ATTACKS), figsize=(10, 4))
+    for ax, attack in zip(axes, ATTACKS):
+        for setting in SETTINGS:
+            curve = raw[raw["setting"] == setting].groupby("examples")[attack]
+            if len(curve):
+                ax.errorbar(curve.mean().index, curve.mean(), yerr=curve.std().fillna(0), marker="o", capsize=3,
+                            label=setting)
+        ax.set_xscale("log")
+        ax.set_xlabel("training examples")
+        ax.set_ylabel(f"{'PGD-20' if attack == 'pgd20' else attack} accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one seed: a smoke test (~1 minute)")
@@ -197,12 +222,14 @@ def main(argv=None) -> int:
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(out, raw.assign(num_labeled=budget.num_labeled, arch=budget.arch))
+    plot(raw, out.with_suffix(".png"))
     print(f"\nFashion-MNIST, {budget.num_labeled} labels, {budget.arch}, L-inf eps 0.1; test accuracy (%) on "
           f"{budget.eval_n} test images, mean ± std over seeds, by training examples:")
     print(summarize(raw).to_string(index=False))
     print("\nThe teacher on real test images and on each pool (agreement with the pool's own labels):")
     print(labeling_table(raw).to_string(index=False, float_format="%.2f"))
-    print(f"total {(time.perf_counter() - start) / 60:.1f} min (cached stages count 0); rows in {out}")
+    print(f"total {(time.perf_counter() - start) / 60:.1f} min (cached stages count 0); rows in {out}, curves in "
+          f"{out.with_suffix('.png')}")
     return 0
 
 

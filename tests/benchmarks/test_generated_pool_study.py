@@ -45,6 +45,9 @@ def test_quick_study_rows_table_and_shared_stages(tmp_path, monkeypatch, capsys)
     assert len(table) == len(budgets) * len(study.SETTINGS) and (table["seeds"] == 1).all()
     assert all(re.fullmatch(r"\d{1,3}\.\d", cell) for cell in table["pgd20"])
 
+    study.plot(raw, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
     # One teacher, one generator and one generated pool for the seed, shared by every sweep that needs them.
     store = tmp_path / ".store"
     for stage in ("teacher", "diffusion", "generate"):

@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(items):
     session fixture that each worker would otherwise build again."""
     launch = ROOT / "tests" / "launch"
     for item in items:
-        if launch in Path(item.fspath).parents:
+        if launch in item.path.parents:
             item.add_marker(pytest.mark.xdist_group("launch"))
 
 

@@ -12,7 +12,7 @@ from benchmarks import generated_pool_study as study
 from pipeline.store import STORE_ENV
 
 
-def test_quick_study_rows_table_and_shared_stages(tmp_path, monkeypatch, capsys):
+def test_quick_study_rows_table_and_shared_stages(tmp_path, monkeypatch):
     monkeypatch.delenv(STORE_ENV, raising=False)  # the store is <workdir>/.store, beside the sweeps
     raw = study.run(study.QUICK, tmp_path, log=lambda line: None)
 

@@ -5,6 +5,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import h5py
 import numpy as np
@@ -28,12 +29,14 @@ class PseudoLabelWriter:
     cannot be read or claims rows it does not hold (`discarded` says why, and `log` is told).
 
     A full disk or I/O error while writing raises a UserError naming the file and the free space. The
-    file then keeps what the last commit made durable: a commit flushes and fsyncs the rows before it
-    records them in `rows_written`, so the recorded progress never runs ahead of the disk. With
-    `commit_seconds` = 0 every append commits; with more, an append commits only when that long has
-    passed since the last commit (and `finish` always does), so a kill redoes at most that much work
-    and a fast producer does not pay a flush and an fsync per block (`rows_written`/`pool_rows_done`
-    here count every appended row; the file's attributes, what a resume reads, count the committed).
+    file then keeps what the last commit made durable: the rows are flushed and fsynced before
+    `rows_written` records them, so the recorded progress never runs ahead of the disk. With
+    `commit_seconds` = 0 every append commits, fsync included; with more, an append commits only when
+    that long has passed since the last commit (and `finish` always does), and the fsync runs in a
+    thread of its own: the counts it covers are recorded by the next commit once it has returned, so
+    the producer does not wait for the disk (fsync is a wait, not work: the thread takes no core from
+    the teacher) and a kill redoes at most two intervals of work (`rows_written`/`pool_rows_done` here
+    count every appended row; the file's attributes, what a resume reads, count the committed).
     """
 
     def __init__(self, path, *, capacity: int, image_shape: tuple[int, int, int], num_classes: int,
@@ -59,6 +62,9 @@ class PseudoLabelWriter:
         self._fd = -1  # the HDF5 driver's descriptor, for fsync and for abandoning a failed file
         self.commit_seconds = float(commit_seconds)
         self._committed_at = time.monotonic()
+        self._syncer: ThreadPoolExecutor | None = None
+        self._sync: Future | None = None  # the fsync in flight, and the counts it makes durable
+        self._sync_counts = (0, 0)
 
         self.discarded: str | None = None
         self.resumed = self._check_resumable(attrs)
@@ -147,6 +153,7 @@ class PseudoLabelWriter:
         Pointing the driver's descriptor at /dev/null lets that close succeed while the file keeps what
         the last successful flush wrote; the next writer checks it before resuming.
         """
+        self._stop_syncing()
         f, self._file = self._file, None
         if f is None:
             return
@@ -230,30 +237,80 @@ class PseudoLabelWriter:
 
         with self._storage_failures():
             if n:
-                self._datasets["images"][start:stop] = images
+                self._write_images(start, images)
                 for name, col in columns.items():
                     self._datasets[name][start:stop] = col
         self.rows_written, self.pool_rows_done = stop, int(pool_rows_done)
         if time.monotonic() - self._committed_at >= self.commit_seconds:
             self._commit()
 
-    def _commit(self) -> None:
+    def _write_images(self, start: int, images: np.ndarray) -> None:
+        """The rows' whole chunks go to the file as they are, the partial ones at the edges through HDF5's chunk
+        cache. A whole chunk written through the cache is copied into it and written again at its eviction or
+        the next flush: at 500,000 32x32x3 images that was 2-3 s of a 55 s stage on a 2-core CPU."""
+        dataset = self._datasets["images"]
+        c = self.rows_per_chunk
+        first = min(-(-start // c) * c, start + len(images))
+        last = max(first, (start + len(images)) // c * c)
+        if self._direct_chunks and last > first:
+            rows, origin = np.ascontiguousarray(images), (0,) * len(self.image_shape)
+            for chunk_start in range(first, last, c):
+                dataset.id.write_direct_chunk((chunk_start, *origin), rows[chunk_start - start:chunk_start - start + c])
+        else:
+            first = last = start
+        if first > start:
+            dataset[start:first] = images[:first - start]
+        if start + len(images) > last:
+            dataset[last:start + len(images)] = images[last - start:]
+
+    @property
+    def _direct_chunks(self) -> bool:
+        # Filtered chunks (compression) are stored encoded: only HDF5 can write them.
+        return self._datasets["images"].id.get_create_plist().get_nfilters() == 0
+
+    def _commit(self, wait: bool = False) -> None:
         # The rows reach the disk (flush and fsync: NFS reports a full disk only there) before the counts
         # that record them, so the counts on disk never run ahead of the rows. The counts themselves need
         # no fsync: if they are lost, a resume redoes these rows, and the next commit's fsync (or the
         # close) reports any failure to write them.
+        wait = wait or self.commit_seconds <= 0 or self._fd < 0
         with self._storage_failures():
-            self._durable_flush()
-            self._file.attrs["rows_written"] = self.rows_written
-            self._file.attrs["pool_rows_done"] = self.pool_rows_done
-            self._file.flush()
+            if self._sync is not None:
+                if not (wait or self._sync.done()):
+                    return  # the disk has not caught up: record nothing new yet, try again at the next append
+                self._sync.result()  # raises what the fsync raised
+                self._record(*self._sync_counts)
+                self._sync = None
+            counts = (self.rows_written, self.pool_rows_done)
+            if wait:
+                self._durable_flush()
+                self._record(*counts)
+                self._file.flush()
+            else:
+                self._file.flush()  # HDF5's caches to the kernel; the fsync only waits for the disk
+                self._syncer = self._syncer or ThreadPoolExecutor(1, thread_name_prefix="h5-fsync")
+                self._sync, self._sync_counts = self._syncer.submit(os.fsync, self._fd), counts
         self._committed_at = time.monotonic()
+
+    def _record(self, rows_written: int, pool_rows_done: int) -> None:
+        self._file.attrs["rows_written"] = rows_written
+        self._file.attrs["pool_rows_done"] = pool_rows_done
+
+    def _stop_syncing(self) -> None:
+        """Wait for an fsync in flight (its failure is the caller's to report, or moot) and end its thread."""
+        if self._sync is not None:
+            with contextlib.suppress(OSError):
+                self._sync.result()
+            self._sync = None
+        if self._syncer is not None:
+            self._syncer.shutdown()
+            self._syncer = None
 
     def finish(self) -> None:
         """Shrink every dataset to the rows written, mark the file complete, close it."""
         if self._file is None:
             raise ValueError("PseudoLabelWriter: finish after close")
-        self._commit()
+        self._commit(wait=True)
         with self._storage_failures():
             for dataset in self._datasets.values():
                 dataset.resize(self.rows_written, axis=0)
@@ -263,7 +320,12 @@ class PseudoLabelWriter:
         self.close()
 
     def close(self) -> None:
-        """Close without finishing: the file stays incomplete and resumable."""
+        """Close without finishing: the file stays incomplete and resumable, counting what reached the disk."""
+        if self._file is not None and self._sync is not None:
+            with contextlib.suppress(OSError, RuntimeError):  # a failed fsync: those rows are redone
+                self._sync.result()
+                self._record(*self._sync_counts)
+        self._stop_syncing()
         if self._file is not None:
             with self._storage_failures():
                 self._file.close()  # closes the datasets too, raising (not printing) a failed flush

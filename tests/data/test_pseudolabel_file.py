@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import Future
 
 import h5py
 import numpy as np
@@ -411,29 +412,79 @@ def test_real_full_disk_on_a_tmpfs_then_more_space(tmp_path, rows_per_chunk):
         r.close()
 
 
-def test_commit_interval_counts_only_committed_rows_and_finish_commits(tmp_path, monkeypatch):
-    """With commit_seconds, rows are written at once but made durable and counted only when the interval has
-    passed: a kill before then resumes at the last commit, and the resumed file equals an uninterrupted one."""
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_whole_chunks_written_directly_and_partial_ones_through_the_cache_read_back_exactly(tmp_path, compression):
+    """Blocks that fill exactly one chunk (16 rows here), stay inside one, or start mid-chunk, cover a whole one
+    and end mid-chunk:
+    the rows read back as written, whether the whole chunks went straight to the file or (compressed) through
+    HDF5's filters."""
+    src, path = make_pool(), tmp_path / "p.h5"
+    w = new_writer(path, compression=compression)
+    for start, stop in ((0, 16), (16, 19), (19, N)):
+        append_rows(w, src, start, stop)
+    w.finish()
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["images"][()], src["images"])
+        assert f["images"].compression == compression
+    validate_pseudolabels(path)
+
+
+class _HeldFsyncs:
+    """The writer's fsync thread, made deterministic: an fsync returns when the test releases it."""
+
+    def __init__(self, *args, **kwargs):
+        self.held = []
+
+    def submit(self, fn, *args):
+        self.held.append((Future(), fn, args))
+        return self.held[-1][0]
+
+    def release(self):
+        for done, fn, args in self.held:
+            done.set_result(fn(*args))
+        self.held.clear()
+
+    def shutdown(self):
+        self.release()
+
+
+def test_commit_interval_counts_only_rows_whose_fsync_returned_and_finish_commits(tmp_path, monkeypatch):
+    """With commit_seconds, rows are written at once, flushed when the interval has passed and counted only
+    once their fsync (in a thread of its own) has returned: a kill resumes at the last rows counted, and the
+    resumed file equals an uninterrupted one."""
     from data import pseudolabel_writer as plw
 
-    clock = {"now": 1000.0}
+    clock, fsyncs = {"now": 1000.0}, _HeldFsyncs()
     monkeypatch.setattr(plw.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(plw, "ThreadPoolExecutor", lambda *a, **k: fsyncs)
     src, path = make_pool(), tmp_path / "p.h5"
     write_file(tmp_path / "straight.h5", src)
+
+    def counted():  # what a resume would read
+        with h5py.File(path, "r") as f:
+            return int(f.attrs["rows_written"]), int(f.attrs["pool_rows_done"])
+
     w = new_writer(path, commit_seconds=5.0)
     append_rows(w, src, 0, 10)  # 0 s since creation: written, not committed
     clock["now"] += 5.0
-    append_rows(w, src, 10, 20)  # 5 s: commits rows 0-20
+    append_rows(w, src, 10, 20)  # 5 s: rows 0-20 flushed, their fsync started
     append_rows(w, src, 20, 30)
-    assert (w.rows_written, w.pool_rows_done) == (30, 60)
-    with h5py.File(path, "r") as f:  # what a resume would read
-        assert (f.attrs["rows_written"], f.attrs["pool_rows_done"]) == (20, 40)
-    w.close()  # a kill: the uncommitted block is redone
+    assert (w.rows_written, w.pool_rows_done) == (30, 60) and counted() == (0, 0)
+    clock["now"] += 5.0
+    append_rows(w, src, 30, 40)  # 10 s: the fsync has not returned, so nothing new is counted
+    assert counted() == (0, 0) and len(fsyncs.held) == 1
+    fsyncs.release()
+    clock["now"] += 5.0
+    append_rows(w, src, 40, 50)  # 15 s: rows 0-20 counted, rows 0-50's fsync started
+    assert counted() == (20, 40)
+    fsyncs.release()
+    w.close()  # a stop: the fsync that returned has its rows counted
 
     w = new_writer(path, commit_seconds=5.0)
-    assert w.resumed and (w.rows_written, w.pool_rows_done) == (20, 40)
-    append_rows(w, src, 20, N)
-    w.finish()  # commits what is pending before it marks the file complete
+    assert w.resumed and (w.rows_written, w.pool_rows_done) == (50, 100)
+    append_rows(w, src, 50, N)
+    w.finish()  # commits what is pending, fsync included, before it marks the file complete
+    assert not fsyncs.held
     with h5py.File(tmp_path / "straight.h5", "r") as a, h5py.File(path, "r") as b:
         assert b.attrs["rows_written"] == a.attrs["rows_written"]
         for name in ("images", "labels", "confidence", "pool_index", "logits"):

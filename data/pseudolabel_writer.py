@@ -246,22 +246,20 @@ class PseudoLabelWriter:
 
     def _write_images(self, start: int, images: np.ndarray) -> None:
         """The rows' whole chunks go to the file as they are, the partial ones at the edges through HDF5's chunk
-        cache. A whole chunk written through the cache is copied into it and written again at its eviction or
-        the next flush: at 500,000 32x32x3 images that was 2-3 s of a 55 s stage on a 2-core CPU."""
-        dataset = self._datasets["images"]
-        c = self.rows_per_chunk
-        first = min(-(-start // c) * c, start + len(images))
-        last = max(first, (start + len(images)) // c * c)
-        if self._direct_chunks and last > first:
-            rows, origin = np.ascontiguousarray(images), (0,) * len(self.image_shape)
-            for chunk_start in range(first, last, c):
-                dataset.id.write_direct_chunk((chunk_start, *origin), rows[chunk_start - start:chunk_start - start + c])
-        else:
-            first = last = start
+        cache. Through the cache a whole chunk is copied into it and written out at its eviction or the next
+        flush: 1.35 s of HDF5 flushes in a 55 s stage (500,000 32x32x3 images, 2-core CPU), 0.015 s direct."""
+        dataset, c, end = self._datasets["images"], self.rows_per_chunk, start + len(images)
+        first, last = min(-(-start // c) * c, end), end // c * c  # the whole chunks' rows: [first, last)
+        if last <= first or not self._direct_chunks:
+            dataset[start:end] = images
+            return
+        rows, origin = np.ascontiguousarray(images), (0,) * len(self.image_shape)
+        for chunk_start in range(first, last, c):
+            dataset.id.write_direct_chunk((chunk_start, *origin), rows[chunk_start - start:chunk_start - start + c])
         if first > start:
             dataset[start:first] = images[:first - start]
-        if start + len(images) > last:
-            dataset[last:start + len(images)] = images[last - start:]
+        if end > last:
+            dataset[last:end] = images[last - start:]
 
     @property
     def _direct_chunks(self) -> bool:

@@ -1,6 +1,6 @@
 """Does a generated pool help MART as the real unlabeled pool does? Fashion-MNIST, on a CPU, as a curve in budget.
 
-    python -m benchmarks.generated_pool_study [--quick] [--seeds 0 1 2] [--epochs 4 16 32]
+    python -m benchmarks.generated_pool_study [--quick] [--seeds 0 1 2] [--epochs 4 16 32 64]
                                               [--workdir runs/generated_pool_study]
                                               [--out benchmarks/generated_pool_study.csv]
 
@@ -25,8 +25,8 @@ seed's pools are built once. The smaller budgets run first, for every setting an
 stopped part way (it resumes; every stage is cached) has whole rows of the curve. Evaluation is the
 eval stage with eval.attacks [clean, pgd20] on eval.n test images (eval.sweep and eval.checks off).
 
-Budget (default): mart.epochs 4, 16 and 32 x 6,144 examples (4, 16 and 32 passes' worth of the 6,000
-labels), 27 models, everything else as configs/demo_generated.toml (small-cnn, PGD-2 training attack,
+Budget (default): mart.epochs 4, 16, 32 and 64 x 6,144 examples (4 to 64 passes' worth of the 6,000
+labels), 36 models, everything else as configs/demo_generated.toml (small-cnn, PGD-2 training attack,
 beta 2, SGD 0.05 cosine, training precision auto). `--quick`: 500 labels, tiny-cnn, 256 generated
 images, budgets of 1 and 2 epochs of 128 examples, 64 test images, one seed: a smoke test of this script
 (under a minute), numbers meaningless.
@@ -101,7 +101,7 @@ class Budget:
 
 
 DEFAULT = Budget(num_labeled=6000, generated=12_000, pool_limit=0, arch="small-cnn", teacher_epochs=10,
-                 epochs=(4, 16, 32), epoch_size=6144, batch_size=128, eval_n=10_000, seeds=(0, 1, 2))
+                 epochs=(4, 16, 32, 64), epoch_size=6144, batch_size=128, eval_n=10_000, seeds=(0, 1, 2))
 QUICK = Budget(num_labeled=500, generated=256, pool_limit=2000, arch="tiny-cnn", teacher_epochs=1, epochs=(1, 2),
                epoch_size=128, batch_size=64, eval_n=64, seeds=(0,))
 
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one seed: a smoke test (~1 minute)")
     parser.add_argument("--seeds", type=int, nargs="+", help="run.seed values (default: 0 1 2; --quick: 0)")
-    parser.add_argument("--epochs", type=int, nargs="+", help="the budgets, as mart.epochs (default 4 16 32)")
+    parser.add_argument("--epochs", type=int, nargs="+", help="the budgets, as mart.epochs (default 4 16 32 64)")
     parser.add_argument("--workdir", help="sweeps and their store (default runs/generated_pool_study[_quick])")
     parser.add_argument("--out", help="CSV of the per-model rows (default benchmarks/generated_pool_study.csv; "
                                       "--quick: <workdir>/generated_pool_study.csv)")

@@ -34,9 +34,9 @@ class PseudoLabelWriter:
     `commit_seconds` = 0 every append commits, fsync included; with more, an append commits only when
     that long has passed since the last commit (and `finish` always does), and the fsync runs in a
     thread of its own: the counts it covers are recorded by the next commit once it has returned, so
-    the producer does not wait for the disk (fsync is a wait, not work: the thread takes no core from
-    the teacher) and a kill redoes at most two intervals of work (`rows_written`/`pool_rows_done` here
-    count every appended row; the file's attributes, what a resume reads, count the committed).
+    the producer does not wait for the disk (the thread mostly waits on the device) and a kill redoes at
+    most two intervals of work (`rows_written`/`pool_rows_done` here count every appended row; the file's
+    attributes, what a resume reads, count the committed).
     """
 
     def __init__(self, path, *, capacity: int, image_shape: tuple[int, int, int], num_classes: int,

@@ -1,4 +1,5 @@
 import errno
+import fcntl
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
+from data import pseudolabel_writer
 from data.pseudolabel_file import SCHEMA_VERSION, PseudoLabelReader, validate_pseudolabels
 from data.pseudolabel_writer import PseudoLabelWriter
 from pipeline.core.errors import UserError
@@ -369,10 +371,12 @@ n, shape = 4000, (28, 28, 1)
 images = np.random.default_rng(0).integers(0, 256, size=(n, *shape), dtype=np.uint8)
 w = PseudoLabelWriter(sys.argv[1], capacity=n, image_shape=shape, num_classes=K, attrs=ATTRS,
                       rows_per_chunk=int(sys.argv[2]))
+block = int(sys.argv[3])
 try:
-    for a in range(w.rows_written, n, 250):
-        w.append(images=images[a:a + 250], labels=np.arange(a, a + 250) % K, confidence=np.ones(250),
-                 pool_index=np.arange(a, a + 250), pool_rows_done=a + 250)
+    for a in range(w.rows_written, n, block):
+        b = min(a + block, n)
+        w.append(images=images[a:b], labels=np.arange(a, b) % K, confidence=np.ones(b - a),
+                 pool_index=np.arange(a, b), pool_rows_done=b)
     w.finish()
     print("finished", w.resumed)
 except UserError as e:
@@ -381,19 +385,21 @@ except UserError as e:
 """
 
 
-@pytest.mark.parametrize("rows_per_chunk", [256, 4000])
-def test_real_full_disk_on_a_tmpfs_then_more_space(tmp_path, rows_per_chunk):
+@pytest.mark.parametrize(("rows_per_chunk", "block"), [(256, 250), (4000, 250), (256, 1024)])
+def test_real_full_disk_on_a_tmpfs_then_more_space(tmp_path, rows_per_chunk, block):
     """HDF5's own failure on a real full disk: no traceback spam, no crash at exit, and once space is freed
     the rerun resumes and completes. With one chunk bigger than the disk the very first flush fails, which
-    (without the preallocated layout) left a file whose rerun died with "addr overflow". Needs root to
-    mount a tmpfs (skipped otherwise; the injected tests above cover the logic)."""
+    (without the preallocated layout) left a file whose rerun died with "addr overflow". Blocks of 1,024 rows
+    cover whole 256-row chunks (200,704 bytes, 49 blocks of 4 KiB): those go through O_DIRECT, and the
+    device's refusal comes back from the writer's thread. Needs root to mount a tmpfs (skipped otherwise;
+    the injected tests above cover the logic)."""
     disk = tmp_path / "disk"
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = disk / "pseudolabels.h5"
 
     def run_writer():
-        return subprocess.run([sys.executable, "-c", WRITE_UNTIL_FULL, str(path), str(rows_per_chunk)], cwd=root,
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run([sys.executable, "-c", WRITE_UNTIL_FULL, str(path), str(rows_per_chunk), str(block)],
+                              cwd=root, capture_output=True, text=True, timeout=120)
 
     with small_disk(disk, "1m") as grow:
         full = run_writer()  # 4000 rows of 784 bytes = 3 MiB on a 1 MiB disk
@@ -490,3 +496,151 @@ def test_commit_interval_counts_only_rows_whose_fsync_returned_and_finish_commit
         for name in ("images", "labels", "confidence", "pool_index", "logits"):
             np.testing.assert_array_equal(a[name][()], b[name][()])
     validate_pseudolabels(path)
+
+
+# -- whole, aligned chunks through O_DIRECT (data/direct_chunks.py) ------------------------------------------------
+ALIGNED_SHAPE = (32, 32, 3)  # 4 rows = 12,288 bytes = 3 blocks of 4 KiB
+
+
+def _aligned_writer(path, rows_per_chunk=4, **kw):
+    return PseudoLabelWriter(path, capacity=N, image_shape=ALIGNED_SHAPE, num_classes=K, attrs=ATTRS,
+                             save_logits=True, rows_per_chunk=rows_per_chunk, **kw)
+
+
+def _aligned_pool():
+    src = make_pool()
+    src["images"] = np.random.default_rng(1).integers(0, 256, size=(N, *ALIGNED_SHAPE), dtype=np.uint8)
+    return src
+
+
+def _direct_writes(monkeypatch):
+    """The (offset, bytes) of every chunk queued for O_DIRECT."""
+    from data.direct_chunks import DirectChunkWrites
+
+    queued, real = [], DirectChunkWrites.write
+    monkeypatch.setattr(DirectChunkWrites, "write",
+                        lambda self, rows, offset: (queued.append((offset, rows.nbytes)), real(self, rows, offset))[1])
+    return queued
+
+
+def _image_chunk_offsets(path):
+    with h5py.File(path, "r") as f:
+        ds = f["images"]
+        return [ds.id.get_chunk_info(i).byte_offset for i in range(ds.id.get_num_chunks())]
+
+
+@pytest.mark.parametrize("commit_seconds", [0.0, 5.0])
+def test_whole_aligned_chunks_go_through_o_direct_and_read_back_exactly(tmp_path, monkeypatch, commit_seconds):
+    """Chunks are 4 KiB-aligned in the file; the whole ones a block covers are queued for O_DIRECT (on the
+    writer's thread), the partial ones go through HDF5, and the file reads back as written, through h5py and
+    through the reader's raw path."""
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("this platform has no O_DIRECT; the writer uses HDF5's write_direct_chunk there")
+    src, path, queued = _aligned_pool(), tmp_path / "p.h5", _direct_writes(monkeypatch)
+    w = _aligned_writer(path, commit_seconds=commit_seconds)
+    assert w._direct is not None
+    for start, stop in ((0, 4), (4, 6), (6, 17), (17, 18), (18, N)):  # whole, inside, across three, tail
+        append_rows(w, src, start, stop)
+    w.finish()
+    offsets = _image_chunk_offsets(path)
+    assert all(offset % 4096 == 0 for offset in offsets)
+    whole = [0, 8, 12, 20, 24, 28, 32, 36, 40, 44]  # the chunks (by first row) some block covered whole
+    assert sorted(queued) == sorted((offsets[r // 4], 4 * 3072) for r in whole)
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["images"][()], src["images"])
+    reader = PseudoLabelReader(path)
+    np.testing.assert_array_equal(reader.gather(np.arange(N)[::-1]), src["images"][::-1])
+    reader.close()
+    validate_pseudolabels(path)
+
+
+def test_a_filesystem_that_refuses_o_direct_gets_the_same_bytes_buffered(tmp_path, monkeypatch):
+    """EINVAL from an O_DIRECT write (a filesystem that opens with it but will not do it): that chunk and every
+    later one are written through the ordinary descriptor, and the file is the same."""
+    from data import direct_chunks
+
+    src, path, seen = _aligned_pool(), tmp_path / "p.h5", []
+    real_pwrite = os.pwrite
+
+    def refusing_pwrite(fd, data, offset):
+        direct = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        seen.append(bool(direct))
+        if direct:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(direct_chunks.os, "pwrite", refusing_pwrite)
+    w = _aligned_writer(path)
+    for start, stop in ((0, 16), (16, N)):
+        append_rows(w, src, start, stop)
+    w.finish()
+    assert seen[0] is True and not any(seen[1:]) and len(seen) == 1 + 12  # 12 whole chunks, the first refused
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["images"][()], src["images"])
+
+
+@pytest.mark.parametrize("commit_seconds", [0.0, 5.0])
+def test_a_failed_direct_write_is_a_user_error_its_rows_are_never_counted_and_the_rerun_completes(
+        tmp_path, monkeypatch, commit_seconds):
+    """ENOSPC on the writer's thread: the next commit (or finish) raises the one-paragraph error, the counts on
+    disk stop before the failed chunk, and a rerun resumes there and ends with the uninterrupted file."""
+    from data import direct_chunks
+
+    src, path = _aligned_pool(), tmp_path / "p.h5"
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(pseudolabel_writer.time, "monotonic", lambda: clock["now"])
+    w = _aligned_writer(path, commit_seconds=commit_seconds)
+    append_rows(w, src, 0, 16)
+    clock["now"] += 10
+    append_rows(w, src, 16, 20)  # commits rows 0-20 (with an interval: once their fsync has returned)
+    w._commit(wait=True)
+    real_pwrite, calls = os.pwrite, {"n": 0}
+
+    def full_disk(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(direct_chunks.os, "pwrite", full_disk)
+    with pytest.raises(UserError, match=f"writing {path} failed: no space left on the device"):
+        append_rows(w, src, 20, 36)  # chunks 20, 24 (refused), 28, 32
+        clock["now"] += 10
+        append_rows(w, src, 36, 40)
+        w.finish()
+    monkeypatch.setattr(direct_chunks.os, "pwrite", real_pwrite)
+    w.close()
+    with h5py.File(path, "r") as f:
+        assert int(f.attrs["rows_written"]) <= 24 and not int(f.attrs["complete"])
+    w = _aligned_writer(path, commit_seconds=commit_seconds)
+    assert w.resumed and w.rows_written <= 24
+    append_rows(w, src, w.rows_written, N)
+    w.finish()
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["images"][()], src["images"])
+        np.testing.assert_array_equal(f["labels"][()], src["labels"])
+    validate_pseudolabels(path)
+
+
+def test_a_file_written_before_alignment_resumes_through_hdf5(tmp_path, monkeypatch):
+    """A file whose chunks HDF5 placed off the 4 KiB grid (as files from before this writer asked for the grid):
+    its whole chunks go through write_direct_chunk instead, and the resumed file reads back exactly."""
+    src, path = _aligned_pool(), tmp_path / "p.h5"
+    unaligned = lambda self, mode: h5py.File(self.path, mode)  # noqa: E731
+    monkeypatch.setattr(PseudoLabelWriter, "_open", unaligned)
+    w = _aligned_writer(path)
+    append_rows(w, src, 0, 10)
+    w.close()
+    monkeypatch.undo()
+    assert any(offset % 4096 for offset in _image_chunk_offsets(path))
+    queued = _direct_writes(monkeypatch)
+    w = _aligned_writer(path)
+    assert w.resumed
+    append_rows(w, src, 10, N)
+    w.finish()
+    offsets = _image_chunk_offsets(path)
+    whole = [offsets[first // 4] for first in range(12, 48, 4)]  # the chunks the second run covered whole
+    assert sorted(offset for offset, _ in queued) == sorted(o for o in whole if o % 4096 == 0)
+    assert len(queued) < len(whole)  # some went through HDF5
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["images"][()], src["images"])

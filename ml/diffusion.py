@@ -213,7 +213,10 @@ def train_diffusion(unet, images: np.ndarray, labels: np.ndarray | None, recipe:
     classes = torch.from_numpy(labels.astype(np.int64)).to(device) if labels is not None else None
     steps_per_epoch = max(1, len(data) // recipe.batch_size)
     local = recipe.batch_size // world_size
-    optimizer = torch.optim.AdamW(unwrap(unet).parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    # One fused kernel for every parameter where torch has it (CPU and CUDA): 3% more images/s than the
+    # per-parameter loop for the demo generator on a 2-core CPU (benchmarks/bench_diffusion.py).
+    optimizer = torch.optim.AdamW(unwrap(unet).parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                  fused=True if device.type in ("cpu", "cuda") else None)
     lr_schedule = make_scheduler(optimizer, schedule="cosine", epochs=recipe.epochs, steps_per_epoch=steps_per_epoch)
     ema = WeightEMA(unwrap(unet), recipe.ema_decay)
     state_path = Path(out_dir) / STATE_FILE

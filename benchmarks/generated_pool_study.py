@@ -184,6 +184,9 @@ def plot(raw: pd.DataFrame, path: Path) -> None:
                 ax.errorbar(curve.mean().index, curve.mean(), yerr=curve.std().fillna(0), marker="o", capsize=3,
                             label=setting)
         ax.set_xscale("log")
+        budgets = sorted(raw["examples"].unique())  # the budgets as ticks: log-axis minor labels overlap
+        ax.set_xticks(budgets, [f"{b / 1000:.0f}K" for b in budgets])
+        ax.minorticks_off()
         ax.set_xlabel("training examples")
         ax.set_ylabel(f"{'PGD-20' if attack == 'pgd20' else attack} accuracy (%)")
         ax.grid(alpha=0.3)

@@ -58,11 +58,11 @@ class DirectChunkWrites:
         return cls(direct_fd, buffered_fd, submit)
 
     def write(self, rows: np.ndarray, offset: int) -> None:
-        """Copy `rows` (a whole chunk's bytes, C-contiguous) into an aligned buffer and queue its write at `offset`."""
+        """Copy `rows` (a whole chunk, uint8, C-contiguous) into an aligned buffer and queue its write at `offset`."""
         self.raise_failure()
         size = rows.nbytes
         buffer = self._buffer(size)
-        np.frombuffer(buffer, np.uint8)[:] = rows.reshape(-1).view(np.uint8)
+        np.frombuffer(buffer, np.uint8)[:] = rows.reshape(-1)
         self._in_flight.append((self._submit(self._pwrite, buffer, offset), buffer))
 
     def _buffer(self, size: int) -> mmap.mmap:

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from data import pseudolabel_writer
+from data import direct_chunks, pseudolabel_writer
 from data.pseudolabel_file import SCHEMA_VERSION, PseudoLabelReader, validate_pseudolabels
 from data.pseudolabel_writer import PseudoLabelWriter
 from pipeline.core.errors import UserError
@@ -458,11 +458,9 @@ def test_commit_interval_counts_only_rows_whose_fsync_returned_and_finish_commit
     """With commit_seconds, rows are written at once, flushed when the interval has passed and counted only
     once their fsync (in a thread of its own) has returned: a kill resumes at the last rows counted, and the
     resumed file equals an uninterrupted one."""
-    from data import pseudolabel_writer as plw
-
     clock, fsyncs = {"now": 1000.0}, _HeldFsyncs()
-    monkeypatch.setattr(plw.time, "monotonic", lambda: clock["now"])
-    monkeypatch.setattr(plw, "ThreadPoolExecutor", lambda *a, **k: fsyncs)
+    monkeypatch.setattr(pseudolabel_writer.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(pseudolabel_writer, "ThreadPoolExecutor", lambda *a, **k: fsyncs)
     src, path = make_pool(), tmp_path / "p.h5"
     write_file(tmp_path / "straight.h5", src)
 
@@ -515,10 +513,8 @@ def _aligned_pool():
 
 def _direct_writes(monkeypatch):
     """The (offset, bytes) of every chunk queued for O_DIRECT."""
-    from data.direct_chunks import DirectChunkWrites
-
-    queued, real = [], DirectChunkWrites.write
-    monkeypatch.setattr(DirectChunkWrites, "write",
+    queued, real = [], direct_chunks.DirectChunkWrites.write
+    monkeypatch.setattr(direct_chunks.DirectChunkWrites, "write",
                         lambda self, rows, offset: (queued.append((offset, rows.nbytes)), real(self, rows, offset))[1])
     return queued
 
@@ -557,8 +553,6 @@ def test_whole_aligned_chunks_go_through_o_direct_and_read_back_exactly(tmp_path
 def test_a_filesystem_that_refuses_o_direct_gets_the_same_bytes_buffered(tmp_path, monkeypatch):
     """EINVAL from an O_DIRECT write (a filesystem that opens with it but will not do it): that chunk and every
     later one are written through the ordinary descriptor, and the file is the same."""
-    from data import direct_chunks
-
     src, path, seen = _aligned_pool(), tmp_path / "p.h5", []
     real_pwrite = os.pwrite
 
@@ -584,8 +578,6 @@ def test_a_failed_direct_write_is_a_user_error_its_rows_are_never_counted_and_th
         tmp_path, monkeypatch, commit_seconds):
     """ENOSPC on the writer's thread: the next commit (or finish) raises the one-paragraph error, the counts on
     disk stop before the failed chunk, and a rerun resumes there and ends with the uninterrupted file."""
-    from data import direct_chunks
-
     src, path = _aligned_pool(), tmp_path / "p.h5"
     clock = {"now": 1000.0}
     monkeypatch.setattr(pseudolabel_writer.time, "monotonic", lambda: clock["now"])

@@ -1,6 +1,7 @@
 """Does a generated pool help MART as the real unlabeled pool does? Fashion-MNIST, on a CPU, as a curve in budget.
 
-    python -m benchmarks.generated_pool_study [--quick] [--seeds 0 1 2] [--epochs 4 16 32 64]
+    python -m benchmarks.generated_pool_study [--quick] [--seeds 0 1 2] [--epochs 4 16 32 64 128]
+                                              [--settings labels generated real]
                                               [--workdir runs/generated_pool_study]
                                               [--out benchmarks/generated_pool_study.csv]
 
@@ -22,12 +23,15 @@ trusted on generated images, against real ones.
 How: one `pipeline.sweep_grid` sweep per (setting, budget) over configs/demo_generated.toml, all
 sharing one stage store (`<workdir>/.store`, or $RST_MART_STORE), so the teacher, the generator and each
 seed's pools are built once. The smaller budgets run first, for every setting and seed, so a run
-stopped part way (it resumes; every stage is cached) has whole rows of the curve. Evaluation is the
-eval stage with eval.attacks [clean, pgd20] on eval.n test images (eval.sweep and eval.checks off).
+stopped part way (it resumes; every stage is cached) has whole rows of the curve. --settings, --seeds and
+--epochs pick a part of the grid; runs of parts side by side (one thread each) can share the store.
+Evaluation is the eval stage with eval.attacks [clean, pgd20] on eval.n test images (eval.sweep and
+eval.checks off).
 
-Budget (default): mart.epochs 4, 16, 32 and 64 x 6,144 examples (4 to 64 passes' worth of the 6,000
-labels), 36 models, everything else as configs/demo_generated.toml (small-cnn, PGD-2 training attack,
-beta 2, SGD 0.05 cosine, training precision auto). `--quick`: 500 labels, tiny-cnn, 256 generated
+Budget (default): mart.epochs 4, 16, 32, 64 and 128 x 6,144 examples (4 to 128 passes' worth of the
+6,000 labels; labels only stops improving after 64), 45 models, everything else as
+configs/demo_generated.toml (small-cnn, PGD-2 training attack, beta 2, SGD 0.05 cosine, training
+precision auto). `--quick`: 500 labels, tiny-cnn, 256 generated
 images, budgets of 1 and 2 epochs of 128 examples, 64 test images, one seed: a smoke test of this script
 (under a minute), numbers meaningless.
 
@@ -75,6 +79,7 @@ class Budget:
     batch_size: int
     eval_n: int
     seeds: tuple[int, ...]
+    settings: tuple[str, ...] = tuple(SETTINGS)
 
     def overrides(self) -> list[str]:
         return [
@@ -101,7 +106,7 @@ class Budget:
 
 
 DEFAULT = Budget(num_labeled=6000, generated=12_000, pool_limit=0, arch="small-cnn", teacher_epochs=10,
-                 epochs=(4, 16, 32, 64), epoch_size=6144, batch_size=128, eval_n=10_000, seeds=(0, 1, 2))
+                 epochs=(4, 16, 32, 64, 128), epoch_size=6144, batch_size=128, eval_n=10_000, seeds=(0, 1, 2))
 QUICK = Budget(num_labeled=500, generated=256, pool_limit=2000, arch="tiny-cnn", teacher_epochs=1, epochs=(1, 2),
                epoch_size=128, batch_size=64, eval_n=64, seeds=(0,))
 
@@ -113,8 +118,8 @@ def run(budget: Budget = DEFAULT, workdir: Path | str = "runs/generated_pool_stu
     seeds = ",".join(map(str, budget.seeds))
     rows = []
     for epochs in budget.epochs:
-        for setting, (_, _, slug) in SETTINGS.items():
-            sweep_dir = workdir / f"{slug}-e{epochs}"
+        for setting in budget.settings:
+            sweep_dir = workdir / f"{SETTINGS[setting][2]}-e{epochs}"
             overrides = budget.overrides() + budget.setting_overrides(setting) + [f"mart.epochs={epochs}"]
             sweep_csv = run_sweep(BASE_CONFIG, overrides, ["mart", "eval"], sweep_dir, seeds=seeds, log=log)
             rows += model_rows(sweep_csv, setting)
@@ -201,15 +206,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one seed: a smoke test (~1 minute)")
     parser.add_argument("--seeds", type=int, nargs="+", help="run.seed values (default: 0 1 2; --quick: 0)")
-    parser.add_argument("--epochs", type=int, nargs="+", help="the budgets, as mart.epochs (default 4 16 32 64)")
+    parser.add_argument("--epochs", type=int, nargs="+", help="the budgets, as mart.epochs (default 4 16 32 64 128)")
+    slugs = {slug: setting for setting, (_, _, slug) in SETTINGS.items()}
+    parser.add_argument("--settings", nargs="+", choices=list(slugs), help="data settings (default: all three)")
     parser.add_argument("--workdir", help="sweeps and their store (default runs/generated_pool_study[_quick])")
     parser.add_argument("--out", help="CSV of the per-model rows (default benchmarks/generated_pool_study.csv; "
                                       "--quick: <workdir>/generated_pool_study.csv)")
     args = parser.parse_args(argv)
     budget = QUICK if args.quick else DEFAULT
-    if args.seeds or args.epochs:
-        budget = replace(budget, seeds=tuple(args.seeds or budget.seeds),
-                         epochs=tuple(sorted(args.epochs or budget.epochs)))
+    budget = replace(budget, seeds=tuple(args.seeds or budget.seeds),
+                     epochs=tuple(sorted(args.epochs or budget.epochs)),
+                     settings=tuple(slugs[s] for s in args.settings) if args.settings else budget.settings)
     name = "generated_pool_study"
     workdir = Path(args.workdir or (f"runs/{name}_quick" if args.quick else f"runs/{name}"))
     out = Path(args.out or (workdir / f"{name}.csv" if args.quick else f"benchmarks/{name}.csv"))

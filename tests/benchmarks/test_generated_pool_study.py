@@ -52,3 +52,17 @@ def test_quick_study_rows_table_and_shared_stages(tmp_path, monkeypatch):
     store = tmp_path / ".store"
     for stage in ("teacher", "diffusion", "generate"):
         assert len([p for p in (store / stage).iterdir() if p.is_dir() and "." not in p.name]) == 1, stage
+
+
+def test_settings_option_runs_only_the_chosen_settings(tmp_path, monkeypatch):
+    # How one more budget is added to a study for one setting: nothing else is trained, not even the generator.
+    monkeypatch.delenv(STORE_ENV, raising=False)
+    out = tmp_path / "rows.csv"
+    assert study.main(["--quick", "--settings", "real", "--epochs", "1", "--workdir", str(tmp_path),
+                       "--out", str(out)]) == 0
+
+    rows = pd.read_csv(out)
+    assert list(rows["setting"]) == ["real pool"] and list(rows["epochs"]) == [1]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")) == ["real-e1"]
+    assert not (tmp_path / ".store" / "diffusion").exists() and not (tmp_path / ".store" / "generate").exists()
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
